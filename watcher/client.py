@@ -1,0 +1,166 @@
+"""The Hub HTTP client: one pooled httpx.AsyncClient, short retries inside a poll, errors wrapped here."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import httpx
+import stamina
+
+from .errors import HubUnauthorized, HubUnavailable, PollError
+from .models import FineTuneRef
+
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+MAX_RETRY_AFTER_S = 86_400.0
+MAX_BODY_BYTES = 256 * 1024 * 1024
+USER_AGENT = "oxen-watcher"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedBody:
+    """A 200 answer: the raw body, parsed later only if it differs from the last one."""
+
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedNotFound:
+    """A 404 answer: the fine-tune does not exist."""
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Retry-After in seconds from now (delta-seconds or HTTP-date), or None when absent or malformed."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER_S)
+
+
+def checkpoints_path(ref: FineTuneRef) -> str:
+    """The endpoint's path for one fine-tune."""
+    parts = (quote(part, safe="") for part in (ref.namespace, ref.repo, ref.id))
+    namespace, repo, fine_tune_id = parts
+    return f"/api/repos/{namespace}/{repo}/fine_tunes/{fine_tune_id}/checkpoints"
+
+
+class HubClient:
+    """Fetches a fine-tune's checkpoint list; raises PollError subclasses, never third-party errors."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        token: str,
+        timeout_s: float = 15.0,
+        retry_budget_s: float = 10.0,
+        attempts: int = 4,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+        on_retry: Callable[[FineTuneRef, PollError, float], None] | None = None,
+    ) -> None:
+        self._retry_budget_s = retry_budget_s
+        self._attempts = attempts
+        self._clock = clock
+        self._on_retry = on_retry
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json", "User-Agent": USER_AGENT},
+            timeout=httpx.Timeout(timeout_s),
+            follow_redirects=False,
+            transport=transport,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> HubClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def fetch(self, ref: FineTuneRef) -> FetchedBody | FetchedNotFound:
+        """One poll: the 200 body or a 404, after quick retries of transient failures within the budget.
+
+        A Retry-After longer than what is left of the budget ends the poll at once with HubUnavailable
+        carrying `retry_after_s`, so the caller can hold the next poll back until then.
+        """
+        started = time.monotonic()
+
+        def backoff(exc: Exception) -> bool | float:
+            if not isinstance(exc, HubUnavailable):
+                return False
+            remaining = self._retry_budget_s - (time.monotonic() - started)
+            wait = exc.retry_after_s
+            if wait is not None and wait > remaining:
+                return False
+            if remaining <= 0:
+                return False
+            if self._on_retry is not None:
+                self._on_retry(ref, exc, wait if wait is not None else 0.0)
+            return wait if wait is not None else True
+
+        async for attempt in stamina.retry_context(
+            on=backoff,
+            attempts=self._attempts,
+            timeout=self._retry_budget_s,
+            wait_initial=0.2,
+            wait_max=2.0,
+            wait_jitter=0.3,
+        ):
+            with attempt:
+                return await self._fetch_once(ref)
+        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+    async def _fetch_once(self, ref: FineTuneRef) -> FetchedBody | FetchedNotFound:
+        try:
+            async with self._http.stream("GET", checkpoints_path(ref)) as response:
+                status = response.status_code
+                if status == 200:
+                    return FetchedBody(await self._read_capped(response))
+                await response.aread()
+        except httpx.TimeoutException as err:
+            raise HubUnavailable(f"timed out ({type(err).__name__})") from err
+        except httpx.TransportError as err:
+            raise HubUnavailable(f"connection failed ({type(err).__name__})") from err
+        except asyncio.CancelledError:
+            raise
+        except httpx.HTTPError as err:  # decoding and protocol errors outside TransportError
+            raise PollError(f"HTTP error ({type(err).__name__})") from err
+        if status == 404:
+            return FetchedNotFound()
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
+        if status in RETRYABLE_STATUSES:
+            raise HubUnavailable(f"Hub answered {status}", http_status=status, retry_after_s=retry_after)
+        if status in (401, 403):
+            raise HubUnauthorized(f"Hub refused the token ({status})", http_status=status)
+        raise PollError(f"Hub answered {status}", http_status=status, retry_after_s=retry_after)
+
+    @staticmethod
+    async def _read_capped(response: httpx.Response) -> bytes:
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise PollError(f"body of {declared} bytes is over the {MAX_BODY_BYTES} byte limit", http_status=200)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise PollError(f"body is over the {MAX_BODY_BYTES} byte limit", http_status=200)
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -1,0 +1,88 @@
+"""`oxen-watcher demo`: the simulated Hub with fine-tunes that keep training, and the daemon watching it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from .simhub import SimHub
+
+DEMO_TOKEN = "demo-token"
+TRAINING = "acme/support-bot/ft_support"
+SLOW_TRAINING = "acme/summarizer/ft_summarize"
+MISSING = "acme/ghost/ft_missing"
+
+
+class DemoTrainer:
+    """Drives the simulated Hub like a training run: checkpoints with falling loss, a deployment going live."""
+
+    def __init__(self, hub: SimHub, *, tick_s: float = 1.0) -> None:
+        self.hub = hub
+        self.tick_s = tick_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-trainer", daemon=True)
+        self._ticks = 0
+        self._deploy_step: int | None = None
+
+    def seed(self) -> None:
+        """Create the fine-tunes, each with a checkpoint or two already saved (the baseline)."""
+        self.hub.add_fine_tune("acme", "support-bot", "ft_support", name="support-bot-sft")
+        self.hub.add_fine_tune("acme", "summarizer", "ft_summarize", name="summarizer-lora")
+        self.hub.add_checkpoint(TRAINING, 100, loss=2.31)
+        self.hub.add_checkpoint(TRAINING, 200, loss=1.87)
+        self.hub.add_checkpoint(SLOW_TRAINING, 500, loss=1.42)
+
+    def start(self) -> None:
+        """Start training in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop training."""
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            self._ticks += 1
+            self.tick(self._ticks)
+
+    def tick(self, n: int) -> None:
+        """Advance the simulated world by one tick."""
+        if n % 4 == 0:
+            steps = [c["step"] for c in self.hub.checkpoints(TRAINING)]
+            step = max(steps) + 100
+            loss = round(1.9 * 0.86 ** (step / 100 - 1), 4)
+            self.hub.add_checkpoint(TRAINING, step, loss=loss, inference_samples=[
+                {"prompt": "How do I reset my password?", "completion": f"(step {step}) Go to Settings > Security."}
+            ])
+            if self._deploy_step is None and len(steps) >= 3:
+                self._deploy_step = step
+        if self._deploy_step is not None and n % 4 == 2:
+            current = next(
+                (c.get("deployment_status") for c in self.hub.checkpoints(TRAINING) if c["step"] == self._deploy_step),
+                None,
+            )
+            following = {None: "DEPLOYING", "DEPLOYING": "ACTIVE"}.get(current)
+            if following:
+                self.hub.set_deployment_status(TRAINING, self._deploy_step, following)
+        if n % 9 == 0:
+            steps = [c["step"] for c in self.hub.checkpoints(SLOW_TRAINING)]
+            step = max(steps) + 500
+            self.hub.add_checkpoint(SLOW_TRAINING, step, loss=round(1.42 * 0.93 ** (step / 500 - 1), 4))
+
+
+def demo_config(hub: SimHub, state_dir: Path) -> dict[str, Any]:
+    """The configuration `demo` runs with: short intervals, everything in a temporary folder."""
+    return {
+        "hub": {"url": hub.url, "token": DEMO_TOKEN, "timeout_s": 5},
+        "watch": {"interval_s": 2, "jitter_s": 0.5, "baseline": True, "failure_threshold": 3},
+        "state": {"path": str(state_dir / "watcher.db")},
+        "log": {"level": "warning", "format": "console"},
+        "fine_tunes": [
+            {"namespace": "acme", "repo": "support-bot", "id": "ft_support", "name": "support-bot-sft"},
+            {"namespace": "acme", "repo": "summarizer", "id": "ft_summarize", "name": "summarizer-lora",
+             "interval_s": 3},
+            {"namespace": "acme", "repo": "ghost", "id": "ft_missing", "name": "ghost-run"},
+        ],
+    }

@@ -1,0 +1,452 @@
+"""Durable state: a `Store` protocol and its SQLite implementation (WAL, versioned schema, portable SQL).
+
+State and the events it yields commit in one transaction: an event exists exactly when the state that
+produced it does, whatever crashes in between.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from .diff import DiffOptions, diff
+from .errors import StoreError
+from .events import stamp
+from .models import (
+    Event,
+    FineTuneRef,
+    FineTuneState,
+    FineTuneStatus,
+    KnownCheckpoint,
+    PollFailed,
+    PollResult,
+    PollSuccess,
+    PollUnchanged,
+    metric_of,
+    outcome_of,
+)
+
+# Each entry upgrades the schema by one version; never edit a released one, append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE fine_tunes (
+            fine_tune_key TEXT PRIMARY KEY,
+            baselined INTEGER NOT NULL DEFAULT 0,
+            not_found INTEGER NOT NULL DEFAULT 0,
+            consecutive_failures INTEGER NOT NULL DEFAULT 0,
+            failing INTEGER NOT NULL DEFAULT 0,
+            best_loss DOUBLE PRECISION,
+            body_hash TEXT,
+            not_before DOUBLE PRECISION,
+            last_poll_at DOUBLE PRECISION,
+            last_outcome TEXT,
+            last_error TEXT,
+            last_http_status INTEGER,
+            last_success_at DOUBLE PRECISION,
+            revision BIGINT NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE checkpoints (
+            fine_tune_key TEXT NOT NULL,
+            step BIGINT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (fine_tune_key, step)
+        )""",
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            fine_tune_key TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            envelope TEXT NOT NULL
+        )""",
+        "CREATE INDEX events_fine_tune ON events (fine_tune_key, seq)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What one applied poll committed: its events (in order) and the state after it."""
+
+    events: tuple[Event, ...]
+    state: FineTuneState
+
+
+class Store(Protocol):
+    """Durable state of the watcher; SQLite now, PostgreSQL later."""
+
+    def apply_poll(
+        self, ref: FineTuneRef, result: PollResult, *, options: DiffOptions, now: float, commit: bool = True
+    ) -> Committed | None:
+        """Diff a poll result against the stored state and commit state and events in one transaction."""
+        ...
+
+    def body_hash(self, key: str) -> str | None:
+        """The hash of the last committed 200 body of a fine-tune."""
+        ...
+
+    def not_before(self, key: str) -> float | None:
+        """The Unix time before which the Hub asked not to be polled for this fine-tune."""
+        ...
+
+    def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
+        """Per fine-tune status, for `status` and metrics."""
+        ...
+
+    def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
+        """Committed events, newest first."""
+        ...
+
+    def events_after(self, seq: int, *, limit: int = 1000) -> list[tuple[int, Event]]:
+        """Committed events with a sequence number above `seq`, oldest first."""
+        ...
+
+    def close(self) -> None:
+        """Release the database."""
+        ...
+
+
+def _event_from_row(envelope: str, fine_tune_key: str) -> Event:
+    doc = orjson.loads(envelope)
+    return Event(doc["id"], doc["type"], doc["timestamp"], doc["data"], fine_tune_key)
+
+
+class SqliteStore:
+    """The SQLite store: WAL mode, one writer transaction per poll, a cache of decoded state per fine-tune."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        readonly: bool = False,
+        busy_timeout_s: float = 5.0,
+        new_id: Callable[[], str] | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.readonly = readonly
+        self._new_id = new_id
+        # fine_tune_key -> (revision, state) as last read or written by this process
+        self._cache: dict[str, tuple[int, FineTuneState]] = {}
+        try:
+            if readonly:
+                uri = f"file:{Path(self.path).resolve()}?mode=ro"
+                self._db = sqlite3.connect(
+                    uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                )
+            else:
+                if self.path != ":memory:":
+                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(
+                    self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                )
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode survives process crashes (kill -9); only power loss may drop the last commits.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            if readonly:
+                self._check_version()
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open state database {self.path}: {err}") from err
+
+    # --- schema ----------------------------------------------------------------------------------
+
+    def _version(self) -> int:
+        exists = self._db.execute(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()[0]
+        if not exists:
+            return 0
+        row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0]) if row else 0
+
+    def _check_version(self) -> None:
+        version = self._version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state database {self.path} has schema version {version}, newer than this release "
+                f"({SCHEMA_VERSION}): upgrade oxen-watcher"
+            )
+
+    def _migrate(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            version = self._version()
+            self._check_version()
+            if not self._db.execute("SELECT 1 FROM schema_version").fetchone():
+                self._db.execute("INSERT INTO schema_version (version) VALUES (0)")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    self._db.execute(statement)
+            self._db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        return self._version()
+
+    # --- reads ---------------------------------------------------------------------------------------
+
+    def _load_state(self, key: str, row: sqlite3.Row | tuple[Any, ...] | None) -> tuple[int, FineTuneState]:
+        if row is None:
+            return -1, FineTuneState()
+        baselined, not_found, failures, failing, best_loss, body_hash, revision = row
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == revision:
+            return cached
+        checkpoints = {
+            step: KnownCheckpoint(step=step, fingerprint=fp, data=orjson.loads(data))
+            for step, fp, data in self._db.execute(
+                "SELECT step, fingerprint, data FROM checkpoints WHERE fine_tune_key = ? ORDER BY step", (key,)
+            )
+        }
+        state = FineTuneState(
+            baselined=bool(baselined),
+            not_found=bool(not_found),
+            consecutive_failures=failures,
+            failing=bool(failing),
+            best_loss=best_loss,
+            body_hash=body_hash,
+            checkpoints=checkpoints,
+        )
+        self._cache[key] = (revision, state)
+        return revision, state
+
+    def _state_row(self, key: str) -> tuple[Any, ...] | None:
+        return self._db.execute(
+            "SELECT baselined, not_found, consecutive_failures, failing, best_loss, body_hash, revision "
+            "FROM fine_tunes WHERE fine_tune_key = ?",
+            (key,),
+        ).fetchone()
+
+    def load_state(self, key: str) -> FineTuneState:
+        """The committed state of one fine-tune (an empty state when never seen)."""
+        try:
+            return self._load_state(key, self._state_row(key))[1]
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot read state: {err}") from err
+
+    def body_hash(self, key: str) -> str | None:
+        """The hash of the last committed 200 body of a fine-tune."""
+        cached = self._cache.get(key)
+        return cached[1].body_hash if cached else None
+
+    def not_before(self, key: str) -> float | None:
+        """The Unix time before which the Hub asked not to be polled for this fine-tune."""
+        try:
+            row = self._db.execute("SELECT not_before FROM fine_tunes WHERE fine_tune_key = ?", (key,)).fetchone()
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot read state: {err}") from err
+        return row[0] if row else None
+
+    # --- the one write path ---------------------------------------------------------------------
+
+    def apply_poll(
+        self, ref: FineTuneRef, result: PollResult, *, options: DiffOptions, now: float, commit: bool = True
+    ) -> Committed | None:
+        """Diff a poll result against the stored state and commit state and events in one transaction.
+
+        Returns None when `result` is PollUnchanged but another writer has moved the state on since this
+        process last saw it: the caller parses the body and applies a PollSuccess instead.
+        With commit=False (a dry run) nothing is written.
+        """
+        key = ref.key
+        try:
+            # IMMEDIATE takes the write lock before reading, so two processes polling the same fine-tune
+            # (`once` beside `run`) serialize and never announce one change twice.
+            self._db.execute("BEGIN IMMEDIATE" if commit else "BEGIN")
+            try:
+                row = self._state_row(key)
+                revision, old = self._load_state(key, row)
+                if isinstance(result, PollUnchanged) and old.body_hash != result.body_hash:
+                    self._db.execute("ROLLBACK")
+                    return None
+                transition = diff(ref, old, result, options=options)
+                events = tuple(
+                    stamp(
+                        draft,
+                        fine_tune_key=key,
+                        now=now,
+                        event_id=self._new_id() if self._new_id else None,
+                    )
+                    for draft in transition.events
+                )
+                if not commit:
+                    self._db.execute("ROLLBACK")
+                    return Committed(events, transition.state)  # the cache keeps the committed state
+                self._write(key, row is None, revision, result, transition.state, now)
+                if transition.upserts:
+                    self._db.executemany(
+                        "INSERT INTO checkpoints (fine_tune_key, step, fingerprint, data) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (fine_tune_key, step) DO UPDATE "
+                        "SET fingerprint = excluded.fingerprint, data = excluded.data",
+                        [(key, c.step, c.fingerprint, orjson.dumps(c.data).decode()) for c in transition.upserts],
+                    )
+                if transition.deletes:
+                    self._db.executemany(
+                        "DELETE FROM checkpoints WHERE fine_tune_key = ? AND step = ?",
+                        [(key, step) for step in transition.deletes],
+                    )
+                if events:
+                    self._db.executemany(
+                        "INSERT INTO events (id, type, fine_tune_key, created_at, envelope) VALUES (?, ?, ?, ?, ?)",
+                        [(e.id, e.type, key, now, orjson.dumps(e.envelope()).decode()) for e in events],
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._cache.pop(key, None)
+                raise
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot commit poll of {key}: {err}") from err
+        self._cache[key] = (revision + 1 if row is not None else 0, transition.state)
+        return Committed(events, transition.state)
+
+    def _write(
+        self, key: str, new: bool, revision: int, result: PollResult, state: FineTuneState, now: float
+    ) -> None:
+        failed = isinstance(result, PollFailed)
+        error = result.error if failed else None
+        not_before = now + result.retry_after_s if failed and result.retry_after_s else None
+        values = (
+            int(state.baselined),
+            int(state.not_found),
+            state.consecutive_failures,
+            int(state.failing),
+            state.best_loss,
+            state.body_hash,
+            not_before,
+            now,
+            outcome_of(result),
+            error,
+            result.http_status,
+        )
+        if new:
+            self._db.execute(
+                "INSERT INTO fine_tunes (baselined, not_found, consecutive_failures, failing, best_loss, body_hash, "
+                "not_before, last_poll_at, last_outcome, last_error, last_http_status, last_success_at, revision, "
+                "fine_tune_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                (*values, None if failed else now, key),
+            )
+        else:
+            self._db.execute(
+                "UPDATE fine_tunes SET baselined = ?, not_found = ?, consecutive_failures = ?, failing = ?, "
+                "best_loss = ?, body_hash = ?, not_before = ?, last_poll_at = ?, last_outcome = ?, last_error = ?, "
+                "last_http_status = ?, last_success_at = CASE WHEN ? THEN last_success_at ELSE ? END, "
+                "revision = ? WHERE fine_tune_key = ?",
+                (*values, int(failed), now, revision + 1, key),
+            )
+
+    # --- reports ---------------------------------------------------------------------------------
+
+    def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
+        """Per fine-tune status (those in `keys`, in that order, or all), for `status` and metrics."""
+        try:
+            rows = {
+                row[0]: row
+                for row in self._db.execute(
+                    "SELECT fine_tune_key, last_poll_at, last_outcome, last_error, last_http_status, "
+                    "last_success_at, consecutive_failures, failing, not_found, baselined, not_before "
+                    "FROM fine_tunes"
+                )
+            }
+            wanted = list(keys) if keys is not None else sorted(rows)
+            return [self._status(key, rows.get(key)) for key in wanted]
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot read state: {err}") from err
+
+    def _status(self, key: str, row: tuple[Any, ...] | None) -> FineTuneStatus:
+        checkpoints = [
+            (step, orjson.loads(data))
+            for step, data in self._db.execute(
+                "SELECT step, data FROM checkpoints WHERE fine_tune_key = ? ORDER BY step", (key,)
+            )
+        ]
+        latest = checkpoints[-1][1] if checkpoints else {}
+        metrics: dict[str, float | None] = {}
+        for name in ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "epoch"):
+            # the latest checkpoint that reports each metric
+            metrics[name] = next(
+                (v for _, data in reversed(checkpoints) if (v := metric_of(data, name)) is not None), None
+            )
+        deployments = {
+            step: data["deployment_status"]
+            for step, data in checkpoints
+            if isinstance(data.get("deployment_status"), str)
+        }
+        values = row[1:] if row else (None, None, None, None, None, 0, 0, 0, 0, None)
+        return FineTuneStatus(
+            key=key,
+            last_poll_at=values[0],
+            last_outcome=values[1],
+            last_error=values[2],
+            last_http_status=values[3],
+            last_success_at=values[4],
+            consecutive_failures=values[5],
+            failing=bool(values[6]),
+            not_found=bool(values[7]),
+            baselined=bool(values[8]),
+            not_before=values[9],
+            checkpoints=len(checkpoints),
+            latest_step=checkpoints[-1][0] if checkpoints else None,
+            latest_loss=metric_of(latest, "loss"),
+            latest_created_at=latest.get("created_at") if isinstance(latest.get("created_at"), str) else None,
+            metrics=metrics,
+            deployments=deployments,
+        )
+
+    def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
+        """Committed events, newest first, optionally only those whose type matches a glob."""
+        found: list[Event] = []
+        try:
+            cursor = self._db.execute("SELECT envelope, fine_tune_key, type FROM events ORDER BY seq DESC")
+            for envelope, key, kind in cursor:
+                if type_glob is None or fnmatch.fnmatchcase(kind, type_glob):
+                    found.append(_event_from_row(envelope, key))
+                    if len(found) >= limit:
+                        break
+            cursor.close()
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot read events: {err}") from err
+        return found
+
+    def events_after(self, seq: int, *, limit: int = 1000) -> list[tuple[int, Event]]:
+        """Committed events with a sequence number above `seq`, oldest first."""
+        try:
+            rows = self._db.execute(
+                "SELECT seq, envelope, fine_tune_key FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            ).fetchall()
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot read events: {err}") from err
+        return [(s, _event_from_row(envelope, key)) for s, envelope, key in rows]
+
+    def close(self) -> None:
+        """Release the database."""
+        self._db.close()
+
+
+def open_store(path: str | Path, *, readonly: bool = False) -> SqliteStore:
+    """Open the state database; readonly with no file yet gives an empty in-memory state."""
+    if readonly and not Path(path).exists():
+        return SqliteStore(":memory:")
+    return SqliteStore(path, readonly=readonly)
+
+
+def wall_clock() -> float:
+    """The default clock: Unix seconds."""
+    return time.time()
