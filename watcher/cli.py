@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,6 +32,10 @@ config_option = click.option(
     show_default="$OXEN_WATCHER_CONFIG, else /etc/oxen-watcher/config.toml",
     help="The TOML configuration file.",
 )
+
+
+def _exit_cleanly(signum: int, frame: Any) -> NoReturn:
+    sys.exit(0)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -72,6 +77,8 @@ def cli() -> None:
 @config_option
 def run(config_path: str) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
+    # Until the event loop takes over the signals, a stop request during start-up is a clean exit.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     config = _load(config_path)
     token = _hub_token(config)
     _setup_logging(config)

@@ -1,0 +1,223 @@
+"""End to end: the simulated Hub on 127.0.0.1 and the real `oxen-watcher` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from conftest import ROOT, base_config, cli, wait_for, write_config
+
+FT = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}
+KEY = "acme/bot/ft_1"
+
+
+def _events(config: Path) -> list[dict]:
+    result = cli("events", "-c", str(config), "--json", "--limit", "10000")
+    assert result.returncode == 0, result.stderr
+    return [orjson.loads(line) for line in result.stdout.splitlines()]
+
+
+def _polled_ok(config: Path, times: int = 1) -> bool:
+    result = cli("status", "-c", str(config), "--json")
+    rows = [orjson.loads(line) for line in result.stdout.splitlines()]
+    return bool(rows) and all(row["last_outcome"] == "ok" for row in rows)
+
+
+def test_daemon_announces_changes_after_a_silent_baseline(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_checkpoint(KEY, 100, loss=2.0)
+    hub.add_checkpoint(KEY, 200, loss=1.5)
+    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT]))
+    daemon = daemons(config)
+    wait_for(lambda: _polled_ok(config), what="first poll")
+    assert _events(config) == []  # the baseline is silent
+
+    hub.add_checkpoint(KEY, 300, loss=1.2)
+    hub.set_deployment_status(KEY, 200, "DEPLOYING")
+    wanted = {"checkpoint.created", "checkpoint.deployment_changed"}
+    events = wait_for(lambda: (found := _events(config)) and wanted <= {e["type"] for e in found} and found,
+                      what="created + deployment events")
+    by_type = {e["type"]: e for e in events}
+    created = by_type["checkpoint.created"]
+    assert created["data"]["checkpoint"]["step"] == 300
+    assert created["data"]["is_best_loss"] is True
+    assert created["data"]["fine_tune"] == {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}
+    deployed = by_type["checkpoint.deployment_changed"]
+    assert deployed["data"]["previous_deployment_status"] is None
+    assert deployed["data"]["deployment_status"] == "DEPLOYING"
+    for event in events:
+        assert event["id"].startswith("evt_") and "." not in event["id"]
+        assert event["timestamp"].endswith("Z")
+
+    hub.set_deployment_status(KEY, 200, "ACTIVE")
+    hub.remove_checkpoint(KEY, 100)
+    wait_for(lambda: {"checkpoint.removed"} <= {e["type"] for e in _events(config)}, what="removed")
+    wait_for(lambda: any(e["data"].get("deployment_status") == "ACTIVE" for e in _events(config)), what="ACTIVE")
+    assert daemon.terminate() == 0
+
+    status = cli("status", "-c", str(config), "--json")
+    row = orjson.loads(status.stdout.splitlines()[0])
+    assert row["checkpoints"] == 2 and row["latest_step"] == 300 and row["latest_loss"] == 1.2
+    assert row["deployments"] == {"200": "ACTIVE"}
+    types = [e["type"] for e in _events(config)]
+    assert len(types) == len(set(e["id"] for e in _events(config)))
+    newest_first = cli("events", "-c", str(config), "--json", "--limit", "1", "--type", "checkpoint.c*")
+    assert [orjson.loads(line)["type"] for line in newest_first.stdout.splitlines()] == ["checkpoint.created"]
+
+
+def test_kill_9_and_restart_loses_nothing_and_repeats_nothing(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_fine_tune("acme", "bot", "ft_2")
+    hub.add_checkpoint(KEY, 1, loss=3.0)
+    second = {"namespace": "acme", "repo": "bot", "id": "ft_2"}
+    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT, second]))
+    daemon = daemons(config)
+    wait_for(lambda: _polled_ok(config), what="baseline")
+    added: list[tuple[str, int]] = []
+    step = 1
+    for cycle in range(4):
+        for _ in range(3):
+            step += 1
+            hub.add_checkpoint(KEY, step, loss=3.0 / step)
+            hub.add_checkpoint("acme/bot/ft_2", step, loss=3.0 / step)
+            added += [(KEY, step), ("acme/bot/ft_2", step)]
+        # let at least one of them be seen, then crash mid-flight
+        wait_for(lambda: len(_events(config)) > len(added) - 6, what="some events")
+        daemon.kill9()
+        daemon = daemons(config)
+    wait_for(lambda: len(_events(config)) >= len(added), timeout=30, what="all events after restarts")
+    assert daemon.terminate() == 0
+    events = _events(config)
+    seen = Counter((f"{e['data']['fine_tune']['namespace']}/{e['data']['fine_tune']['repo']}/"
+                    f"{e['data']['fine_tune']['id']}", e["data"]["checkpoint"]["step"]) for e in events)
+    assert {e["type"] for e in events} == {"checkpoint.created"}  # no re-baseline, nothing else
+    assert sorted(seen) == sorted(added)
+    assert all(count == 1 for count in seen.values()), seen
+    assert len({e["id"] for e in events}) == len(events)
+
+
+def test_once_dry_run_prints_events_and_writes_nothing(hub, tmp_path):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_checkpoint(KEY, 100, loss=2.0)
+    db = tmp_path / "watcher.db"
+    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT]))
+
+    first = cli("once", "-c", str(config), "--dry-run")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == ""  # a missing database is an empty state: the baseline is silent
+    assert not db.exists()
+
+    assert cli("once", "-c", str(config)).returncode == 0
+    assert db.exists()
+    hub.add_checkpoint(KEY, 200, loss=1.0)
+    hub.set_deployment_status(KEY, 100, "ACTIVE")
+    before = db.read_bytes()
+    preview = cli("once", "-c", str(config), "--dry-run")
+    assert preview.returncode == 0, preview.stderr
+    lines = [orjson.loads(line) for line in preview.stdout.splitlines()]
+    assert [(e["type"], e["data"]["checkpoint"]["step"]) for e in lines] == [
+        ("checkpoint.updated", 100),
+        ("checkpoint.deployment_changed", 100),
+        ("checkpoint.created", 200),
+    ]
+    assert set(lines[0]) == {"id", "type", "timestamp", "data"}
+    assert lines[0]["data"]["changed"] == ["model_id"]
+    assert db.read_bytes() == before
+    assert _events(config) == []
+
+    committed = cli("once", "-c", str(config))
+    assert committed.returncode == 0
+    assert [e["type"] for e in _events(config)] == [
+        "checkpoint.created", "checkpoint.deployment_changed", "checkpoint.updated"]
+
+
+def test_once_exit_status_and_404(hub, tmp_path):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    missing = {"namespace": "acme", "repo": "bot", "id": "ft_gone"}
+    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT, missing]))
+    result = cli("once", "-c", str(config))
+    assert result.returncode == 1
+    events = _events(config)
+    assert [(e["type"], e["data"]["fine_tune"]["id"], e["data"]["http_status"]) for e in events] == [
+        ("fine_tune.not_found", "ft_gone", 404)]
+    again = cli("once", "-c", str(config))
+    assert again.returncode == 1
+    assert len(_events(config)) == 1  # on the transition only
+
+
+def test_once_beside_run_creates_no_event_twice(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT],
+                                                           watch={"interval_s": 0.5}))
+    daemon = daemons(config)
+    wait_for(lambda: _polled_ok(config), what="baseline")
+    for step in range(1, 6):
+        hub.add_checkpoint(KEY, step, loss=1 / step)
+        procs = [subprocess.Popen([sys.executable, "-m", "watcher", "once", "-c", str(config)], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+        for proc in procs:
+            assert proc.wait(60) == 0
+    wait_for(lambda: len(_events(config)) >= 5, what="five events")
+    daemon.terminate()
+    steps = [e["data"]["checkpoint"]["step"] for e in _events(config)]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+
+
+def test_check_config_names_a_misspelled_key(tmp_path):
+    config = write_config(tmp_path / "c.toml", {
+        "hub": {"url": "http://127.0.0.1:1", "token": "t"},
+        "fine_tunes": [{"namespace": "a", "repo": "b", "id": "c"}, {"namespace": "a", "repo": "b", "id": "d",
+                                                                    "intervall_s": 5}],
+    })
+    result = cli("check-config", "-c", str(config))
+    assert result.returncode == 78
+    assert result.stderr.strip().count("\n") == 0
+    assert str(config) in result.stderr and "fine_tunes[1].intervall_s" in result.stderr
+    assert "unknown key" in result.stderr
+
+
+def test_status_and_events_need_no_secrets(hub, tmp_path):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    data = base_config(hub, tmp_path, fine_tunes=[FT])
+    data["hub"] = {"url": hub.url, "token_env": "OXEN_WATCHER_TEST_UNSET_TOKEN"}
+    config = write_config(tmp_path / "c.toml", data)
+    env = {k: v for k, v in os.environ.items() if k != "OXEN_WATCHER_TEST_UNSET_TOKEN"}
+    assert cli("once", "-c", str(config), env=env).returncode == 78
+    assert cli("status", "-c", str(config)).returncode == 0
+    assert cli("events", "-c", str(config)).returncode == 0
+
+
+def test_demo_prints_created_and_deployment_events_within_30s(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "watcher", "demo"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        import selectors
+        import time
+
+        selector = selectors.DefaultSelector()
+        assert proc.stdout is not None
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                seen.append(line)
+            text = "".join(seen)
+            if "checkpoint.created" in text and "checkpoint.deployment_changed" in text:
+                break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)
+    text = "".join(seen)
+    assert "checkpoint.created" in text and "checkpoint.deployment_changed" in text, text
+    assert "fine_tune.not_found" in text
+    assert code == 0
