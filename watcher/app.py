@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, UTC
 from typing import Any, TypeVar
 
-import stamina
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -300,11 +299,6 @@ def schedule(scheduler: AsyncIOScheduler, watcher: Watcher, *, rng: random.Rando
             # no thundering herd: the first polls spread over the first interval
             next_run_time=now + timedelta(seconds=rng.uniform(0, min(interval, 60.0))),
         )
-
-
-def quiet_stamina() -> None:
-    """Stop stamina's own instrumentation (global metrics, logs): the watcher logs retries itself."""
-    stamina.instrumentation.set_on_retry_hooks([])
 
 
 def on_poll_retry(ref: FineTuneRef, err: PollError, wait_s: float) -> None:

@@ -99,11 +99,10 @@ async def _run_until_stopped(watcher: Any, run_daemon: Callable[..., Any]) -> No
 
 
 def _make_watcher(config: Config, token: str, *, readonly: bool = False, sinks: list[Any] | None = None) -> Any:
-    from .app import Watcher, on_poll_retry, quiet_stamina
+    from .app import Watcher, on_poll_retry
     from .client import HubClient
     from .store import SqliteStore, open_store
 
-    quiet_stamina()
     try:
         store = open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
     except StoreError as err:

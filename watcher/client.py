@@ -71,6 +71,8 @@ class HubClient:
         clock: Callable[[], float] = time.time,
         on_retry: Callable[[FineTuneRef, PollError, float], None] | None = None,
     ) -> None:
+        # stamina's default instrumentation logs and counts into global state; the watcher logs retries itself
+        stamina.instrumentation.set_on_retry_hooks([])
         self._retry_budget_s = retry_budget_s
         self._attempts = attempts
         self._clock = clock

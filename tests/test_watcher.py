@@ -1,0 +1,166 @@
+"""The poll loop in-process against the simulated Hub: faults, Retry-After hold-backs, crashes, 401 logging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import structlog
+
+from conftest import TOKEN, base_config
+from watcher.app import Watcher
+from watcher.client import HubClient
+from watcher.config import parse_config
+from watcher.simhub import Fault, SimHub
+from watcher.store import SqliteStore
+
+KEY = "acme/bot/ft_1"
+FT = {"namespace": "acme", "repo": "bot", "id": "ft_1"}
+
+
+class Clock:
+    """An injected wall clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_watcher(hub: SimHub, tmp_path: Path, clock: Clock, *, token: str = TOKEN, **watch: object) -> Watcher:
+    data = base_config(hub, tmp_path, fine_tunes=[FT], watch={"failure_threshold": 2, **watch})
+    config = parse_config(data, source="test.toml", directory=tmp_path)
+    client = HubClient(base_url=hub.url, token=token, timeout_s=1.0, retry_budget_s=2.0, clock=clock)
+    return Watcher(config=config, store=SqliteStore(tmp_path / "w.db"), client=client, clock=clock)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def test_faults_are_errors_for_one_poll_and_never_remove_checkpoints(hub, tmp_path, clock):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_checkpoint(KEY, 1, loss=1.0)
+    watcher = make_watcher(hub, tmp_path, clock)
+    try:
+        baseline = await watcher.poll(KEY)
+        assert baseline is not None and baseline.answered_200 and baseline.events == ()
+        faults = [
+            Fault(status=500),
+            Fault(status=200, body=b"{not json"),
+            Fault(status=200, body=b"<html><body>Bad gateway</body></html>", content_type="text/html"),
+            Fault(status=200, body=b'{"checkpoints": "none"}'),
+            Fault(status=200, body=b'{"checkpoints": [{"step": "1"}]}'),
+            Fault(status=200, body=b'{"status": "success"}'),
+            Fault(status=200, body=b'{"checkpoints": [{"step": 1}, {"step": 1}]}'),
+            Fault(status=200, body=b'{"checkpoints": []' + b" " * 100, truncate=True, times=10),
+            Fault(status=400),
+        ]
+        events = []
+        for fault in faults:
+            hub.inject(KEY, fault)
+            report = await watcher.poll(KEY)
+            assert report is not None and not report.answered_200, fault
+            hub.clear_faults(KEY)
+            events += [e.type for e in report.events]
+        # failure_threshold=2: exactly one poll_failing, no checkpoint event of any kind
+        assert events == ["fine_tune.poll_failing"]
+        hub.add_checkpoint(KEY, 2, loss=0.5)
+        recovered = await watcher.poll(KEY)
+        assert recovered is not None
+        assert [e.type for e in recovered.events] == ["fine_tune.poll_recovered", "checkpoint.created"]
+        assert recovered.events[0].data["consecutive_failures"] == len(faults)
+        assert recovered.events[1].data["checkpoint"]["step"] == 2
+    finally:
+        await watcher.aclose()
+
+
+async def test_retry_after_beyond_the_budget_holds_the_fine_tune_back_across_restarts(hub, tmp_path, clock):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    watcher = make_watcher(hub, tmp_path, clock)
+    try:
+        hub.inject(KEY, Fault(status=429, retry_after="120"))
+        report = await watcher.poll(KEY)
+        assert report is not None and report.result is not None
+        assert report.result.retry_after_s == 120  # type: ignore[union-attr]
+        assert len(hub.requests(KEY)) == 1  # no quick retry: Retry-After is beyond the budget
+        clock.now += 60
+        assert await watcher.poll(KEY) is None
+        assert len(hub.requests(KEY)) == 1
+    finally:
+        await watcher.aclose()
+    restarted = make_watcher(hub, tmp_path, clock)
+    try:
+        await restarted.load()
+        assert await restarted.poll(KEY) is None
+        assert len(hub.requests(KEY)) == 1
+        clock.now += 61
+        report = await restarted.poll(KEY)
+        assert report is not None and report.answered_200
+        assert len(hub.requests(KEY)) == 2
+    finally:
+        await restarted.aclose()
+
+
+async def test_short_retry_after_is_retried_inside_the_poll(hub, tmp_path, clock):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    watcher = make_watcher(hub, tmp_path, clock)
+    try:
+        hub.inject(KEY, Fault(status=503, retry_after="1"))
+        report = await watcher.poll(KEY)
+        assert report is not None and report.answered_200
+        first, second = hub.requests(KEY)
+        assert second.at - first.at >= 1.0
+    finally:
+        await watcher.aclose()
+
+
+async def test_an_exception_inside_a_poll_does_not_stop_the_next(hub, tmp_path, clock):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    watcher = make_watcher(hub, tmp_path, clock)
+
+    def broken_sink(event: object) -> None:
+        raise RuntimeError("sink exploded")
+
+    original = watcher.store.apply_poll
+    calls = {"n": 0}
+
+    def apply_poll_failing_once(*args: object, **kwargs: object):  # an injected fault at the store boundary
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("unexpected")
+        return original(*args, **kwargs)
+
+    watcher.store.apply_poll = apply_poll_failing_once  # type: ignore[method-assign]
+    watcher.sinks.append(broken_sink)
+    try:
+        crashed = await watcher.poll(KEY)
+        assert crashed is not None and crashed.error == "internal error: ValueError"
+        assert watcher.health[KEY].crashed == 1
+        hub.add_checkpoint(KEY, 5, loss=1.0)
+        report = await watcher.poll(KEY)
+        assert report is not None and report.answered_200
+    finally:
+        await watcher.aclose()
+
+
+async def test_unauthorized_is_logged_once_for_the_hub(hub, tmp_path, clock):
+    for fine_tune in ("ft_1", "ft_2", "ft_3"):
+        hub.add_fine_tune("acme", "bot", fine_tune)
+    data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": f"ft_{i}"}
+                                                  for i in (1, 2, 3)])
+    config = parse_config(data, source="t.toml", directory=tmp_path)
+    client = HubClient(base_url=hub.url, token="wrong-token", timeout_s=1.0, clock=clock)
+    watcher = Watcher(config=config, store=SqliteStore(tmp_path / "w.db"), client=client, clock=clock)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):
+                reports = await watcher.poll_all()
+                assert all(r.result is not None and r.result.outcome == "unauthorized" for r in reports)  # type: ignore[union-attr]
+        assert [entry["event"] for entry in logs].count("hub.unauthorized") == 1
+        assert "wrong-token" not in repr(logs)
+        assert len(hub.requests()) == 9  # 401 is not retried
+    finally:
+        await watcher.aclose()
