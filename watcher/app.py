@@ -32,7 +32,8 @@ from .models import (
     outcome_of,
 )
 from .schema import body_hash, parse_checkpoint_list
-from .store import Committed, Store
+from .dispatch import Dispatcher
+from .store import Committed, Router, Store
 
 log = structlog.get_logger("watcher")
 T = TypeVar("T")
@@ -82,6 +83,7 @@ class Watcher:
     clock: Callable[[], float] = time.time
     sinks: list[EventSink] = field(default_factory=list)
     commit: bool = True
+    route: Router | None = None
     refs: dict[str, FineTuneRef] = field(default_factory=dict)
     health: dict[str, PollHealth] = field(default_factory=dict)
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
@@ -172,7 +174,7 @@ class Watcher:
         now = self.clock()
         try:
             committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options, now=now,
-                                            commit=self.commit)
+                                            commit=self.commit, route=self.route)
             if committed is None and isinstance(fetched, FetchedBody):
                 # another process moved the state on since we last looked: diff the body for real
                 try:
@@ -180,7 +182,7 @@ class Watcher:
                 except PollError as err:
                     result = PollFailed(err.message, err.http_status, err.outcome)  # type: ignore[arg-type]
                 committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options,
-                                                now=now, commit=self.commit)
+                                                now=now, commit=self.commit, route=self.route)
         except StoreError as err:
             health = self.health[key]
             if not health.store_failing:
@@ -310,10 +312,11 @@ def on_poll_retry(ref: FineTuneRef, err: PollError, wait_s: float) -> None:
 async def run_daemon(
     watcher: Watcher,
     *,
+    dispatcher: Dispatcher | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], Awaitable[None] | None] | None = None,
 ) -> None:
-    """Run the scheduler until stop is set (SIGTERM/SIGINT), then drain in-flight work and return."""
+    """Run the scheduler and the dispatcher until stop is set (SIGTERM/SIGINT), then drain and return."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -323,7 +326,10 @@ async def run_daemon(
     scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
     schedule(scheduler, watcher)
     scheduler.start()
-    log.info("watcher.started", fine_tunes=len(watcher.refs), hub=watcher.config.hub.url)
+    dispatching = asyncio.Event()
+    delivery_task = asyncio.create_task(dispatcher.run(dispatching)) if dispatcher is not None else None
+    log.info("watcher.started", fine_tunes=len(watcher.refs), hub=watcher.config.hub.url,
+             notifiers=len(dispatcher.notifiers) if dispatcher else 0)
     if on_ready is not None:
         maybe = on_ready()
         if maybe is not None:
@@ -333,7 +339,14 @@ async def run_daemon(
     finally:
         log.info("watcher.stopping")
         scheduler.shutdown(wait=False)
-        await watcher.drain(watcher.config.watch.shutdown_grace_s)
+        grace = watcher.config.watch.shutdown_grace_s
+        dispatching.set()
+        if delivery_task is not None:
+            await asyncio.wait([delivery_task], timeout=5)
+        drains = [watcher.drain(grace)]
+        if dispatcher is not None:
+            drains.append(dispatcher.drain(grace))
+        await asyncio.gather(*drains)
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signum)

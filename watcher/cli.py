@@ -7,7 +7,6 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -59,6 +58,18 @@ def _hub_token(config: Config) -> str:
     return token
 
 
+def _metrics_token(config: Config) -> str | None:
+    from .config import resolve_secret
+
+    try:
+        token = resolve_secret(config.http, "token", key="http", config=config)
+    except ConfigError as err:
+        _fail(str(err), EX_CONFIG)
+    if token:
+        REDACTOR.add([token])
+    return token
+
+
 def _setup_logging(config: Config) -> None:
     configure_logging(level=config.log.level, fmt=config.log.format)
 
@@ -81,63 +92,100 @@ def run(config_path: str) -> None:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     config = _load(config_path)
     token = _hub_token(config)
+    secrets = _notifier_secrets(config)
     _setup_logging(config)
-    from .app import run_daemon
-
-    watcher = _make_watcher(config, token)
     try:
-        asyncio.run(_run_until_stopped(watcher, run_daemon))
+        asyncio.run(_serve(config, token, secrets))
     except KeyboardInterrupt:
         pass
 
 
-async def _run_until_stopped(watcher: Any, run_daemon: Callable[..., Any]) -> None:
+async def _serve(config: Config, token: str, secrets: Any, *, sinks: list[Any] | None = None) -> None:
+    from .app import run_daemon
+
+    watcher, dispatcher = _make_runtime(config, token, secrets, sinks=sinks)
     try:
-        await run_daemon(watcher)
+        await run_daemon(watcher, dispatcher=dispatcher)
     finally:
+        await dispatcher.aclose()
         await watcher.aclose()
 
 
-def _make_watcher(config: Config, token: str, *, readonly: bool = False, sinks: list[Any] | None = None) -> Any:
-    from .app import Watcher, on_poll_retry
-    from .client import HubClient
+def _notifier_secrets(config: Config) -> Any:
+    from .config import resolve_notifier_secrets
+
+    try:
+        secrets = resolve_notifier_secrets(config)
+    except ConfigError as err:
+        _fail(str(err), EX_CONFIG)
+    for resolved in secrets.values():
+        REDACTOR.add([resolved.url or "", *resolved.secrets])
+    return secrets
+
+
+def _open_store(config: Config, *, readonly: bool) -> Any:
     from .store import SqliteStore, open_store
 
     try:
-        store = open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
+        return open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
     except StoreError as err:
         _fail(str(err), 1)
+
+
+def _make_runtime(
+    config: Config, token: str, secrets: Any, *, readonly: bool = False, sinks: list[Any] | None = None
+) -> tuple[Any, Any]:
+    from .app import Watcher, on_poll_retry
+    from .client import HubClient
+    from .dispatch import Dispatcher
+    from .notifiers import build_notifiers
+
+    store = _open_store(config, readonly=readonly)
     client = HubClient(
         base_url=config.hub.url, token=token, timeout_s=config.hub.timeout_s, on_retry=on_poll_retry
     )
-    return Watcher(config=config, store=store, client=client, sinks=sinks or [], commit=not readonly)
+    watcher = Watcher(config=config, store=store, client=client, sinks=list(sinks or []), commit=not readonly)
+    dispatcher = Dispatcher(
+        store=store,
+        notifiers=build_notifiers(config, secrets) if not readonly else {},
+        configs=config.notifiers,
+        in_store=watcher.in_store,
+    )
+    watcher.route = dispatcher.route
+    watcher.sinks.append(lambda _event: dispatcher.wake())
+    return watcher, dispatcher
 
 
 @cli.command()
 @config_option
 @click.option("--dry-run", is_flag=True, help="Print the events it would emit as JSON lines; change nothing.")
 def once(config_path: str, dry_run: bool) -> None:
-    """Poll every fine-tune once, commit, and exit 0 when every poll answered 200 (1 otherwise)."""
+    """Poll every fine-tune once, commit, deliver, and exit 0 when every poll answered 200 (1 otherwise)."""
     config = _load(config_path)
     token = _hub_token(config)
+    secrets = _notifier_secrets(config)
     _setup_logging(config)
     sinks = [lambda event: _json_line(event.envelope())] if dry_run else []
-    watcher = _make_watcher(config, token, readonly=dry_run, sinks=sinks)
+    watcher, dispatcher = _make_runtime(config, token, secrets, readonly=dry_run, sinks=sinks)
 
     async def main() -> list[Any]:
         try:
             await watcher.load()
-            return await watcher.poll_all()
+            reports = await watcher.poll_all()
+            committed = {event.id for report in reports for event in report.events}
+            if committed and not dry_run and dispatcher.notifiers:
+                longest = max((entry.timeout_s for entry in config.notifiers), default=15.0)
+                await dispatcher.deliver_committed(committed, deadline_s=longest + 5)
+            return reports
         finally:
+            await dispatcher.aclose()
             await watcher.aclose()
 
     reports = asyncio.run(main())
     if not dry_run:
         for report in reports:
-            outcome = "held back" if report.result is None else type(report.result).__name__
             detail = report.error or getattr(report.result, "error", None) or ""
             click.echo(f"{report.ref.key}\t{_outcome_word(report)}\t{len(report.events)} events\t{detail}".rstrip())
-            del outcome
     sys.exit(0 if all(report.answered_200 for report in reports) else 1)
 
 
@@ -149,13 +197,92 @@ def _outcome_word(report: Any) -> str:
     return outcome_of(report.result) if report.error is None else "not-committed"
 
 
+@cli.command("test-notify")
+@config_option
+@click.option("--notifier", "only", metavar="NAME", help="Only this notifier.")
+def test_notify(config_path: str, only: str | None) -> None:
+    """Send a clearly marked test event (type watcher.test) to each notifier now; print OK or the error."""
+    import time
+
+    from .events import new_event_id
+    from .models import WATCHER_TEST
+    from .notifiers import build_notifiers
+
+    config = _load(config_path)
+    secrets = _notifier_secrets(config)
+    _setup_logging(config)
+    names = [entry.name for entry in config.notifiers]
+    if only is not None and only not in names:
+        _fail(f"no notifier named {only!r} (configured: {', '.join(names) or 'none'})", 2)
+    if not names:
+        _fail("no [[notifiers]] configured", 2)
+    notifiers = build_notifiers(config, secrets)
+    fine_tune = config.fine_tunes[0] if config.fine_tunes else None
+
+    async def main() -> bool:
+        ok = True
+        try:
+            for name, notifier in notifiers.items():
+                if only is not None and name != only:
+                    continue
+                data: dict[str, Any] = {
+                    "fine_tune": {"namespace": fine_tune.namespace, "repo": fine_tune.repo, "id": fine_tune.id,
+                                  "name": fine_tune.display_name} if fine_tune else None,
+                    "notifier": name,
+                    "message": "This is a test event from oxen-watcher test-notify; no fine-tune changed.",
+                }
+                event = Event(new_event_id(), WATCHER_TEST, rfc3339(time.time()), data,
+                              fine_tune.key if fine_tune else "")
+                result = await notifier.send([event])
+                if result.outcome == "delivered":
+                    click.echo(f"{name}: OK")
+                else:
+                    ok = False
+                    click.echo(f"{name}: FAILED: {REDACTOR.redact(result.error or result.outcome)}")
+        finally:
+            for notifier in notifiers.values():
+                await notifier.aclose()
+        return ok
+
+    sys.exit(0 if asyncio.run(main()) else 1)
+
+
+@cli.command()
+@config_option
+@click.argument("event_ids", nargs=-1, metavar="[EVENT_ID]...")
+@click.option("--dead", is_flag=True, help="Queue every dead delivery again.")
+@click.option("--notifier", metavar="NAME", help="Only deliveries to this notifier.")
+def redeliver(config_path: str, event_ids: tuple[str, ...], dead: bool, notifier: str | None) -> None:
+    """Queue events for delivery again: the named events, or every dead delivery (--dead)."""
+    import time
+
+    from .dispatch import Dispatcher
+
+    if bool(event_ids) == dead:
+        _fail("give EVENT_ID... or --dead (not both)", 2)
+    config = _load(config_path)
+    names = {entry.name for entry in config.notifiers}
+    if notifier is not None and notifier not in names:
+        _fail(f"no notifier named {notifier!r}", 2)
+    store = _open_store(config, readonly=False)
+    router = Dispatcher(store=store, notifiers={}, configs=config.notifiers).route
+    try:
+        count = store.redeliver(now=time.time(), event_ids=list(event_ids), dead=dead, notifier=notifier,
+                                route=router)
+    except StoreError as err:
+        _fail(str(err), 1)
+    click.echo(f"queued {count} deliveries")
+
+
 @cli.command("check-config")
 @config_option
 def check_config(config_path: str) -> None:
     """Validate the configuration (and resolve its secrets); exit 0, or 78 naming the bad key."""
     config = _load(config_path)
     _hub_token(config)
-    click.echo(f"{config.source}: OK ({len(config.fine_tunes)} fine-tunes)")
+    _metrics_token(config)
+    _notifier_secrets(config)
+    click.echo(f"{config.source}: OK ({len(config.fine_tunes)} fine-tunes, {len(config.notifiers)} notifiers)")
 
 
 def _open_readonly(config: Config) -> Any:
@@ -245,37 +372,43 @@ def events(config_path: str, as_json: bool, limit: int, type_glob: str | None) -
         found = store.recent_events(limit=limit, type_glob=type_glob)
     except StoreError as err:
         _fail(str(err), 1)
+    try:
+        deliveries = store.deliveries_of([event.id for event in found])
+    except StoreError as err:
+        _fail(str(err), 1)
     if as_json:
         for event in found:
-            _json_line(event.envelope())
+            _json_line({**event.envelope(), "deliveries": [d.as_json() for d in deliveries.get(event.id, [])]})
         return
     for event in found:
         click.echo(f"{event.timestamp}  {event.type:<30}  {event.id}  {describe(event)}")
-
-
-def _print_event(event: Event) -> None:
-    stamp = datetime.now(UTC).astimezone().strftime("%H:%M:%S")
-    click.echo(f"{stamp}  {event.type:<30} {describe(event)}")
+        for d in deliveries.get(event.id, []):
+            line = f"    -> {d.notifier}: {d.state}, {d.attempts} attempts"
+            if d.state == "pending" and d.next_attempt_at is not None:
+                line += f", next at {rfc3339(d.next_attempt_at)}"
+            if d.last_error:
+                line += f", last error: {d.last_error}"
+            click.echo(line)
 
 
 @cli.command()
 def demo() -> None:
     """Watch a simulated Hub whose fine-tunes keep training; prints each event until Ctrl-C."""
-    from .app import run_daemon
-    from .demo import DEMO_TOKEN, DemoTrainer, demo_config
+    from .demo import DEMO_TOKEN, DEMO_WEBHOOK_URL, DemoTrainer, demo_config
     from .simhub import SimHub
 
     with tempfile.TemporaryDirectory(prefix="oxen-watcher-demo-") as folder, SimHub(token=DEMO_TOKEN) as hub:
         trainer = DemoTrainer(hub)
         trainer.seed()
         config = parse_config(demo_config(hub, Path(folder)), source="<demo>", directory=Path(folder))
+        secrets = _notifier_secrets(config)
         _setup_logging(config)
         click.echo(f"oxen-watcher demo: simulated Hub at {hub.url}, state in {folder}")
         click.echo("watching 3 fine-tunes every 2-3 s; the first poll records a silent baseline. Ctrl-C to stop.")
+        click.echo(f"signed webhooks go to {DEMO_WEBHOOK_URL} (start the README's receiver to see them)")
         trainer.start()
-        watcher = _make_watcher(config, DEMO_TOKEN, sinks=[_print_event])
         try:
-            asyncio.run(_run_until_stopped(watcher, run_daemon))
+            asyncio.run(_serve(config, DEMO_TOKEN, secrets))
         except KeyboardInterrupt:
             pass
         finally:

@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import Callable
+from datetime import UTC
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -38,14 +39,14 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return min(float(value), MAX_RETRY_AFTER_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        return None
+    if when.tzinfo is None:  # the asctime form carries no zone; HTTP dates are UTC
+        when = when.replace(tzinfo=UTC)
     return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER_S)
 
 
@@ -103,9 +104,12 @@ class HubClient:
         carrying `retry_after_s`, so the caller can hold the next poll back until then.
         """
         started = time.monotonic()
+        tries = 0
 
         def backoff(exc: Exception) -> bool | float:
-            if not isinstance(exc, HubUnavailable):
+            nonlocal tries
+            tries += 1
+            if not isinstance(exc, HubUnavailable) or tries >= self._attempts:
                 return False
             remaining = self._retry_budget_s - (time.monotonic() - started)
             wait = exc.retry_after_s

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import fnmatch
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ def _check_secret_sources(values: Mapping[str, Any], name: str, *, required: boo
     if len(given) > 1:
         raise ValueError(f"give only one of {', '.join(given)}")
     if required and not given:
-        raise ValueError(f"missing: give one of {name}, {name}_env, {name}_file")
+        raise ValueError(f"{name}: missing; give one of {name}, {name}_env, {name}_file")
 
 
 class HubConfig(_Section):
@@ -129,6 +133,60 @@ class FineTuneConfig(_Section):
         return self.name or self.id
 
 
+DEFAULT_RETRY_SCHEDULE_S = (0.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
+SecretRef = NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=8)]
+Glob = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class NotifierConfig(_Section):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    type: Literal["webhook", "slack", "log"]
+    url: NonEmpty | None = None
+    url_env: NonEmpty | None = None
+    url_file: NonEmpty | None = None
+    secret: SecretRef | None = None
+    secret_env: SecretRef | None = None
+    secret_file: SecretRef | None = None
+    events: Annotated[list[Glob], Field(min_length=1)] | None = None
+    fine_tunes: Annotated[list[Glob], Field(min_length=1)] | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 15.0
+    max_age_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0
+    retry_schedule_s: Annotated[list[Annotated[float, Field(ge=0, le=86400)]], Field(min_length=1, max_length=50)] = (
+        Field(default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE_S))
+    )
+    max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    digest_over: Annotated[int, Field(ge=1, le=1000)] | None = None
+    format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _fits_its_type(self) -> NotifierConfig:
+        given = self.__dict__
+        if self.type == "log":
+            for name in ("url", "url_env", "url_file"):
+                if given[name] is not None:
+                    raise ValueError(f"{name}: a log notifier has no URL")
+        else:
+            _check_secret_sources(given, "url", required=True)
+            for name in ("url", "url_env", "url_file"):
+                if isinstance(given[name], list):
+                    raise ValueError(f"{name}: one URL, not a list")
+        if self.type != "webhook":
+            for name in ("secret", "secret_env", "secret_file"):
+                if given[name] is not None:
+                    raise ValueError(f"{name}: only webhook notifiers sign")
+        else:
+            _check_secret_sources(given, "secret", required=False)
+        if self.digest_over is not None and self.type != "slack":
+            raise ValueError("digest_over: only slack notifiers send digests")
+        return self
+
+    def wants(self, event_type: str, fine_tune_key: str) -> bool:
+        """Whether this notifier's filters route an event of this type and fine-tune to it."""
+        return (self.events is None or any(fnmatch.fnmatchcase(event_type, g) for g in self.events)) and (
+            self.fine_tunes is None or any(fnmatch.fnmatchcase(fine_tune_key, g) for g in self.fine_tunes)
+        )
+
+
 class ConfigModel(_Section):
     hub: HubConfig = HubConfig()
     watch: WatchConfig = WatchConfig()
@@ -136,6 +194,7 @@ class ConfigModel(_Section):
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
     fine_tunes: list[FineTuneConfig] = Field(default_factory=list)
+    notifiers: list[NotifierConfig] = Field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +224,11 @@ class Config:
     def log(self) -> LogConfig:
         """The [log] section."""
         return self.model.log
+
+    @property
+    def notifiers(self) -> Sequence[NotifierConfig]:
+        """The configured notifiers, in configuration order."""
+        return self.model.notifiers
 
     @property
     def fine_tunes(self) -> Sequence[FineTuneConfig]:
@@ -213,7 +277,12 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>", directory
         problems = []
         for error in err.errors(include_url=False, include_input=False):
             loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-            problems.append(f"{_key_of(loc) or '(top level)'}: {_problem_of(error)}")
+            problem = _problem_of(error)
+            # a section's own validator names the key it rejects as "key: problem"
+            named = re.match(r"^([a-z_]+): (.+)$", problem) if error["type"] == "value_error" else None
+            if named:
+                loc, problem = [*loc, named.group(1)], named.group(2)
+            problems.append(f"{_key_of(loc) or '(top level)'}: {problem}")
         raise ConfigError("; ".join(problems), path=source) from None
     seen: dict[str, int] = {}
     for index, fine_tune in enumerate(model.fine_tunes):
@@ -224,6 +293,15 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>", directory
                 key=f"fine_tunes[{index}]",
             )
         seen[fine_tune.key] = index
+    names: dict[str, int] = {}
+    for index, notifier in enumerate(model.notifiers):
+        if notifier.name in names:
+            raise ConfigError(
+                f"duplicate notifier name {notifier.name!r} (also notifiers[{names[notifier.name]}])",
+                path=source,
+                key=f"notifiers[{index}].name",
+            )
+        names[notifier.name] = index
     return Config(model=model, source=source, directory=directory or Path.cwd())
 
 
@@ -252,32 +330,40 @@ def default_config_path(environ: Mapping[str, str] | None = None) -> str:
 # --- secrets -----------------------------------------------------------------------------------------
 
 
-def resolve_secret(
+def resolve_secrets(
     section: BaseModel,
     name: str,
     *,
     key: str,
     config: Config,
     environ: Mapping[str, str] | None = None,
-) -> str | None:
-    """The value of secret `name` given inline, as `name_env` or as `name_file`; None when none is given.
+) -> list[str]:
+    """The values of secret `name` given inline, as `name_env` or as `name_file` (each a string or a list).
 
-    Raises ConfigError (naming `key`, never the value) when the source is missing or empty.
+    Empty when none is given. Raises ConfigError (naming the key, never the value) when a source is
+    missing or empty.
     """
     env = os.environ if environ is None else environ
-    inline = getattr(section, name)
-    env_name = getattr(section, f"{name}_env")
-    file_name = getattr(section, f"{name}_file")
-    if inline is not None:
-        value, where = inline, f"{key}.{name}"
-    elif env_name is not None:
-        where = f"{key}.{name}_env"
-        value = env.get(env_name)
+    for suffix in ("", "_env", "_file"):
+        given = getattr(section, f"{name}{suffix}")
+        if given is None:
+            continue
+        many = isinstance(given, list)
+        values = []
+        for index, item in enumerate(given if many else [given]):
+            where = f"{key}.{name}{suffix}" + (f"[{index}]" if many else "")
+            values.append(_read_secret(suffix, item, where=where, config=config, env=env))
+        return values
+    return []
+
+
+def _read_secret(suffix: str, given: str, *, where: str, config: Config, env: Mapping[str, str]) -> str:
+    if suffix == "_env":
+        value = env.get(given)
         if value is None:
-            raise ConfigError(f"environment variable {env_name} is not set", path=config.source, key=where)
-    elif file_name is not None:
-        where = f"{key}.{name}_file"
-        path = Path(file_name).expanduser()
+            raise ConfigError(f"environment variable {given} is not set", path=config.source, key=where)
+    elif suffix == "_file":
+        path = Path(given).expanduser()
         if not path.is_absolute():
             base = env.get("CREDENTIALS_DIRECTORY")
             path = (Path(base) if base else config.directory) / path
@@ -287,11 +373,64 @@ def resolve_secret(
             reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
             raise ConfigError(f"cannot read {path}: {reason}", path=config.source, key=where) from None
     else:
-        return None
+        value = given
     value = value.strip()
     if not value:
         raise ConfigError("secret is empty", path=config.source, key=where)
     return value
+
+
+def resolve_secret(
+    section: BaseModel,
+    name: str,
+    *,
+    key: str,
+    config: Config,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """The value of a single-valued secret `name` (inline, `name_env` or `name_file`); None when not given."""
+    values = resolve_secrets(section, name, key=key, config=config, environ=environ)
+    return values[0] if values else None
+
+
+def signing_key(secret: str, *, where: str, config: Config) -> bytes:
+    """The HMAC key of a Standard Webhooks secret "whsec_<base64 of 24 to 64 bytes>"."""
+    if not secret.startswith("whsec_"):
+        raise ConfigError('a signing secret starts with "whsec_"', path=config.source, key=where)
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("signing secret is not valid base64 after whsec_", path=config.source, key=where) from None
+    if not 24 <= len(key) <= 64:
+        raise ConfigError(f"signing secret decodes to {len(key)} bytes; use 24 to 64", path=config.source, key=where)
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class NotifierSecrets:
+    """A notifier's resolved URL and signing keys (never logged)."""
+
+    url: str | None
+    secrets: tuple[str, ...]
+    keys: tuple[bytes, ...]
+
+
+def resolve_notifier_secrets(config: Config, environ: Mapping[str, str] | None = None) -> dict[str, NotifierSecrets]:
+    """Every notifier's URL and signing secrets, validated; ConfigError names the key of the first problem."""
+    resolved: dict[str, NotifierSecrets] = {}
+    for index, notifier in enumerate(config.notifiers):
+        key = f"notifiers[{index}]"
+        url = resolve_secret(notifier, "url", key=key, config=config, environ=environ)
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("URL must be http:// or https://", path=config.source, key=f"{key}.url")
+        secrets = resolve_secrets(notifier, "secret", key=key, config=config, environ=environ)
+        keys = tuple(
+            signing_key(secret, where=f"{key}.secret", config=config) for secret in secrets
+        )
+        resolved[notifier.name] = NotifierSecrets(url, tuple(secrets), keys)
+    return resolved
 
 
 def oxen_cli_token(hub_url: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -305,7 +444,8 @@ def oxen_cli_token(hub_url: str, environ: Mapping[str, str] | None = None) -> st
         return None
     parts = urlsplit(hub_url)
     wanted = {parts.netloc.lower(), (parts.hostname or "").lower()}
-    for entry in data.get("host_configs") or []:
+    entries = data.get("host_configs")
+    for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict):
             continue
         host = str(entry.get("host", "")).lower()

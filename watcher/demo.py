@@ -9,6 +9,9 @@ from typing import Any
 from .simhub import SimHub
 
 DEMO_TOKEN = "demo-token"
+DEMO_WEBHOOK_URL = "http://127.0.0.1:9000/hooks/oxen"
+# A fixed, public secret for the demo receiver only: "whsec_" + base64 of 32 bytes.
+DEMO_WEBHOOK_SECRET = "whsec_" + "b3hlbi13YXRjaGVyLWRlbW8tc2VjcmV0LTMyLWJ5dGVz"
 TRAINING = "acme/support-bot/ft_support"
 SLOW_TRAINING = "acme/summarizer/ft_summarize"
 MISSING = "acme/ghost/ft_missing"
@@ -48,7 +51,7 @@ class DemoTrainer:
             self.tick(self._ticks)
 
     def tick(self, n: int) -> None:
-        """Advance the simulated world by one tick."""
+        """Advance the simulated world by one tick: a checkpoint every 4, a deployment at 6 (live at 12)."""
         if n % 4 == 0:
             steps = [c["step"] for c in self.hub.checkpoints(TRAINING)]
             step = max(steps) + 100
@@ -56,16 +59,12 @@ class DemoTrainer:
             self.hub.add_checkpoint(TRAINING, step, loss=loss, inference_samples=[
                 {"prompt": "How do I reset my password?", "completion": f"(step {step}) Go to Settings > Security."}
             ])
-            if self._deploy_step is None and len(steps) >= 3:
-                self._deploy_step = step
-        if self._deploy_step is not None and n % 4 == 2:
-            current = next(
-                (c.get("deployment_status") for c in self.hub.checkpoints(TRAINING) if c["step"] == self._deploy_step),
-                None,
-            )
-            following = {None: "DEPLOYING", "DEPLOYING": "ACTIVE"}.get(current)
-            if following:
-                self.hub.set_deployment_status(TRAINING, self._deploy_step, following)
+        if n == 6:
+            # deploy the newest checkpoint the watcher already knows
+            self._deploy_step = max(c["step"] for c in self.hub.checkpoints(TRAINING))
+            self.hub.set_deployment_status(TRAINING, self._deploy_step, "DEPLOYING")
+        if n == 12 and self._deploy_step is not None:
+            self.hub.set_deployment_status(TRAINING, self._deploy_step, "ACTIVE")
         if n % 9 == 0:
             steps = [c["step"] for c in self.hub.checkpoints(SLOW_TRAINING)]
             step = max(steps) + 500
@@ -79,6 +78,11 @@ def demo_config(hub: SimHub, state_dir: Path) -> dict[str, Any]:
         "watch": {"interval_s": 2, "jitter_s": 0.5, "baseline": True, "failure_threshold": 3},
         "state": {"path": str(state_dir / "watcher.db")},
         "log": {"level": "warning", "format": "console"},
+        "notifiers": [
+            {"name": "console", "type": "log"},
+            {"name": "demo-webhook", "type": "webhook", "url": DEMO_WEBHOOK_URL, "secret": DEMO_WEBHOOK_SECRET,
+             "timeout_s": 5},
+        ],
         "fine_tunes": [
             {"namespace": "acme", "repo": "support-bot", "id": "ft_support", "name": "support-bot-sft"},
             {"namespace": "acme", "repo": "summarizer", "id": "ft_summarize", "name": "summarizer-lora",

@@ -77,7 +77,7 @@ def fit_data(data: JSON) -> JSON:
         metrics = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}
         data["checkpoint"] = {
             **{key: _shorten(checkpoint.get(key), max_chars=64, max_items=1) for key in _ESSENTIAL},
-            "metrics": {k: v for k, v in list(metrics.items())[:16] if isinstance(v, int | float) or v is None},
+            "metrics": {k[:64]: v for k, v in list(metrics.items())[:16] if isinstance(v, int | float) or v is None},
             "inference_samples": [],
         }
     return data

@@ -205,3 +205,44 @@ def metric_of(checkpoint: Mapping[str, Any], name: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+# --- delivery ------------------------------------------------------------------------------------
+
+DeliveryState = Literal["pending", "delivered", "dead"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One outbox row: an event on its way to one notifier."""
+
+    event_seq: int
+    event_id: str
+    notifier: str
+    fine_tune_key: str
+    batch_id: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float | None
+    queued_at: float
+    last_error: str | None = None
+    last_status: int | None = None
+
+    def as_json(self) -> JSON:
+        """The `deliveries` entry `events --json` shows."""
+        return {
+            "notifier": self.notifier,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """Pending deliveries of one notifier, for metrics and STATUS= lines."""
+
+    notifier: str
+    pending: int
+    oldest_pending_at: float | None

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -20,7 +20,9 @@ from .diff import DiffOptions, diff
 from .errors import StoreError
 from .events import stamp
 from .models import (
+    Delivery,
     Event,
+    OutboxStats,
     FineTuneRef,
     FineTuneState,
     FineTuneStatus,
@@ -32,6 +34,8 @@ from .models import (
     metric_of,
     outcome_of,
 )
+
+T = TypeVar("T")
 
 # Each entry upgrades the schema by one version; never edit a released one, append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -69,6 +73,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX events_fine_tune ON events (fine_tune_key, seq)",
     ),
+    (
+        # The outbox: one row per (event, notifier) whose filters match, created with the event.
+        """CREATE TABLE deliveries (
+            event_seq BIGINT NOT NULL,
+            event_id TEXT NOT NULL,
+            notifier TEXT NOT NULL,
+            fine_tune_key TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at DOUBLE PRECISION,
+            queued_at DOUBLE PRECISION NOT NULL,
+            last_error TEXT,
+            last_status INTEGER,
+            delivered_at DOUBLE PRECISION,
+            PRIMARY KEY (event_id, notifier)
+        )""",
+        "CREATE INDEX deliveries_lane ON deliveries (notifier, state, fine_tune_key, event_seq)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -81,13 +104,73 @@ class Committed:
     state: FineTuneState
 
 
+Router = Callable[[Event], Sequence[str]]
+
+
 class Store(Protocol):
     """Durable state of the watcher; SQLite now, PostgreSQL later."""
 
     def apply_poll(
-        self, ref: FineTuneRef, result: PollResult, *, options: DiffOptions, now: float, commit: bool = True
+        self,
+        ref: FineTuneRef,
+        result: PollResult,
+        *,
+        options: DiffOptions,
+        now: float,
+        commit: bool = True,
+        route: Router | None = None,
     ) -> Committed | None:
-        """Diff a poll result against the stored state and commit state and events in one transaction."""
+        """Diff a poll result against the stored state; commit state, events and outbox rows in one transaction."""
+        ...
+
+    def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
+        """The due head of each (notifier, fine-tune) lane."""
+        ...
+
+    def next_due_at(self, notifiers: Sequence[str]) -> float | None:
+        """The earliest next attempt among pending rows of these notifiers."""
+        ...
+
+    def lane_batch(self, head: Delivery, *, limit: int = 1000) -> list[Delivery]:
+        """The pending rows of the head's lane that came from the same poll."""
+        ...
+
+    def events_by_id(self, event_ids: Sequence[str]) -> dict[str, Event]:
+        """Committed events by id."""
+        ...
+
+    def record_delivery(
+        self,
+        notifier: str,
+        event_ids: Sequence[str],
+        *,
+        state: str,
+        now: float,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        """Record the outcome of one delivery attempt."""
+        ...
+
+    def deliveries_of(self, event_ids: Sequence[str]) -> dict[str, list[Delivery]]:
+        """The outbox rows of these events."""
+        ...
+
+    def redeliver(
+        self,
+        *,
+        now: float,
+        event_ids: Sequence[str] = (),
+        dead: bool = False,
+        notifier: str | None = None,
+        route: Router | None = None,
+    ) -> int:
+        """Queue dead rows or named events again."""
+        ...
+
+    def outbox_stats(self) -> list[OutboxStats]:
+        """Pending rows per notifier."""
         ...
 
     def body_hash(self, key: str) -> str | None:
@@ -118,6 +201,12 @@ class Store(Protocol):
 def _event_from_row(envelope: str, fine_tune_key: str) -> Event:
     doc = orjson.loads(envelope)
     return Event(doc["id"], doc["type"], doc["timestamp"], doc["data"], fine_tune_key)
+
+
+_DELIVERY_COLUMNS = (
+    "event_seq, event_id, notifier, fine_tune_key, batch_id, state, attempts, next_attempt_at, queued_at, "
+    "last_error, last_status"
+)
 
 
 class SqliteStore:
@@ -256,11 +345,18 @@ class SqliteStore:
     # --- the one write path ---------------------------------------------------------------------
 
     def apply_poll(
-        self, ref: FineTuneRef, result: PollResult, *, options: DiffOptions, now: float, commit: bool = True
+        self,
+        ref: FineTuneRef,
+        result: PollResult,
+        *,
+        options: DiffOptions,
+        now: float,
+        commit: bool = True,
+        route: Router | None = None,
     ) -> Committed | None:
-        """Diff a poll result against the stored state and commit state and events in one transaction.
+        """Diff a poll result against the stored state and commit state, events and outbox in one transaction.
 
-        Returns None when `result` is PollUnchanged but another writer has moved the state on since this
+        `route` names the notifiers each event goes to; an outbox row is created for each. Returns None when `result` is PollUnchanged but another writer has moved the state on since this
         process last saw it: the caller parses the body and applies a PollSuccess instead.
         With commit=False (a dry run) nothing is written.
         """
@@ -301,11 +397,7 @@ class SqliteStore:
                         "DELETE FROM checkpoints WHERE fine_tune_key = ? AND step = ?",
                         [(key, step) for step in transition.deletes],
                     )
-                if events:
-                    self._db.executemany(
-                        "INSERT INTO events (id, type, fine_tune_key, created_at, envelope) VALUES (?, ?, ?, ?, ?)",
-                        [(e.id, e.type, key, now, orjson.dumps(e.envelope()).decode()) for e in events],
-                    )
+                self._insert_events(events, now=now, route=route)
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -316,6 +408,21 @@ class SqliteStore:
             raise StoreError(f"cannot commit poll of {key}: {err}") from err
         self._cache[key] = (revision + 1 if row is not None else 0, transition.state)
         return Committed(events, transition.state)
+
+    def _insert_events(self, events: Sequence[Event], *, now: float, route: Router | None) -> None:
+        batch_id = events[0].id if events else ""
+        for event in events:
+            cursor = self._db.execute(
+                "INSERT INTO events (id, type, fine_tune_key, created_at, envelope) VALUES (?, ?, ?, ?, ?)",
+                (event.id, event.type, event.fine_tune_key, now, orjson.dumps(event.envelope()).decode()),
+            )
+            seq = cursor.lastrowid
+            for notifier in route(event) if route else ():
+                self._db.execute(
+                    "INSERT INTO deliveries (event_seq, event_id, notifier, fine_tune_key, batch_id, state, "
+                    "attempts, next_attempt_at, queued_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+                    (seq, event.id, notifier, event.fine_tune_key, batch_id, now, now),
+                )
 
     def _write(
         self, key: str, new: bool, revision: int, result: PollResult, state: FineTuneState, now: float
@@ -413,6 +520,8 @@ class SqliteStore:
     def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
         """Committed events, newest first, optionally only those whose type matches a glob."""
         found: list[Event] = []
+        if limit <= 0:
+            return found
         try:
             cursor = self._db.execute("SELECT envelope, fine_tune_key, type FROM events ORDER BY seq DESC")
             for envelope, key, kind in cursor:
@@ -434,6 +543,164 @@ class SqliteStore:
         except sqlite3.Error as err:
             raise StoreError(f"cannot read events: {err}") from err
         return [(s, _event_from_row(envelope, key)) for s, envelope, key in rows]
+
+    # --- the outbox ------------------------------------------------------------------------------------
+
+    def _write_tx(self, fn: Callable[[], T]) -> T:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                value = fn()
+                self._db.execute("COMMIT")
+                return value
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot write the outbox: {err}") from err
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot read the outbox: {err}") from err
+
+    def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
+        """The head of each (notifier, fine-tune) lane, when it is due: one row per lane keeps event order."""
+        if not notifiers:
+            return []
+        marks = ", ".join("?" for _ in notifiers)
+        rows = self._read(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.state = 'pending' AND d.notifier IN ({marks}) "
+            "AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
+            "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key) "
+            "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.event_seq LIMIT ?",
+            (*notifiers, now, limit),
+        )
+        return [Delivery(*row) for row in rows]
+
+    def next_due_at(self, notifiers: Sequence[str]) -> float | None:
+        """The earliest next attempt among pending rows of these notifiers."""
+        if not notifiers:
+            return None
+        marks = ", ".join("?" for _ in notifiers)
+        rows = self._read(
+            f"SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND notifier IN ({marks})",
+            tuple(notifiers),
+        )
+        return rows[0][0] if rows else None
+
+    def lane_batch(self, head: Delivery, *, limit: int = 1000) -> list[Delivery]:
+        """The pending rows of the head's lane that came from the same poll, in event order."""
+        rows = self._read(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE notifier = ? AND fine_tune_key = ? "
+            "AND batch_id = ? AND state = 'pending' ORDER BY event_seq LIMIT ?",
+            (head.notifier, head.fine_tune_key, head.batch_id, limit),
+        )
+        return [Delivery(*row) for row in rows]
+
+    def events_by_id(self, event_ids: Sequence[str]) -> dict[str, Event]:
+        """Committed events by id."""
+        found: dict[str, Event] = {}
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            for envelope, key in self._read(
+                f"SELECT envelope, fine_tune_key FROM events WHERE id IN ({marks})", tuple(chunk)
+            ):
+                event = _event_from_row(envelope, key)
+                found[event.id] = event
+        return found
+
+    def record_delivery(
+        self,
+        notifier: str,
+        event_ids: Sequence[str],
+        *,
+        state: str,
+        now: float,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        """Record the outcome of one attempt at delivering these events to a notifier."""
+
+        def write() -> None:
+            self._db.executemany(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
+                "last_status = ?, delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
+                "WHERE event_id = ? AND notifier = ? AND state = 'pending'",
+                [(state, next_attempt_at, error, http_status, state, now, event_id, notifier)
+                 for event_id in event_ids],
+            )
+
+        self._write_tx(write)
+
+    def deliveries_of(self, event_ids: Sequence[str]) -> dict[str, list[Delivery]]:
+        """The outbox rows of these events, by event id."""
+        found: dict[str, list[Delivery]] = {event_id: [] for event_id in event_ids}
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            for row in self._read(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_id IN ({marks}) ORDER BY notifier",
+                tuple(chunk),
+            ):
+                found[row[1]].append(Delivery(*row))
+        return found
+
+    def redeliver(
+        self,
+        *,
+        now: float,
+        event_ids: Sequence[str] = (),
+        dead: bool = False,
+        notifier: str | None = None,
+        route: Router | None = None,
+    ) -> int:
+        """Queue events again: the dead rows (of one notifier), or the named events (to every matching
+        notifier, creating rows where `route` adds one). Returns how many rows were queued."""
+
+        def write() -> int:
+            count = 0
+            where, args = ("state = 'dead'", []) if dead else ("0 = 1", [])
+            if notifier is not None:
+                where += " AND notifier = ?"
+                args.append(notifier)
+            if dead:
+                count += self._db.execute(
+                    "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, queued_at = ?, attempts = 0 "
+                    f"WHERE {where}",
+                    (now, now, *args),
+                ).rowcount
+            for event_id in event_ids:
+                row = self._db.execute("SELECT seq, envelope, fine_tune_key FROM events WHERE id = ?",
+                                       (event_id,)).fetchone()
+                if row is None:
+                    raise StoreError(f"no event with id {event_id}")
+                seq, envelope, key = row
+                targets = list(route(_event_from_row(envelope, key))) if route else []
+                if notifier is not None:
+                    targets = [notifier]
+                for target in targets:
+                    count += self._db.execute(
+                        "INSERT INTO deliveries (event_seq, event_id, notifier, fine_tune_key, batch_id, state, "
+                        "attempts, next_attempt_at, queued_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?) "
+                        "ON CONFLICT (event_id, notifier) DO UPDATE SET state = 'pending', attempts = 0, "
+                        "next_attempt_at = excluded.next_attempt_at, queued_at = excluded.queued_at",
+                        (seq, event_id, target, key, event_id, now, now),
+                    ).rowcount
+            return count
+
+        return self._write_tx(write)
+
+    def outbox_stats(self) -> list[OutboxStats]:
+        """Pending rows and the oldest pending row's queue time, per notifier."""
+        rows = self._read(
+            "SELECT notifier, COUNT(*), MIN(queued_at) FROM deliveries WHERE state = 'pending' GROUP BY notifier"
+        )
+        return [OutboxStats(notifier, count, oldest) for notifier, count, oldest in rows]
 
     def close(self) -> None:
         """Release the database."""

@@ -1,0 +1,250 @@
+"""The outbox dispatcher: delivers committed events to notifiers, in order per (notifier, fine-tune), with
+persisted retries. A failing notifier delays only its own lanes, never polling or other notifiers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from .config import NotifierConfig
+from .errors import StoreError
+from .models import Delivery, Event
+from .notifiers.base import DeliveryResult, Notifier
+from .store import Store
+
+log = structlog.get_logger("watcher.dispatch")
+T = TypeVar("T")
+InStore = Callable[..., Awaitable[Any]]
+IDLE_RECHECK_S = 1.0  # rows queued by another process (`redeliver`, `once`) are seen within this
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """When to try again: the schedule (then its last step, repeated), +-20 % jitter, Retry-After, max age."""
+
+    schedule_s: tuple[float, ...]
+    max_age_s: float
+    jitter: float = 0.2
+
+    def next_attempt_at(
+        self, *, attempts: int, now: float, queued_at: float, retry_after_s: float | None, rng: random.Random
+    ) -> float | None:
+        """The time of the next attempt after `attempts` failed ones, or None when the row is too old."""
+        base = self.schedule_s[attempts] if attempts < len(self.schedule_s) else self.schedule_s[-1]
+        delay = base * rng.uniform(1 - self.jitter, 1 + self.jitter)
+        if retry_after_s is not None:
+            delay = max(delay, retry_after_s)
+        when = now + delay
+        if when - queued_at > self.max_age_s:
+            return None
+        return when
+
+
+def policy_of(entry: NotifierConfig) -> RetryPolicy:
+    """The retry policy of a [[notifiers]] entry."""
+    return RetryPolicy(schedule_s=tuple(entry.retry_schedule_s), max_age_s=entry.max_age_s)
+
+
+async def _direct(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return fn(*args, **kwargs)
+
+
+class Dispatcher:
+    """Delivers due outbox rows; one lane (notifier, fine-tune) at a time, bounded concurrency per notifier."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        notifiers: Mapping[str, Notifier],
+        configs: Sequence[NotifierConfig],
+        in_store: InStore | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        on_outcome: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._in_store = in_store or _direct
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._on_outcome = on_outcome
+        self._wake = asyncio.Event()
+        self._lanes: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._failing: set[str] = set()
+        self._store_failing = False
+        self.disabled: set[str] = set()
+        self.configure(notifiers, configs)
+
+    def configure(self, notifiers: Mapping[str, Notifier], configs: Sequence[NotifierConfig]) -> None:
+        """Adopt a (re)loaded set of notifiers; a reload re-enables notifiers disabled by a 410."""
+        self.notifiers = dict(notifiers)
+        self.configs = {entry.name: entry for entry in configs}
+        self.policies = {entry.name: policy_of(entry) for entry in configs}
+        self._semaphores = {entry.name: asyncio.Semaphore(entry.max_concurrency) for entry in configs}
+        self.disabled.clear()
+        self.wake()
+
+    def route(self, event: Event) -> list[str]:
+        """The notifiers whose filters want this event (disabled ones too: their rows wait)."""
+        return [name for name, entry in self.configs.items() if entry.wants(event.type, event.fine_tune_key)]
+
+    def wake(self) -> None:
+        """Look for due rows now (new events were committed, or a lane finished)."""
+        self._wake.set()
+
+    @property
+    def active(self) -> list[str]:
+        """The notifiers that may deliver now."""
+        return [name for name in self.notifiers if name not in self.disabled]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until stop is set."""
+        while not stop.is_set():
+            await self.pass_once()
+            self._wake.clear()
+            timeout = IDLE_RECHECK_S
+            if not self._store_failing:
+                try:
+                    next_due = await self._in_store(self._store.next_due_at, self.active)
+                except StoreError:
+                    next_due = None
+                if next_due is not None:
+                    timeout = min(IDLE_RECHECK_S, max(0.05, next_due - self._clock()))
+            waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+    async def pass_once(self, *, event_ids: set[str] | None = None) -> int:
+        """Start a delivery for every due lane head (only of `event_ids` when given); returns how many."""
+        try:
+            heads = await self._in_store(self._store.due_deliveries, self.active, now=self._clock())
+        except StoreError as err:
+            if not self._store_failing:
+                log.error("dispatch.store_failed", error=str(err))
+            self._store_failing = True
+            return 0
+        if self._store_failing:
+            log.info("dispatch.store_recovered")
+            self._store_failing = False
+        started = 0
+        for head in heads:
+            lane = (head.notifier, head.fine_tune_key)
+            if lane in self._lanes or (event_ids is not None and head.event_id not in event_ids):
+                continue
+            task = asyncio.create_task(self._deliver(head), name=f"deliver {head.notifier}")
+            self._lanes[lane] = task
+            task.add_done_callback(lambda _t, lane=lane: self._lane_done(lane))
+            started += 1
+        return started
+
+    def _lane_done(self, lane: tuple[str, str]) -> None:
+        self._lanes.pop(lane, None)
+        self.wake()
+
+    async def deliver_committed(self, event_ids: set[str], *, deadline_s: float) -> None:
+        """`once`: deliver what this run committed, lane by lane, until nothing of it is due or time is up."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while loop.time() < end:
+            started = await self.pass_once(event_ids=event_ids)
+            if not started and not self._lanes:
+                return
+            await self.drain(max(0.0, end - loop.time()))
+
+    async def drain(self, grace_s: float) -> None:
+        """Let in-flight deliveries finish (and be recorded) within grace_s, then cancel the rest."""
+        pending = set(self._lanes.values())
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("dispatch.cancelled_deliveries", count=len(late))
+            await asyncio.wait(late, timeout=5)
+
+    async def _deliver(self, head: Delivery) -> None:
+        name = head.notifier
+        notifier = self.notifiers.get(name)
+        if notifier is None:
+            return
+        try:
+            async with self._semaphores[name]:
+                if name in self.disabled:  # a 410 arrived while this lane waited for its turn
+                    return
+                rows = [head]
+                if notifier.digest_over is not None:
+                    batch = await self._in_store(self._store.lane_batch, head)
+                    if len(batch) > notifier.digest_over and batch[0].event_id == head.event_id:
+                        rows = batch
+                events = await self._in_store(self._store.events_by_id, [row.event_id for row in rows])
+                ordered = [events[row.event_id] for row in rows if row.event_id in events]
+                if not ordered:
+                    return
+                timeout = self.configs[name].timeout_s + 5 if name in self.configs else 20
+                try:
+                    result = await asyncio.wait_for(notifier.send(ordered), timeout=timeout)
+                except TimeoutError:
+                    result = DeliveryResult("retry", error="timed out")
+                await self._record(name, rows, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the top of a delivery job: the row stays pending and is retried
+            log.exception("delivery.crashed", notifier=name, event_id=head.event_id, error=type(err).__name__)
+
+    async def _record(self, name: str, rows: Sequence[Delivery], result: DeliveryResult) -> None:
+        now = self._clock()
+        head = rows[0]
+        ids = [row.event_id for row in rows]
+        next_at: float | None = None
+        state = result.outcome
+        error = result.error
+        if state == "retry":
+            policy = self.policies.get(name) or RetryPolicy(schedule_s=(60.0,), max_age_s=86400)
+            next_at = policy.next_attempt_at(
+                attempts=head.attempts + 1, now=now, queued_at=head.queued_at,
+                retry_after_s=result.retry_after_s, rng=self._rng,
+            )
+            if next_at is None:
+                state = "dead"
+                error = f"gave up after {head.attempts + 1} attempts (max_age_s): {result.error}"
+        await self._in_store(
+            self._store.record_delivery, name, ids, state="pending" if state == "retry" else state, now=now,
+            next_attempt_at=next_at, error=error, http_status=result.http_status,
+        )
+        outcome = {"delivered": "delivered", "retry": "retried", "dead": "dead"}[state]
+        if self._on_outcome is not None:
+            for _ in ids:
+                self._on_outcome(name, outcome)
+        if state == "delivered":
+            if name in self._failing:
+                self._failing.discard(name)
+                log.info("delivery.recovered", notifier=name)
+            log.debug("delivery.delivered", notifier=name, event_ids=ids)
+            return
+        if name not in self._failing:
+            self._failing.add(name)
+            log.warning("delivery.failing", notifier=name, error=error, http_status=result.http_status)
+        if state == "retry":
+            log.info("delivery.retry_scheduled", notifier=name, event_id=head.event_id, attempt=head.attempts + 1,
+                     wait_s=round((next_at or now) - now, 1), error=error)
+        else:
+            log.warning("delivery.dead", notifier=name, event_ids=ids, attempts=head.attempts + 1, error=error)
+        if result.disable:
+            self.disabled.add(name)
+            log.error("notifier.disabled", notifier=name, http_status=result.http_status,
+                      reason="the receiver answered 410 Gone; its pending events wait until a reload or restart")
+
+    async def aclose(self) -> None:
+        """Close every notifier."""
+        for notifier in self.notifiers.values():
+            await notifier.aclose()

@@ -1,0 +1,49 @@
+"""The log notifier: each event as a readable line (or its JSON envelope) on stdout; what `demo` uses."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Literal, TextIO
+
+import orjson
+
+from ..events import describe
+from ..models import Event
+from .base import DeliveryResult
+
+
+class LogNotifier:
+    """Writes events to a stream, one line each."""
+
+    digest_over = None
+
+    def __init__(self, *, name: str, fmt: Literal["text", "json"] = "text", stream: TextIO | None = None) -> None:
+        self.name = name
+        self._format = fmt
+        self._stream = stream
+
+    def line(self, event: Event) -> str:
+        """The line written for an event."""
+        if self._format == "json":
+            return orjson.dumps(event.envelope()).decode()
+        try:
+            when = datetime.fromisoformat(event.timestamp.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+        except ValueError:
+            when = event.timestamp
+        return f"{when}  {event.type:<30} {describe(event)}"
+
+    async def send(self, events: Sequence[Event]) -> DeliveryResult:
+        """Write the events."""
+        stream = self._stream or sys.stdout
+        try:
+            for event in events:
+                stream.write(self.line(event) + "\n")
+            stream.flush()
+        except OSError as err:
+            return DeliveryResult("retry", error=f"cannot write: {err.strerror or err}")
+        return DeliveryResult("delivered")
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
