@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from watcher.diff import DiffOptions
+from watcher.diff import DiffOptions, fingerprint
 from watcher.errors import StoreError
 from watcher.models import (
     CHECKPOINT_CREATED,
@@ -30,7 +30,7 @@ from watcher.models import (
     PollUnchanged,
 )
 from watcher.schema import body_hash
-from watcher.store import SCHEMA_VERSION, Committed, SqliteStore, open_store
+from watcher.store import MIGRATIONS, SCHEMA_VERSION, Committed, SqliteStore, open_store
 
 REF = FineTuneRef(namespace="ox", repo="models", id="ft_1", name="first")
 OTHER = FineTuneRef(namespace="ox", repo="models", id="ft_2", name="second")
@@ -187,6 +187,34 @@ def test_older_database_is_migrated(db_path: Path, stores: Callable[..., SqliteS
     assert apply(store, success(cp(1))).state.baselined
     with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
+def test_every_released_version_is_migrated_keeping_the_baseline(
+    db_path: Path, stores: Callable[..., SqliteStore], version: int
+) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        for statements in MIGRATIONS[:version]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(
+            "INSERT INTO fine_tunes (fine_tune_key, baselined, body_hash, last_outcome) VALUES (?, 1, 'h1', 'ok')",
+            (REF.key,),
+        )
+        db.execute(
+            "INSERT INTO checkpoints (fine_tune_key, step, fingerprint, data) VALUES (?, 1, ?, ?)",
+            (REF.key, fingerprint(cp(1)), orjson.dumps(cp(1)).decode()),
+        )
+    store = stores(db_path)
+    assert store.schema_version == SCHEMA_VERSION
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert apply(store, PollUnchanged("h1")).events == ()
+    assert apply(store, success(cp(1)), now=T0 + 1).events == ()  # the old baseline holds
+    assert types(apply(store, success(cp(1), cp(2)), now=T0 + 2)) == [CHECKPOINT_CREATED]
 
 
 @pytest.mark.parametrize("readonly", [False, True])

@@ -125,7 +125,7 @@ def message(event: Event) -> dict[str, Any]:
     fields = _fields(event)
     if fields:
         section["fields"] = fields[:10]
-    payload = {"text": _clip(describe(event), 1000), "blocks": [section, _context(event)]}
+    payload = {"text": _clip(_escape(describe(event)), 1000), "blocks": [section, _context(event)]}
     return _fit(payload)
 
 
@@ -145,7 +145,7 @@ def digest(events: Sequence[Event]) -> dict[str, Any]:
     first, last = events[0], events[-1]
     where = "/".join(_escape(fine_tune.get(k, "?")) for k in ("namespace", "repo", "id"))
     payload = {
-        "text": _clip(f"{fine_tune.get('name', '?')}: {len(events)} changes in one poll", 300),
+        "text": _clip(f"{name}: {len(events)} changes in one poll", 300),
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": title}},
             {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
