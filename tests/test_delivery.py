@@ -354,3 +354,20 @@ def test_webhook_does_not_follow_redirects():
 
     result = asyncio.run(go())
     assert result.outcome == "dead" and len(requests) == 1
+
+
+def test_sigterm_lets_an_in_flight_delivery_finish_and_records_it(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    with Receiver(secret=SECRET) as receiver:
+        receiver.script(Answer(status=200, delay_s=2.0))
+        data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+                           watch={"shutdown_grace_s": 10},
+                           notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}])
+        config = write_config(tmp_path / "c.toml", data)
+        daemon = daemons(config)
+        wait_for(lambda: cli("status", "-c", str(config), "--json").stdout.count('"ok"'), what="baseline")
+        hub.add_checkpoint("acme/bot/ft_1", 1, loss=1.0)
+        wait_for(lambda: receiver.deliveries(), what="the delivery to start")
+        assert daemon.terminate() == 0
+        (line,) = cli("events", "-c", str(config), "--json").stdout.splitlines()
+        assert orjson.loads(line)["deliveries"][0]["state"] == "delivered"

@@ -28,6 +28,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     body: str = ""
     times: int = 1
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +141,15 @@ class Receiver:
                 if answer.times <= 1:
                     self._script.popleft()
                 else:
-                    self._script[0] = Answer(answer.status, answer.headers, answer.body, answer.times - 1)
+                    self._script[0] = Answer(answer.status, answer.headers, answer.body, answer.times - 1,
+                                             answer.delay_s)
             if self._verifier is not None and not verified:
                 answer = Answer(status=401, body="signature did not verify")
             self.received.append(Received(time.time(), request.path, headers, body, verified, answer.status))
         if self._echo:
             self._print(headers, body, verified, answer.status)
+        if answer.delay_s:
+            await asyncio.sleep(answer.delay_s)
         return web.Response(status=answer.status, text=answer.body, headers=answer.headers)
 
     @staticmethod
