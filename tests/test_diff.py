@@ -616,11 +616,6 @@ OVERSIZED: list[Any] = [
     pytest.param(
         _created(ck(1, metrics={**{f"m{i}_" + "x" * 2000: 1.0 for i in range(16)}, "confusion": _nested(40, 3)})),
         id="nested-metric-plus-long-metric-names",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: fit_data's last-resort fallback copies up to 16 numeric metrics with unshortened names "
-            "from the original checkpoint, so the event stays over MAX_EVENT_BYTES",
-        ),
     ),
 ]
 

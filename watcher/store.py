@@ -102,6 +102,7 @@ class Committed:
 
     events: tuple[Event, ...]
     state: FineTuneState
+    checkpoints_changed: bool = False
 
 
 Router = Callable[[Event], Sequence[str]]
@@ -407,7 +408,7 @@ class SqliteStore:
         except sqlite3.Error as err:
             raise StoreError(f"cannot commit poll of {key}: {err}") from err
         self._cache[key] = (revision + 1 if row is not None else 0, transition.state)
-        return Committed(events, transition.state)
+        return Committed(events, transition.state, bool(transition.upserts or transition.deletes))
 
     def _insert_events(self, events: Sequence[Event], *, now: float, route: Router | None) -> None:
         batch_id = events[0].id if events else ""

@@ -1,0 +1,191 @@
+"""Every Prometheus metric of oxen-watcher, defined once, on a registry passed in.
+
+Counters and the histogram count what this process did. The state gauges (fine-tunes, checkpoints,
+deployments, the outbox) come from a snapshot of the persisted state that the app refreshes on its store
+thread, so a scrape never touches the database and a restart does not reset them.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .models import FineTuneRef, FineTuneStatus, OutboxStats
+
+POLL_OUTCOMES = ("ok", "not_found", "unauthorized", "error")
+DELIVERY_OUTCOMES = ("delivered", "retried", "dead")
+FINE_TUNE_LABELS = ("namespace", "repo", "fine_tune_id", "name")
+_TRAINING_METRICS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "epoch")
+
+
+def _timestamp_of(value: str | None) -> float | None:
+    if not value:
+        return None
+    from datetime import datetime
+
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+class StateCollector(Collector):
+    """Turns the latest StateSnapshot into gauge families at scrape time (no I/O)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._fine_tunes: dict[str, tuple[FineTuneRef, FineTuneStatus]] = {}
+        self._outbox: dict[str, OutboxStats] = {}
+        self._notifiers: tuple[str, ...] = ()
+
+    def set_fine_tune(self, ref: FineTuneRef, status: FineTuneStatus) -> None:
+        """Show this status for a fine-tune from now on."""
+        with self._lock:
+            self._fine_tunes[ref.key] = (ref, status)
+
+    def retain_fine_tunes(self, keys: Iterable[str]) -> None:
+        """Forget every fine-tune not in keys (removed from the config by a reload)."""
+        wanted = set(keys)
+        with self._lock:
+            for key in [k for k in self._fine_tunes if k not in wanted]:
+                del self._fine_tunes[key]
+
+    def set_outbox(self, stats: Iterable[OutboxStats], notifiers: Sequence[str]) -> None:
+        """Show these pending counts; configured notifiers without pending rows show 0."""
+        with self._lock:
+            self._outbox = {entry.notifier: entry for entry in stats}
+            self._notifiers = tuple(notifiers)
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing at registration time: the families depend on the snapshot."""
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        """The state gauges."""
+        with self._lock:
+            fine_tunes = list(self._fine_tunes.values())
+            outbox = dict(self._outbox)
+            notifiers = self._notifiers
+        now = self._clock()
+        last_success = GaugeMetricFamily(
+            "oxen_watcher_last_success_timestamp_seconds",
+            "Unix time of the last poll of a fine-tune that the Hub answered 200.",
+            labels=("namespace", "repo", "fine_tune_id"),
+        )
+        checkpoints = GaugeMetricFamily(
+            "oxen_fine_tune_checkpoints", "Checkpoints the Hub lists for a fine-tune.", labels=FINE_TUNE_LABELS
+        )
+        latest_step = GaugeMetricFamily(
+            "oxen_fine_tune_latest_step", "Step of the newest checkpoint of a fine-tune.", labels=FINE_TUNE_LABELS
+        )
+        training = {
+            name: GaugeMetricFamily(
+                f"oxen_fine_tune_{name}",
+                f"The {name.replace('_', ' ')} of the latest checkpoint of a fine-tune that reports it.",
+                labels=FINE_TUNE_LABELS,
+            )
+            for name in _TRAINING_METRICS
+        }
+        latest_at = GaugeMetricFamily(
+            "oxen_fine_tune_latest_checkpoint_timestamp_seconds",
+            "created_at of the newest checkpoint of a fine-tune, as Unix time.",
+            labels=FINE_TUNE_LABELS,
+        )
+        deployment = GaugeMetricFamily(
+            "oxen_checkpoint_deployment_status",
+            "1 for the current deployment status of each checkpoint that has one (status verbatim from the Hub).",
+            labels=("namespace", "repo", "fine_tune_id", "step", "status"),
+        )
+        for ref, status in fine_tunes:
+            ids = [ref.namespace, ref.repo, ref.id]
+            labels = [*ids, ref.name]
+            if status.last_success_at is not None:
+                last_success.add_metric(ids, status.last_success_at)
+            if not status.baselined:
+                continue
+            checkpoints.add_metric(labels, status.checkpoints)
+            if status.latest_step is not None:
+                latest_step.add_metric(labels, status.latest_step)
+            for name, family in training.items():
+                value = status.metrics.get(name)
+                if value is not None:
+                    family.add_metric(labels, value)
+            created = _timestamp_of(status.latest_created_at)
+            if created is not None:
+                latest_at.add_metric(labels, created)
+            for step, value in sorted(status.deployments.items()):
+                deployment.add_metric([*ids, str(step), value], 1)
+        pending = GaugeMetricFamily(
+            "oxen_watcher_outbox_pending", "Deliveries waiting to be sent (or retried), per notifier.",
+            labels=("notifier",),
+        )
+        oldest = GaugeMetricFamily(
+            "oxen_watcher_outbox_oldest_pending_age_seconds",
+            "Age of the oldest delivery still pending, per notifier (0 when none).",
+            labels=("notifier",),
+        )
+        for notifier in sorted(set(notifiers) | set(outbox)):
+            stats = outbox.get(notifier)
+            pending.add_metric([notifier], stats.pending if stats else 0)
+            age = max(0.0, now - stats.oldest_pending_at) if stats and stats.oldest_pending_at else 0.0
+            oldest.add_metric([notifier], age)
+        yield from (last_success, checkpoints, latest_step, *training.values(), latest_at, deployment, pending, oldest)
+
+
+class Metrics:
+    """The watcher's metrics on one registry (a fresh CollectorRegistry in tests)."""
+
+    def __init__(self, registry: CollectorRegistry, *, version: str, clock: Callable[[], float] = time.time) -> None:
+        # `_created` series only add noise to a watcher's counters; prometheus_client offers no per-registry switch
+        disable_created_metrics()
+        self.registry = registry
+        self.build_info = Gauge(
+            "oxen_watcher_build_info", "Build information; always 1.", ("version", "python_version"),
+            registry=registry,
+        )
+        self.build_info.labels(version, platform.python_version()).set(1)
+        self.polls = Counter(
+            "oxen_watcher_polls", "Polls of a fine-tune's checkpoints, by outcome.",
+            ("namespace", "repo", "fine_tune_id", "outcome"), registry=registry,
+        )
+        self.poll_duration = Histogram(
+            "oxen_watcher_poll_duration_seconds", "Time of one poll, HTTP through commit, by outcome.", ("outcome",),
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry,
+        )
+        self.events = Counter("oxen_watcher_events", "Events committed, by type.", ("type",), registry=registry)
+        self.deliveries = Counter(
+            "oxen_watcher_deliveries", "Delivery attempts by notifier and outcome.", ("notifier", "outcome"),
+            registry=registry,
+        )
+        self.state = StateCollector(clock)
+        registry.register(self.state)
+
+    def observe_poll(self, ref: FineTuneRef, outcome: str, duration_s: float) -> None:
+        """Count one poll."""
+        self.polls.labels(ref.namespace, ref.repo, ref.id, outcome).inc()
+        self.poll_duration.labels(outcome).observe(duration_s)
+
+    def observe_event(self, event_type: str) -> None:
+        """Count one committed event."""
+        self.events.labels(event_type).inc()
+
+    def observe_delivery(self, notifier: str, outcome: str) -> None:
+        """Count one delivery outcome (delivered, retried, dead)."""
+        self.deliveries.labels(notifier, outcome).inc()
+
+    def forget_fine_tunes(self, keep: Iterable[FineTuneRef]) -> None:
+        """Drop the poll counters of fine-tunes no longer configured (after a reload)."""
+        wanted = {(ref.namespace, ref.repo, ref.id) for ref in keep}
+        for labels in list(self.polls._metrics):  # prometheus_client offers no public listing of children
+            if tuple(labels[:3]) not in wanted:
+                self.polls.remove(*labels)
