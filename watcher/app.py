@@ -7,9 +7,9 @@ import contextlib
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, UTC
 from typing import Any, TypeVar
 
@@ -17,12 +17,32 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+import httpx
+from prometheus_client import CollectorRegistry
+
+from . import __version__
 from .client import FetchedBody, FetchedNotFound, HubClient
-from .config import Config, FineTuneConfig
+from .config import (
+    Config,
+    FineTuneConfig,
+    NotifierSecrets,
+    load_config,
+    resolve_hub_token,
+    resolve_notifier_secrets,
+    resolve_secret,
+)
+from .errors import ConfigError
 from .diff import DiffOptions
 from .errors import PollError, StoreError
+from .logs import REDACTOR, configure_logging
+from .notifiers import build_notifiers
+from .server import HttpServer, Verdict
+from .systemd import Notifier as SystemdNotifier
+from .metrics import Metrics
 from .models import (
     Event,
+    FineTuneStatus,
+    OutboxStats,
     FineTuneRef,
     PollFailed,
     PollNotFound,
@@ -33,7 +53,7 @@ from .models import (
 )
 from .schema import body_hash, parse_checkpoint_list
 from .dispatch import Dispatcher
-from .store import Committed, Router, Store
+from .store import Committed, Router, SqliteStore, Store, open_store
 
 log = structlog.get_logger("watcher")
 T = TypeVar("T")
@@ -56,6 +76,7 @@ class PollHealth:
     failing_since: float | None = None
     store_failing: bool = False
     crashed: int = 0
+    deferred: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +105,16 @@ class Watcher:
     sinks: list[EventSink] = field(default_factory=list)
     commit: bool = True
     route: Router | None = None
+    metrics: Metrics | None = None
     refs: dict[str, FineTuneRef] = field(default_factory=dict)
     health: dict[str, PollHealth] = field(default_factory=dict)
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
     _semaphore: asyncio.Semaphore | None = None
+    _semaphore_size: int = 0
     _not_before: dict[str, float] = field(default_factory=dict)
     _hub_unauthorized: bool = False
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
+    _statuses: dict[str, FineTuneStatus] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.set_fine_tunes(self.config)
@@ -101,6 +125,14 @@ class Watcher:
         self.refs = {ft.key: ref_of(ft) for ft in config.fine_tunes}
         for key in self.refs:
             self.health.setdefault(key, PollHealth())
+        for key in [k for k in self.health if k not in self.refs]:
+            del self.health[key]
+            self._statuses.pop(key, None)
+        if self.metrics is not None:
+            self.metrics.state.retain_fine_tunes(self.refs)
+            self.metrics.forget_fine_tunes(self.refs.values())
+        if self._semaphore is not None and self._semaphore_size != config.hub.max_concurrency:
+            self._semaphore = None
 
     @property
     def options(self) -> DiffOptions:
@@ -113,9 +145,12 @@ class Watcher:
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     async def load(self) -> None:
-        """Read persisted hold-backs (Retry-After) so a restart honours them."""
+        """Read persisted hold-backs (Retry-After) and the state the metrics show, so a restart resets neither."""
         statuses = await self.in_store(self.store.statuses, list(self.refs))
         for status in statuses:
+            self._statuses[status.key] = status
+            if self.metrics is not None:
+                self.metrics.state.set_fine_tune(self.refs[status.key], status)
             if status.not_before:
                 self._not_before[status.key] = status.not_before
             health = self.health[status.key]
@@ -143,17 +178,30 @@ class Watcher:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
+        started = time.monotonic()
+        outcome = "error"
         try:
-            return await self._poll(ref)
+            report = await self._poll(ref)
+            if report is None:
+                self.health[key].deferred = True
+                outcome = ""
+                return None
+            if report.result is not None and report.error is None:
+                outcome = outcome_of(report.result)
+            return report
         except asyncio.CancelledError:
+            outcome = ""
             raise
         except Exception as err:  # the top of a job: whatever happened, the next poll still runs
             self.health[key].crashed += 1
+            self.health[key].last_outcome = "error"
             log.exception("poll.crashed", fine_tune=key, error=type(err).__name__)
             return PollReport(ref, None, error=f"internal error: {type(err).__name__}")
         finally:
             if task is not None:
                 self._in_flight.discard(task)
+            if self.metrics is not None and outcome:
+                self.metrics.observe_poll(ref, outcome, time.monotonic() - started)
 
     async def _poll(self, ref: FineTuneRef) -> PollReport | None:
         key = ref.key
@@ -164,7 +212,8 @@ class Watcher:
             return None
         fetched: FetchedBody | FetchedNotFound | None = None
         if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.config.hub.max_concurrency)
+            self._semaphore_size = self.config.hub.max_concurrency
+            self._semaphore = asyncio.Semaphore(self._semaphore_size)
         try:
             async with self._semaphore:
                 fetched = await self.client.fetch(ref)
@@ -191,7 +240,19 @@ class Watcher:
             return PollReport(ref, result, error=str(err))
         assert committed is not None
         self._observe(ref, result, committed, now)
+        if self.metrics is not None and self.commit:
+            await self._refresh_status(ref, result, committed, now)
         return PollReport(ref, result, committed.events)
+
+    async def _refresh_status(self, ref: FineTuneRef, result: PollResult, committed: Committed, now: float) -> None:
+        assert self.metrics is not None
+        status = self._statuses.get(ref.key)
+        if status is None or committed.checkpoints_changed or committed.events:
+            (status,) = await self.in_store(self.store.statuses, [ref.key])
+        elif not isinstance(result, PollFailed):
+            status = replace(status, last_success_at=now, baselined=committed.state.baselined)
+        self._statuses[ref.key] = status
+        self.metrics.state.set_fine_tune(ref, status)
 
     def _observe(self, ref: FineTuneRef, result: PollResult, committed: Committed, now: float) -> None:
         key = ref.key
@@ -231,6 +292,8 @@ class Watcher:
             self._publish(event)
 
     def _publish(self, event: Event) -> None:
+        if self.metrics is not None and self.commit:
+            self.metrics.observe_event(event.type)
         checkpoint = event.data.get("checkpoint") or {}
         log.info(
             "event.committed" if self.commit else "event.previewed",
@@ -286,7 +349,7 @@ def schedule(scheduler: AsyncIOScheduler, watcher: Watcher, *, rng: random.Rando
         trigger = IntervalTrigger(seconds=interval, jitter=watcher.config.watch.jitter_s or None)
         existing = scheduler.get_job(key)
         if existing is not None:
-            if existing.trigger.interval != trigger.interval:
+            if (existing.trigger.interval, existing.trigger.jitter) != (trigger.interval, trigger.jitter):
                 existing.reschedule(trigger)
             continue
         scheduler.add_job(
@@ -309,45 +372,247 @@ def on_poll_retry(ref: FineTuneRef, err: PollError, wait_s: float) -> None:
               wait_s=wait_s or None)
 
 
-async def run_daemon(
-    watcher: Watcher,
+def build_runtime(
+    config: Config,
     *,
-    dispatcher: Dispatcher | None = None,
-    stop: asyncio.Event | None = None,
-    on_ready: Callable[[], Awaitable[None] | None] | None = None,
-) -> None:
-    """Run the scheduler and the dispatcher until stop is set (SIGTERM/SIGINT), then drain and return."""
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
-    await watcher.load()
-    scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
-    schedule(scheduler, watcher)
-    scheduler.start()
-    dispatching = asyncio.Event()
-    delivery_task = asyncio.create_task(dispatcher.run(dispatching)) if dispatcher is not None else None
-    log.info("watcher.started", fine_tunes=len(watcher.refs), hub=watcher.config.hub.url,
-             notifiers=len(dispatcher.notifiers) if dispatcher else 0)
-    if on_ready is not None:
-        maybe = on_ready()
-        if maybe is not None:
-            await maybe
-    try:
-        await stop.wait()
-    finally:
-        log.info("watcher.stopping")
-        scheduler.shutdown(wait=False)
-        grace = watcher.config.watch.shutdown_grace_s
-        dispatching.set()
-        if delivery_task is not None:
-            await asyncio.wait([delivery_task], timeout=5)
-        drains = [watcher.drain(grace)]
-        if dispatcher is not None:
-            drains.append(dispatcher.drain(grace))
-        await asyncio.gather(*drains)
+    token: str,
+    secrets: Mapping[str, NotifierSecrets],
+    readonly: bool = False,
+    metrics: Metrics | None = None,
+    sinks: Sequence[EventSink] = (),
+    hub_transport: httpx.AsyncBaseTransport | None = None,
+    notifier_transport: httpx.AsyncBaseTransport | None = None,
+) -> tuple[Watcher, Dispatcher]:
+    """The watcher and the dispatcher over one store (read-only and silent for a dry run)."""
+    store = open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
+    client = HubClient(base_url=config.hub.url, token=token, timeout_s=config.hub.timeout_s,
+                       on_retry=on_poll_retry, transport=hub_transport)
+    watcher = Watcher(config=config, store=store, client=client, sinks=list(sinks), commit=not readonly,
+                      metrics=metrics)
+    dispatcher = Dispatcher(
+        store=store,
+        notifiers={} if readonly else build_notifiers(config, secrets, transport=notifier_transport),
+        configs=config.notifiers,
+        in_store=watcher.in_store,
+        on_outcome=metrics.observe_delivery if metrics is not None else None,
+    )
+    watcher.route = dispatcher.route
+    watcher.sinks.append(lambda _event: dispatcher.wake())
+    return watcher, dispatcher
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """Everything secret a config resolves to (never logged)."""
+
+    hub_token: str
+    notifiers: Mapping[str, NotifierSecrets]
+    metrics_token: str | None
+
+    def values(self) -> list[str]:
+        """Every secret string, for the log redactor."""
+        found = [self.hub_token, self.metrics_token or ""]
+        for resolved in self.notifiers.values():
+            found += [resolved.url or "", *resolved.secrets]
+        return [value for value in found if value]
+
+
+def resolve_all(config: Config) -> Secrets:
+    """Resolve every secret of a config; ConfigError names the first bad key."""
+    return Secrets(
+        hub_token=resolve_hub_token(config),
+        notifiers=resolve_notifier_secrets(config),
+        metrics_token=resolve_secret(config.http, "token", key="http", config=config),
+    )
+
+
+class App:
+    """The daemon: scheduler, dispatcher, HTTP endpoints, systemd notifications, signals and reloads."""
+
+    def __init__(
+        self,
+        config: Config,
+        secrets: Secrets,
+        *,
+        config_path: str | None = None,
+        registry: CollectorRegistry | None = None,
+        sinks: Sequence[EventSink] = (),
+        sd: SystemdNotifier | None = None,
+        hub_transport: httpx.AsyncBaseTransport | None = None,
+        notifier_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.config_path = config_path
+        self.metrics = Metrics(registry or CollectorRegistry(), version=__version__)
+        self.sd = sd or SystemdNotifier()
+        self._hub_transport = hub_transport
+        self._notifier_transport = notifier_transport
+        REDACTOR.add(secrets.values())
+        self.watcher, self.dispatcher = build_runtime(
+            config, token=secrets.hub_token, secrets=secrets.notifiers, metrics=self.metrics, sinks=sinks,
+            hub_transport=hub_transport, notifier_transport=notifier_transport,
+        )
+        self.server = HttpServer(
+            host=config.http.host, port=config.http.port, registry=self.metrics.registry,
+            liveness=self.liveness, readiness=self.readiness, token=secrets.metrics_token,
+        )
+        self.scheduler: AsyncIOScheduler | None = None
+        self.stop = asyncio.Event()
+        self._loaded = False
+        self._beat = time.monotonic()
+        self._dispatch_task: asyncio.Task[None] | None = None
+        self._retired: list[Any] = []  # replaced clients, closed at exit (in-flight work may still hold them)
+        self._reloading = asyncio.Lock()
+
+    # --- health -------------------------------------------------------------------------------------
+
+    def liveness(self) -> Verdict:
+        """Alive while the scheduler and the dispatcher loops run."""
+        now = time.monotonic()
+        problems = []
+        if self.scheduler is None or not self.scheduler.running:
+            problems.append("scheduler stopped")
+        if now - self._beat > 10:
+            problems.append(f"main loop silent for {now - self._beat:.0f}s")
+        if self._dispatch_task is None or self._dispatch_task.done():
+            problems.append("dispatcher stopped")
+        elif now - self.dispatcher.last_beat > 30:
+            problems.append(f"dispatcher silent for {now - self.dispatcher.last_beat:.0f}s")
+        return Verdict(not problems, "; ".join(problems))
+
+    def readiness(self) -> Verdict:
+        """Ready once the store is open and every fine-tune has been polled once."""
+        if not self._loaded:
+            return Verdict(False, "opening the state database")
+        waiting = [key for key, health in self.watcher.health.items() if health.polls == 0 and not health.deferred]
+        if waiting:
+            return Verdict(False, f"waiting for the first poll of {len(waiting)} fine-tunes",
+                           {"waiting": sorted(waiting)[:20]})
+        return Verdict(True)
+
+    def status_line(self) -> str:
+        """The STATUS= line systemd shows."""
+        failing = sum(1 for health in self.watcher.health.values() if health.last_outcome in ("error", "unauthorized"))
+        pending = sum(stats.pending for stats in self._outbox)
+        return f"watching {len(self.watcher.refs)} fine-tunes, {failing} failing, {pending} deliveries pending"
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight work within the grace period."""
+        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signum)
-        log.info("watcher.stopped")
+            loop.add_signal_handler(signum, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        self._outbox: list[OutboxStats] = []
+        try:
+            await self.watcher.load()
+            await self._refresh_outbox()
+            self._loaded = True
+            await self.server.start()
+            self.scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
+            schedule(self.scheduler, self.watcher)
+            self.scheduler.start()
+            dispatching = asyncio.Event()
+            self._dispatch_task = asyncio.create_task(self.dispatcher.run(dispatching), name="dispatcher")
+            ticker = asyncio.create_task(self._tick(), name="ticker")
+            log.info("watcher.started", fine_tunes=len(self.watcher.refs), notifiers=len(self.dispatcher.notifiers),
+                     hub=self.config.hub.url, listen=f"{self.config.http.host}:{self.server.port}")
+            self.sd.send(ready="1", status=self.status_line())
+            await self.stop.wait()
+            log.info("watcher.stopping")
+            self.sd.send(stopping="1", status="stopping: finishing in-flight work")
+            self.scheduler.shutdown(wait=False)
+            dispatching.set()
+            await asyncio.wait([self._dispatch_task], timeout=5)
+            grace = self.config.watch.shutdown_grace_s
+            await asyncio.gather(self.watcher.drain(grace), self.dispatcher.drain(grace))
+            ticker.cancel()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(signum)
+            await self.server.stop()
+            await self.dispatcher.aclose()
+            await self.watcher.aclose()
+            for retired in self._retired:
+                with contextlib.suppress(Exception):
+                    await retired.aclose()
+            log.info("watcher.stopped")
+
+    async def _refresh_outbox(self) -> None:
+        try:
+            self._outbox = await self.watcher.in_store(self.watcher.store.outbox_stats)
+        except StoreError as err:
+            log.warning("metrics.outbox_unreadable", error=str(err))
+            return
+        self.metrics.state.set_outbox(self._outbox, [entry.name for entry in self.config.notifiers])
+
+    async def _tick(self) -> None:
+        last_watchdog = last_status = last_outbox = 0.0
+        while True:
+            now = time.monotonic()
+            self._beat = now
+            watchdog = self.sd.watchdog_s
+            # only a healthy process pets the watchdog, so systemd restarts a wedged one
+            if watchdog and now - last_watchdog >= watchdog / 2 and self.liveness().ok:
+                self.sd.send(watchdog="1")
+                last_watchdog = now
+            if now - last_outbox >= 2:
+                await self._refresh_outbox()
+                last_outbox = now
+            if now - last_status >= 10:
+                self.sd.send(status=self.status_line())
+                last_status = now
+            await asyncio.sleep(1)
+
+    # --- reload -------------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config and apply it; an invalid one is rejected and the old one keeps running."""
+        async with self._reloading:
+            if self.config_path is None:
+                log.warning("reload.unsupported", reason="no config file")
+                return False
+            self.sd.send(status="reloading the configuration")
+            try:
+                config = load_config(self.config_path)
+                secrets = resolve_all(config)
+            except ConfigError as err:
+                log.error("reload.rejected", error=str(err), hint="the previous configuration keeps running")
+                self.sd.send(status=self.status_line())
+                return False
+            self._apply(config, secrets)
+            self.sd.send(status=self.status_line())
+            return True
+
+    def _apply(self, config: Config, secrets: Secrets) -> None:
+        old = self.config
+        REDACTOR.add(secrets.values())
+        if config.state_path() != old.state_path():
+            log.warning("reload.restart_required", key="state.path", hint="still using the database opened at start")
+        if config.http.listen != old.http.listen:
+            log.warning("reload.restart_required", key="http.listen", hint="still listening where it started")
+        if (config.hub.url, config.hub.timeout_s, secrets.hub_token) != (
+            old.hub.url, old.hub.timeout_s, self.secrets.hub_token
+        ):
+            self._retired.append(self.watcher.client)
+            self.watcher.client = HubClient(base_url=config.hub.url, token=secrets.hub_token,
+                                            timeout_s=config.hub.timeout_s, on_retry=on_poll_retry,
+                                            transport=self._hub_transport)
+        if (config.log.level, config.log.format) != (old.log.level, old.log.format):
+            configure_logging(level=config.log.level, fmt=config.log.format)
+        before = set(self.watcher.refs)
+        self.watcher.set_fine_tunes(config)
+        after = set(self.watcher.refs)
+        if self.scheduler is not None:
+            schedule(self.scheduler, self.watcher)
+        self._retired.extend(self.dispatcher.notifiers.values())
+        self.dispatcher.configure(build_notifiers(config, secrets.notifiers, transport=self._notifier_transport),
+                                  config.notifiers)
+        self.server.set_token(secrets.metrics_token)
+        self.config = config
+        self.secrets = secrets
+        log.info("reload.applied", fine_tunes=len(after), added=sorted(after - before),
+                 removed=sorted(before - after), notifiers=len(config.notifiers))

@@ -6,7 +6,6 @@ import asyncio
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -14,7 +13,7 @@ import click
 import orjson
 
 from . import __version__
-from .config import Config, default_config_path, load_config, parse_config, resolve_hub_token
+from .config import Config, default_config_path, load_config, parse_config
 from .errors import ConfigError, StoreError
 from .events import describe, rfc3339
 from .logs import REDACTOR, configure_logging
@@ -49,27 +48,6 @@ def _load(path: str) -> Config:
         _fail(str(err), EX_CONFIG)
 
 
-def _hub_token(config: Config) -> str:
-    try:
-        token = resolve_hub_token(config)
-    except ConfigError as err:
-        _fail(str(err), EX_CONFIG)
-    REDACTOR.add([token])
-    return token
-
-
-def _metrics_token(config: Config) -> str | None:
-    from .config import resolve_secret
-
-    try:
-        token = resolve_secret(config.http, "token", key="http", config=config)
-    except ConfigError as err:
-        _fail(str(err), EX_CONFIG)
-    if token:
-        REDACTOR.add([token])
-    return token
-
-
 def _setup_logging(config: Config) -> None:
     configure_logging(level=config.log.level, fmt=config.log.format)
 
@@ -87,73 +65,54 @@ def cli() -> None:
 @cli.command()
 @config_option
 def run(config_path: str) -> None:
-    """Run the daemon until SIGTERM or SIGINT."""
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
     # Until the event loop takes over the signals, a stop request during start-up is a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     config = _load(config_path)
-    token = _hub_token(config)
-    secrets = _notifier_secrets(config)
+    secrets = _secrets(config)
     _setup_logging(config)
+    _serve(config, secrets, config_path=config_path)
+
+
+def _serve(config: Config, secrets: Any, *, config_path: str | None = None, on_started: Any = None) -> None:
+    from .app import App
+
+    async def main() -> None:
+        try:
+            app = App(config, secrets, config_path=config_path)
+        except StoreError as err:
+            _fail(str(err), 1)
+        if on_started is not None:
+            asyncio.get_running_loop().call_later(1.0, on_started, app)
+        await app.run()
+
     try:
-        asyncio.run(_serve(config, token, secrets))
+        asyncio.run(main())
     except KeyboardInterrupt:
         pass
+    except OSError as err:  # e.g. the [http] listen address is taken
+        _fail(f"cannot start: {err}", 1)
 
 
-async def _serve(config: Config, token: str, secrets: Any, *, sinks: list[Any] | None = None) -> None:
-    from .app import run_daemon
-
-    watcher, dispatcher = _make_runtime(config, token, secrets, sinks=sinks)
-    try:
-        await run_daemon(watcher, dispatcher=dispatcher)
-    finally:
-        await dispatcher.aclose()
-        await watcher.aclose()
-
-
-def _notifier_secrets(config: Config) -> Any:
-    from .config import resolve_notifier_secrets
+def _secrets(config: Config) -> Any:
+    from .app import resolve_all
 
     try:
-        secrets = resolve_notifier_secrets(config)
+        secrets = resolve_all(config)
     except ConfigError as err:
         _fail(str(err), EX_CONFIG)
-    for resolved in secrets.values():
-        REDACTOR.add([resolved.url or "", *resolved.secrets])
+    REDACTOR.add(secrets.values())
     return secrets
 
 
-def _open_store(config: Config, *, readonly: bool) -> Any:
-    from .store import SqliteStore, open_store
+def _make_runtime(config: Config, secrets: Any, *, readonly: bool = False, sinks: list[Any] | None = None) -> Any:
+    from .app import build_runtime
 
     try:
-        return open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
+        return build_runtime(config, token=secrets.hub_token, secrets=secrets.notifiers, readonly=readonly,
+                             sinks=sinks or [])
     except StoreError as err:
         _fail(str(err), 1)
-
-
-def _make_runtime(
-    config: Config, token: str, secrets: Any, *, readonly: bool = False, sinks: list[Any] | None = None
-) -> tuple[Any, Any]:
-    from .app import Watcher, on_poll_retry
-    from .client import HubClient
-    from .dispatch import Dispatcher
-    from .notifiers import build_notifiers
-
-    store = _open_store(config, readonly=readonly)
-    client = HubClient(
-        base_url=config.hub.url, token=token, timeout_s=config.hub.timeout_s, on_retry=on_poll_retry
-    )
-    watcher = Watcher(config=config, store=store, client=client, sinks=list(sinks or []), commit=not readonly)
-    dispatcher = Dispatcher(
-        store=store,
-        notifiers=build_notifiers(config, secrets) if not readonly else {},
-        configs=config.notifiers,
-        in_store=watcher.in_store,
-    )
-    watcher.route = dispatcher.route
-    watcher.sinks.append(lambda _event: dispatcher.wake())
-    return watcher, dispatcher
 
 
 @cli.command()
@@ -162,11 +121,10 @@ def _make_runtime(
 def once(config_path: str, dry_run: bool) -> None:
     """Poll every fine-tune once, commit, deliver, and exit 0 when every poll answered 200 (1 otherwise)."""
     config = _load(config_path)
-    token = _hub_token(config)
-    secrets = _notifier_secrets(config)
+    secrets = _secrets(config)
     _setup_logging(config)
     sinks = [lambda event: _json_line(event.envelope())] if dry_run else []
-    watcher, dispatcher = _make_runtime(config, token, secrets, readonly=dry_run, sinks=sinks)
+    watcher, dispatcher = _make_runtime(config, secrets, readonly=dry_run, sinks=sinks)
 
     async def main() -> list[Any]:
         try:
@@ -209,7 +167,7 @@ def test_notify(config_path: str, only: str | None) -> None:
     from .notifiers import build_notifiers
 
     config = _load(config_path)
-    secrets = _notifier_secrets(config)
+    secrets = _secrets(config).notifiers
     _setup_logging(config)
     names = [entry.name for entry in config.notifiers]
     if only is not None and only not in names:
@@ -264,7 +222,12 @@ def redeliver(config_path: str, event_ids: tuple[str, ...], dead: bool, notifier
     names = {entry.name for entry in config.notifiers}
     if notifier is not None and notifier not in names:
         _fail(f"no notifier named {notifier!r}", 2)
-    store = _open_store(config, readonly=False)
+    from .store import SqliteStore
+
+    try:
+        store = SqliteStore(config.state_path())
+    except StoreError as err:
+        _fail(str(err), 1)
     router = Dispatcher(store=store, notifiers={}, configs=config.notifiers).route
     try:
         count = store.redeliver(now=time.time(), event_ids=list(event_ids), dead=dead, notifier=notifier,
@@ -279,13 +242,12 @@ def redeliver(config_path: str, event_ids: tuple[str, ...], dead: bool, notifier
 def check_config(config_path: str) -> None:
     """Validate the configuration (and resolve its secrets); exit 0, or 78 naming the bad key."""
     config = _load(config_path)
-    _hub_token(config)
-    _metrics_token(config)
-    _notifier_secrets(config)
+    _secrets(config)
     click.echo(f"{config.source}: OK ({len(config.fine_tunes)} fine-tunes, {len(config.notifiers)} notifiers)")
 
 
 def _open_readonly(config: Config) -> Any:
+    """The state database read-only (an empty state when it does not exist yet)."""
     from .store import open_store
 
     try:
@@ -401,16 +363,18 @@ def demo() -> None:
         trainer = DemoTrainer(hub)
         trainer.seed()
         config = parse_config(demo_config(hub, Path(folder)), source="<demo>", directory=Path(folder))
-        secrets = _notifier_secrets(config)
+        secrets = _secrets(config)
         _setup_logging(config)
         click.echo(f"oxen-watcher demo: simulated Hub at {hub.url}, state in {folder}")
         click.echo("watching 3 fine-tunes every 2-3 s; the first poll records a silent baseline. Ctrl-C to stop.")
         click.echo(f"signed webhooks go to {DEMO_WEBHOOK_URL} (start the README's receiver to see them)")
+
+        def started(app: Any) -> None:
+            click.echo(f"metrics: http://127.0.0.1:{app.server.port}/metrics  health: /healthz /readyz")
+
         trainer.start()
         try:
-            asyncio.run(_serve(config, DEMO_TOKEN, secrets))
-        except KeyboardInterrupt:
-            pass
+            _serve(config, secrets, on_started=started)
         finally:
             trainer.stop()
 

@@ -78,6 +78,7 @@ def demo_config(hub: SimHub, state_dir: Path) -> dict[str, Any]:
         "watch": {"interval_s": 2, "jitter_s": 0.5, "baseline": True, "failure_threshold": 3},
         "state": {"path": str(state_dir / "watcher.db")},
         "log": {"level": "warning", "format": "console"},
+        "http": {"listen": "127.0.0.1:0"},
         "notifiers": [
             {"name": "console", "type": "log"},
             {"name": "demo-webhook", "type": "webhook", "url": DEMO_WEBHOOK_URL, "secret": DEMO_WEBHOOK_SECRET,

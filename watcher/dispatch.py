@@ -79,6 +79,7 @@ class Dispatcher:
         self._failing: set[str] = set()
         self._store_failing = False
         self.disabled: set[str] = set()
+        self.last_beat = time.monotonic()
         self.configure(notifiers, configs)
 
     def configure(self, notifiers: Mapping[str, Notifier], configs: Sequence[NotifierConfig]) -> None:
@@ -106,6 +107,7 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until stop is set."""
         while not stop.is_set():
+            self.last_beat = time.monotonic()
             await self.pass_once()
             self._wake.clear()
             timeout = IDLE_RECHECK_S

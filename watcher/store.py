@@ -29,7 +29,6 @@ from .models import (
     KnownCheckpoint,
     PollFailed,
     PollResult,
-    PollSuccess,
     PollUnchanged,
     metric_of,
     outcome_of,
