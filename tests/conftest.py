@@ -109,9 +109,11 @@ class Daemon:
         self.stdout = config.with_suffix(".stdout.log")
         self.stderr = config.with_suffix(".stderr.log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.offset = 0
 
     def start(self) -> Daemon:
-        """Start the daemon."""
+        """Start the daemon (logs() then reads only what this run writes)."""
+        self.offset = self.stderr.stat().st_size if self.stderr.exists() else 0
         out = self.stdout.open("ab")
         err = self.stderr.open("ab")
         self.proc = subprocess.Popen(
@@ -139,9 +141,9 @@ class Daemon:
         return self.proc.wait(timeout)
 
     def logs(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far."""
+        """The JSON log lines this run wrote so far."""
         found = []
-        for line in self.stderr.read_bytes().splitlines():
+        for line in self.stderr.read_bytes()[self.offset :].splitlines():
             try:
                 found.append(orjson.loads(line))
             except orjson.JSONDecodeError:

@@ -7,6 +7,7 @@ import contextlib
 import random
 import signal
 import time
+from urllib.parse import urlsplit
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -274,7 +275,7 @@ class Watcher:
                     log.error("hub.unauthorized", http_status=result.http_status,
                               hint="check [hub] token: the Hub refused it")
                 self._hub_unauthorized = True
-            elif previous in (None, "ok", "not_found"):
+            elif previous != "error":
                 log.warning("poll.failed", fine_tune=key, error=result.error, http_status=result.http_status,
                             retry_after_s=result.retry_after_s)
             if health.failing_since is None:
@@ -395,6 +396,9 @@ def build_runtime(
         configs=config.notifiers,
         in_store=watcher.in_store,
         on_outcome=metrics.observe_delivery if metrics is not None else None,
+        redact=REDACTOR.redact,
+        on_outbox=(lambda stats: metrics.state.set_outbox(stats, [entry.name for entry in config.notifiers]))
+        if metrics is not None else None,
     )
     watcher.route = dispatcher.route
     watcher.sinks.append(lambda _event: dispatcher.wake())
@@ -414,6 +418,10 @@ class Secrets:
         found = [self.hub_token, self.metrics_token or ""]
         for resolved in self.notifiers.values():
             found += [resolved.url or "", *resolved.secrets]
+            if resolved.url:
+                # the secret part of a webhook URL is its path (Slack: /services/T…/B…/…); receivers echo it
+                parts = urlsplit(resolved.url)
+                found += [part for part in (parts.path, parts.query) if len(part) >= 8]
         return [value for value in found if value]
 
 

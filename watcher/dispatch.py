@@ -14,7 +14,7 @@ import structlog
 
 from .config import NotifierConfig
 from .errors import StoreError
-from .models import Delivery, Event
+from .models import Delivery, Event, OutboxStats
 from .notifiers.base import DeliveryResult, Notifier
 from .store import Store
 
@@ -68,12 +68,17 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_outcome: Callable[[str, str], None] | None = None,
+        on_outbox: Callable[[list[OutboxStats]], None] | None = None,
+        redact: Callable[[str], str] = str,
     ) -> None:
         self._store = store
         self._in_store = in_store or _direct
         self._clock = clock
         self._rng = rng or random.Random()
         self._on_outcome = on_outcome
+        self._on_outbox = on_outbox
+        self._redact = redact  # receivers echo URLs in error bodies; nothing secret reaches the outbox table
+        self._outbox_at = 0.0
         self._wake = asyncio.Event()
         self._lanes: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._failing: set[str] = set()
@@ -109,6 +114,7 @@ class Dispatcher:
         while not stop.is_set():
             self.last_beat = time.monotonic()
             await self.pass_once()
+            await self._report_outbox()
             self._wake.clear()
             timeout = IDLE_RECHECK_S
             if not self._store_failing:
@@ -147,6 +153,17 @@ class Dispatcher:
             task.add_done_callback(lambda _t, lane=lane: self._lane_done(lane))
             started += 1
         return started
+
+    async def _report_outbox(self) -> None:
+        # at most four times a second: the pending gauges stay truthful without a query per delivery
+        if self._on_outbox is None or time.monotonic() - self._outbox_at < 0.25:
+            return
+        self._outbox_at = time.monotonic()
+        try:
+            stats = await self._in_store(self._store.outbox_stats)
+        except StoreError:
+            return
+        self._on_outbox(stats)
 
     def _lane_done(self, lane: tuple[str, str]) -> None:
         self._lanes.pop(lane, None)
@@ -209,7 +226,7 @@ class Dispatcher:
         ids = [row.event_id for row in rows]
         next_at: float | None = None
         state = result.outcome
-        error = result.error
+        error = self._redact(result.error) if result.error else None
         if state == "retry":
             policy = self.policies.get(name) or RetryPolicy(schedule_s=(60.0,), max_age_s=86400)
             next_at = policy.next_attempt_at(
@@ -218,7 +235,7 @@ class Dispatcher:
             )
             if next_at is None:
                 state = "dead"
-                error = f"gave up after {head.attempts + 1} attempts (max_age_s): {result.error}"
+                error = f"gave up after {head.attempts + 1} attempts (max_age_s): {error}"
         await self._in_store(
             self._store.record_delivery, name, ids, state="pending" if state == "retry" else state, now=now,
             next_attempt_at=next_at, error=error, http_status=result.http_status,

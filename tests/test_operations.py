@@ -1,0 +1,232 @@
+"""Operations, against the real daemon: /metrics (promtool-clean, right values, persisted across restarts),
+health endpoints, SIGHUP reload, SIGTERM, and secrets never appearing in any output."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Daemon, base_config, cli, wait_for, write_config
+from watcher.receiver import Answer, Receiver
+from watcher.simhub import Fault
+
+FT = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}
+MISSING = {"namespace": "acme", "repo": "ghost", "id": "ft_gone"}
+KEY = "acme/bot/ft_1"
+
+
+def listen_port(daemon: Daemon) -> int:
+    """The metrics port the daemon bound ([http] listen = 127.0.0.1:0), from its watcher.started log line."""
+    started = wait_for(lambda: [e for e in daemon.logs() if e.get("event") == "watcher.started"], what="start")
+    return int(started[-1]["listen"].rsplit(":", 1)[1])
+
+
+def scrape(port: int, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=headers, timeout=5)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(text: str, metric: str, **labels: str) -> float | None:
+    wanted = set(labels.items())
+    matches = [v for (n, ls), v in samples(text).items() if n == metric and wanted <= set(ls)]
+    return matches[0] if len(matches) == 1 else (None if not matches else sum(matches))
+
+
+def promtool_lint(text: str) -> subprocess.CompletedProcess[str]:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make test` installs it (Debian package prometheus)"
+    return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+
+
+def test_metrics_health_and_restart(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1", name="bot-sft")
+    hub.add_checkpoint(KEY, 100, loss=2.0, metrics={"learning_rate": 3e-5, "grad_norm": 0.7, "epoch": 0.5},
+                       deployment_status="ACTIVE", created_at="2026-11-25T10:00:00Z")
+    hub.add_checkpoint(KEY, 200, loss=1.5, created_at="2026-11-25T11:00:00Z")
+    receiver = Receiver().start()
+    down_url = receiver.url
+    receiver.stop()
+    data = base_config(hub, tmp_path, fine_tunes=[FT, MISSING], watch={"interval_s": 0.5},
+                       notifiers=[{"name": "ci", "type": "webhook", "url": down_url,
+                                   "retry_schedule_s": [0, 0.2, 30]}])
+    config = write_config(tmp_path / "c.toml", data)
+    daemon = daemons(config)
+    port = listen_port(daemon)
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, what="ready")
+
+    hub.add_checkpoint(KEY, 300, loss=1.2, metrics={"mean_token_accuracy": 0.8},
+                       created_at="2026-11-25T12:00:00Z")
+    hub.set_deployment_status(KEY, 200, "DEPLOY_FAILED")
+    text = wait_for(lambda: (t := scrape(port)) and value(t, "oxen_fine_tune_latest_step") == 300
+                    and value(t, "oxen_watcher_deliveries_total", outcome="retried") and t, what="step 300")
+    lint = promtool_lint(text)
+    assert lint.returncode == 0 and lint.stdout == "" and lint.stderr == "", lint.stdout + lint.stderr
+    assert "_created" not in text
+
+    labels = {"namespace": "acme", "repo": "bot", "fine_tune_id": "ft_1", "name": "bot-sft"}
+    assert value(text, "oxen_watcher_build_info") == 1
+    assert value(text, "oxen_watcher_polls_total", fine_tune_id="ft_1", outcome="ok") >= 2
+    assert value(text, "oxen_watcher_polls_total", fine_tune_id="ft_gone", outcome="not_found") >= 1
+    assert value(text, "oxen_watcher_poll_duration_seconds_count", outcome="ok") >= 2
+    assert value(text, "oxen_watcher_events_total", type="checkpoint.created") == 1
+    assert value(text, "oxen_watcher_events_total", type="checkpoint.deployment_changed") == 1
+    assert value(text, "oxen_watcher_events_total", type="fine_tune.not_found") == 1
+    assert value(text, "oxen_watcher_last_success_timestamp_seconds", fine_tune_id="ft_1") > 1.7e9
+    assert value(text, "oxen_fine_tune_checkpoints", **labels) == 3
+    assert value(text, "oxen_fine_tune_latest_step", **labels) == 300
+    assert value(text, "oxen_fine_tune_loss", **labels) == 1.2
+    assert value(text, "oxen_fine_tune_mean_token_accuracy", **labels) == 0.8
+    assert value(text, "oxen_fine_tune_learning_rate", **labels) == 2e-5  # the latest that reports it
+    assert value(text, "oxen_fine_tune_epoch", **labels) == 0.3
+    noon = datetime(2026, 11, 25, 12, tzinfo=UTC).timestamp()
+    assert value(text, "oxen_fine_tune_latest_checkpoint_timestamp_seconds", **labels) == noon
+    deployments = {(dict(ls)["step"], dict(ls)["status"]): v for (n, ls), v in samples(text).items()
+                   if n == "oxen_checkpoint_deployment_status"}
+    assert deployments == {("100", "ACTIVE"): 1.0, ("200", "DEPLOY_FAILED"): 1.0}
+    wait_for(lambda: value(t := scrape(port), "oxen_watcher_outbox_pending", notifier="ci") >= 1
+             and value(t, "oxen_watcher_outbox_oldest_pending_age_seconds", notifier="ci") > 0, what="pending")
+    assert value(text, "oxen_fine_tune_checkpoints", fine_tune_id="ft_gone") is None
+
+    # the status of a deployment is a state set: only the current one is exported
+    hub.set_deployment_status(KEY, 200, "ACTIVE")
+    wait_for(lambda: {(dict(ls)["step"], dict(ls)["status"]) for (n, ls), v in samples(scrape(port)).items()
+                      if n == "oxen_checkpoint_deployment_status"} == {("100", "ACTIVE"), ("200", "ACTIVE")},
+             what="ACTIVE replaces DEPLOY_FAILED")
+
+    assert daemon.terminate() == 0
+    # after a restart, with the Hub failing, the gauges still come from the persisted state
+    hub.inject(KEY, Fault(status=500, times=None))
+    daemon = daemons(config)
+    port = listen_port(daemon)
+    text = scrape(port)
+    assert value(text, "oxen_fine_tune_checkpoints", **labels) == 3
+    assert value(text, "oxen_fine_tune_latest_step", **labels) == 300
+    wait_for(lambda: value(scrape(port), "oxen_watcher_polls_total", fine_tune_id="ft_1", outcome="error"),
+             what="failed polls counted")
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    assert value(scrape(port), "oxen_fine_tune_latest_step", **labels) == 300
+    assert daemon.terminate() == 0
+
+
+def test_readyz_waits_for_the_first_poll_of_every_fine_tune(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    data = base_config(hub, tmp_path, fine_tunes=[FT], watch={"interval_s": 2})
+    # the first poll comes within the first interval; the Hub takes 4 s to answer it
+    hub.inject(KEY, Fault(status=200, body=b'{"checkpoints": []}', delay_s=4))
+    config = write_config(tmp_path / "c.toml", data)
+    daemon = daemons(config)
+    port = listen_port(daemon)
+    first = httpx.get(f"http://127.0.0.1:{port}/readyz")
+    assert first.status_code == 503
+    body = first.json()
+    assert body["status"] == "unavailable" and "first poll" in body["reason"]
+    assert body["waiting"] == [KEY]
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200, what="ready")
+    assert daemon.terminate() == 0
+
+
+def test_metrics_bearer_token(hub, tmp_path, daemons):
+    data = base_config(hub, tmp_path, fine_tunes=[FT], http={"listen": "127.0.0.1:0", "token": "scrape-secret"})
+    config = write_config(tmp_path / "c.toml", data)
+    daemon = daemons(config)
+    port = listen_port(daemon)
+    assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 401
+    assert httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert "oxen_watcher_build_info" in scrape(port, token="scrape-secret")
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    assert daemon.terminate() == 0
+
+
+def test_sighup_adds_removes_and_rejects(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_fine_tune("acme", "bot", "ft_2")
+    second = {"namespace": "acme", "repo": "bot", "id": "ft_2"}
+    data = base_config(hub, tmp_path, fine_tunes=[FT])
+    config = write_config(tmp_path / "c.toml", data)
+    daemon = daemons(config)
+    port = listen_port(daemon)
+    wait_for(lambda: value(scrape(port), "oxen_fine_tune_checkpoints", fine_tune_id="ft_1") == 0, what="ft_1")
+
+    write_config(config, {**data, "fine_tunes": [second]})
+    daemon.proc.send_signal(1)  # SIGHUP
+    wait_for(lambda: any(e.get("event") == "reload.applied" for e in daemon.logs()), what="reload")
+    applied = [e for e in daemon.logs() if e.get("event") == "reload.applied"][-1]
+    assert applied["added"] == ["acme/bot/ft_2"] and applied["removed"] == ["acme/bot/ft_1"]
+    wait_for(lambda: value(scrape(port), "oxen_fine_tune_checkpoints", fine_tune_id="ft_2") == 0, what="ft_2")
+    hub.add_checkpoint("acme/bot/ft_2", 1, loss=1.0)
+    hub.add_checkpoint(KEY, 1, loss=1.0)
+    wait_for(lambda: value(scrape(port), "oxen_fine_tune_latest_step", fine_tune_id="ft_2") == 1, what="ft_2 step")
+    text = scrape(port)
+    assert value(text, "oxen_fine_tune_checkpoints", fine_tune_id="ft_1") is None
+    assert value(text, "oxen_watcher_polls_total", fine_tune_id="ft_1") is None
+    requests_before = len(hub.requests(KEY))
+
+    config.write_text(config.read_text() + "\n[watch]\nbogus = 1\n")
+    daemon.proc.send_signal(1)
+    rejected = wait_for(lambda: [e for e in daemon.logs() if e.get("event") == "reload.rejected"], what="reject")
+    assert str(config) in rejected[-1]["error"]
+    hub.add_checkpoint("acme/bot/ft_2", 2, loss=0.5)
+    wait_for(lambda: value(scrape(port), "oxen_fine_tune_latest_step", fine_tune_id="ft_2") == 2,
+             what="still polling after the rejected reload")
+    assert len(hub.requests(KEY)) == requests_before  # removed fine-tunes are no longer polled
+    assert daemon.terminate() == 0
+    assert daemon.proc.returncode == 0
+
+
+def test_secrets_never_appear_in_any_output(hub, tmp_path, daemons):
+    token = "hubtoken-6f1c2e0a9b"
+    secret = "whsec_" + base64.b64encode(b"signing-secret-bytes-32-long!!!!").decode()
+    hook_path = "/hook/T0SECRETPATH"
+    hub_with_token = hub
+    hub_with_token.token = token
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    with Receiver(secret=secret) as receiver:
+        url = receiver.url.replace("/hook", hook_path)
+        receiver.script(Answer(status=503), Answer(status=410, body=f"gone {hook_path}"))
+        data = base_config(hub, tmp_path, fine_tunes=[FT], watch={"failure_threshold": 1},
+                           log={"level": "debug", "format": "json"},
+                           notifiers=[{"name": "ci", "type": "webhook", "url_env": "OW_TEST_HOOK_URL",
+                                       "secret_env": "OW_TEST_HOOK_SECRET", "retry_schedule_s": [0, 0.2]}])
+        data["hub"] = {**data["hub"], "token": None}
+        data["hub"].pop("token")
+        data["hub"]["token_env"] = "OW_TEST_HUB_TOKEN"
+        config = write_config(tmp_path / "c.toml", data)
+        env = {"OW_TEST_HUB_TOKEN": token, "OW_TEST_HOOK_URL": url, "OW_TEST_HOOK_SECRET": secret}
+        daemon = daemons(config, env=env)
+        hub.add_checkpoint(KEY, 1, loss=1.0)
+        hub.inject(KEY, Fault(status=401), Fault(status=503, times=8), Fault(status=200, body=b"not json"))
+        wait_for(lambda: any(e.get("event") == "notifier.disabled" for e in daemon.logs()), what="410")
+        wait_for(lambda: any(e.get("event") == "hub.unauthorized" for e in daemon.logs()), what="401")
+        wait_for(lambda: any(e.get("event") == "poll.failed" for e in daemon.logs()), what="failed poll")
+        port = listen_port(daemon)
+        metrics_text = scrape(port)
+        assert daemon.terminate() == 0
+        outputs = [daemon.output(), metrics_text]
+        for args in (["status"], ["events"], ["events", "--json"], ["test-notify"], ["check-config"]):
+            result = cli(*args, "-c", str(config), env=env)
+            outputs += [result.stdout, result.stderr]
+        everything = "\n".join(outputs)
+        assert "hub.unauthorized" in everything and "HTTP 410" in everything
+        for needle in (token, secret, secret.removeprefix("whsec_"), hook_path, url):
+            assert needle not in everything, needle
