@@ -116,6 +116,7 @@ class Watcher:
     _hub_unauthorized: bool = False
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
     _statuses: dict[str, FineTuneStatus] = field(default_factory=dict)
+    _touches: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.set_fine_tunes(self.config)
@@ -222,6 +223,14 @@ class Watcher:
         except PollError as err:
             result = PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)  # type: ignore[arg-type]
         now = self.clock()
+        if isinstance(result, PollUnchanged) and self.commit and self.store.quiet(key, result.body_hash):
+            # nothing changed and nothing was failing: no transaction now, the poll time is written in a batch
+            self._touches[key] = (result.body_hash, now)
+            committed = Committed((), self.store.load_cached(key))
+            self._observe(ref, result, committed, now)
+            if self.metrics is not None:
+                await self._refresh_status(ref, result, committed, now)
+            return PollReport(ref, result)
         try:
             committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options, now=now,
                                             commit=self.commit, route=self.route)
@@ -309,6 +318,17 @@ class Watcher:
             except Exception:
                 log.exception("event.sink_failed", event_id=event.id)
 
+    async def flush_touches(self) -> None:
+        """Write the batched poll times of unchanged polls (every second or so, and at exit)."""
+        if not self._touches:
+            return
+        batch = [(key, digest, at) for key, (digest, at) in self._touches.items()]
+        self._touches = {}
+        try:
+            await self.in_store(self.store.touch, batch)
+        except StoreError as err:
+            log.warning("store.touch_failed", error=str(err), polls=len(batch))
+
     async def poll_all(self) -> list[PollReport]:
         """Poll every configured fine-tune once (bounded by max_concurrency), in parallel."""
         keys = list(self.refs)
@@ -332,7 +352,8 @@ class Watcher:
             await asyncio.wait(late, timeout=5)
 
     async def aclose(self) -> None:
-        """Close the Hub client and the store's thread."""
+        """Write what is batched, close the Hub client and the store's thread."""
+        await self.flush_touches()
         await self.client.aclose()
         self._executor.shutdown(wait=True)
 
@@ -570,6 +591,7 @@ class App:
             if now - last_outbox >= 2:
                 await self._refresh_outbox()
                 last_outbox = now
+            await self.watcher.flush_touches()
             if now - last_status >= 10:
                 self.sd.send(status=self.status_line())
                 last_status = now

@@ -341,3 +341,58 @@ def _fault_fields(fault: Fault) -> dict[str, Any]:
 def keys_of(fine_tunes: Iterable[tuple[str, str, str]]) -> list[str]:
     """Keys "namespace/repo/id" of (namespace, repo, id) triples."""
     return [_key(*triple) for triple in fine_tunes]
+
+
+# --- standalone process (benchmarks) --------------------------------------------------------------------
+
+
+def _stats_route(hub: SimHub) -> web.RouteDef:
+    async def stats(request: web.Request) -> web.Response:
+        with hub._lock:
+            records = list(hub._requests)
+        per_key: dict[str, list[float]] = {}
+        for record in records:
+            per_key.setdefault(record.key, []).append(record.at)
+        return web.Response(body=orjson.dumps({"requests": len(records), "times": per_key}),
+                            content_type="application/json")
+
+    return web.get("/_sim/stats", stats)
+
+
+def _add_route(hub: SimHub) -> web.RouteDef:
+    async def add(request: web.Request) -> web.Response:
+        payload = orjson.loads(await request.read())
+        checkpoint = hub.add_checkpoint(payload["key"], payload.get("step"), loss=payload.get("loss"))
+        return web.Response(body=orjson.dumps(checkpoint), content_type="application/json")
+
+    return web.post("/_sim/checkpoint", add)
+
+
+def main() -> None:
+    """Serve a simulated Hub in the foreground: `python -m watcher.simhub --fine-tunes 2000 --checkpoints 10`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A simulated Oxen Hub on 127.0.0.1 (for benchmarks).")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token", default=DEFAULT_TOKEN)
+    parser.add_argument("--fine-tunes", type=int, default=0, help="fine-tunes bench/ft_<n> in namespace bench")
+    parser.add_argument("--checkpoints", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=0, help="inference samples per checkpoint")
+    args = parser.parse_args()
+    hub = SimHub(token=args.token, port=args.port)
+    for index in range(args.fine_tunes):
+        key = hub.add_fine_tune("bench", "repo", f"ft_{index}")
+        for step in range(1, args.checkpoints + 1):
+            samples = [{"prompt": f"prompt {n}", "completion": "lorem ipsum " * 40} for n in range(args.samples)]
+            hub.add_checkpoint(key, step * 100, loss=round(2.0 / step, 4), inference_samples=samples)
+    app = hub.make_app()
+    app.router.add_routes([_stats_route(hub), _add_route(hub)])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    print(f"listening {sock.getsockname()[1]}", flush=True)
+    web.run_app(app, sock=sock, access_log=None, print=None, handle_signals=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -123,6 +123,18 @@ class Store(Protocol):
         """Diff a poll result against the stored state; commit state, events and outbox rows in one transaction."""
         ...
 
+    def load_cached(self, key: str) -> FineTuneState:
+        """The state of a fine-tune as this process last saw it (no I/O)."""
+        ...
+
+    def quiet(self, key: str, body_hash: str) -> bool:
+        """Whether a 200 with this body would change nothing but the poll times."""
+        ...
+
+    def touch(self, polls: Sequence[tuple[str, str, float]]) -> None:
+        """Record unchanged 200 polls (key, body hash, time) in one transaction."""
+        ...
+
     def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
         """The due head of each (notifier, fine-tune) lane."""
         ...
@@ -458,6 +470,34 @@ class SqliteStore:
                 "revision = ? WHERE fine_tune_key = ?",
                 (*values, int(failed), now, revision + 1, key),
             )
+
+    def load_cached(self, key: str) -> FineTuneState:
+        """The state of a fine-tune as this process last committed or read it (no I/O)."""
+        cached = self._cache.get(key)
+        return cached[1] if cached else FineTuneState()
+
+    def quiet(self, key: str, body_hash: str) -> bool:
+        """Whether a 200 with this body hash would change nothing but the poll times (a `touch` suffices)."""
+        cached = self._cache.get(key)
+        if cached is None:
+            return False
+        state = cached[1]
+        return state.body_hash == body_hash and not (state.consecutive_failures or state.failing or state.not_found)
+
+    def touch(self, polls: Sequence[tuple[str, str, float]]) -> None:
+        """Record unchanged 200 polls (key, body hash, time) in one transaction; rows whose body has moved on
+        since are left alone."""
+        if not polls:
+            return
+
+        def write() -> None:
+            self._db.executemany(
+                "UPDATE fine_tunes SET last_poll_at = ?, last_success_at = ?, last_outcome = 'ok', last_error = NULL, "
+                "last_http_status = 200, not_before = NULL WHERE fine_tune_key = ? AND body_hash = ?",
+                [(at, at, key, digest) for key, digest, at in polls],
+            )
+
+        self._write_tx(write)
 
     # --- reports ---------------------------------------------------------------------------------
 
