@@ -10,7 +10,7 @@ import time
 from urllib.parse import urlsplit
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, UTC
 from typing import Any, TypeVar
 
@@ -257,12 +257,14 @@ class Watcher:
     async def _refresh_status(self, ref: FineTuneRef, result: PollResult, committed: Committed, now: float) -> None:
         assert self.metrics is not None
         status = self._statuses.get(ref.key)
-        if status is None or committed.checkpoints_changed or committed.events:
+        if status is None or committed.checkpoints_changed or committed.events or (
+            status.baselined != committed.state.baselined
+        ):
             (status,) = await self.in_store(self.store.statuses, [ref.key])
-        elif not isinstance(result, PollFailed):
-            status = replace(status, last_success_at=now, baselined=committed.state.baselined)
-        self._statuses[ref.key] = status
-        self.metrics.state.set_fine_tune(ref, status)
+            self._statuses[ref.key] = status
+            self.metrics.state.set_fine_tune(ref, status)
+        if not isinstance(result, PollFailed):
+            self.metrics.state.set_last_success(ref.key, now)
 
     def _observe(self, ref: FineTuneRef, result: PollResult, committed: Committed, now: float) -> None:
         key = ref.key
@@ -358,6 +360,28 @@ class Watcher:
         self._executor.shutdown(wait=True)
 
 
+SCHEDULE_GRID_S = 0.1
+
+
+class GridIntervalTrigger(IntervalTrigger):
+    """An interval trigger whose fire times land on a 100 ms grid.
+
+    With thousands of fine-tunes, polls due within the same tenth of a second then start in one event-loop
+    wakeup and share its cost (timer, scheduler pass, epoll); the load still spreads over the interval.
+    """
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        """The next fire time, rounded up to the grid."""
+        fire = super().get_next_fire_time(previous_fire_time, now)
+        return None if fire is None else _on_grid(fire)
+
+
+def _on_grid(moment: datetime) -> datetime:
+    micros = int(SCHEDULE_GRID_S * 1_000_000)
+    stamp = int(moment.timestamp() * 1_000_000)
+    return moment + timedelta(microseconds=(-stamp) % micros)
+
+
 def schedule(scheduler: AsyncIOScheduler, watcher: Watcher, *, rng: random.Random | None = None) -> None:
     """One interval job per fine-tune: jittered, one instance at a time, first runs spread over the interval."""
     rng = rng or random.Random()
@@ -368,7 +392,7 @@ def schedule(scheduler: AsyncIOScheduler, watcher: Watcher, *, rng: random.Rando
             job.remove()
     for key, fine_tune in wanted.items():
         interval = watcher.config.interval_of(fine_tune)
-        trigger = IntervalTrigger(seconds=interval, jitter=watcher.config.watch.jitter_s or None)
+        trigger = GridIntervalTrigger(seconds=interval, jitter=watcher.config.watch.jitter_s or None)
         existing = scheduler.get_job(key)
         if existing is not None:
             if (existing.trigger.interval, existing.trigger.jitter) != (trigger.interval, trigger.jitter):
@@ -384,7 +408,7 @@ def schedule(scheduler: AsyncIOScheduler, watcher: Watcher, *, rng: random.Rando
             coalesce=True,
             misfire_grace_time=max(1, int(interval)),
             # no thundering herd: the first polls spread over the first interval
-            next_run_time=now + timedelta(seconds=rng.uniform(0, min(interval, 60.0))),
+            next_run_time=_on_grid(now + timedelta(seconds=rng.uniform(0, min(interval, 60.0)))),
         )
 
 

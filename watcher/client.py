@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC
@@ -12,10 +13,10 @@ from urllib.parse import quote
 
 import httpx
 import stamina
-from httpx_aiohttp import AiohttpTransport
 
 from .errors import HubUnauthorized, HubUnavailable, PollError
 from .models import FineTuneRef
+from .transport import AiohttpTransport, BodyTooLarge
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRY_AFTER_S = 86_400.0
@@ -82,7 +83,9 @@ class HubClient:
         if transport is None:
             # aiohttp's HTTP/1.1 engine behind httpx's API: about a third of the CPU per request of httpx's
             # default transport (see bench/), which decides what a poll costs
-            transport = AiohttpTransport(limits=httpx.Limits(max_connections=None, keepalive_expiry=30))
+            transport = AiohttpTransport(max_body_bytes=MAX_BODY_BYTES)
+        self._transport = transport
+        self._requests: dict[str, httpx.Request] = {}
         self._http = httpx.AsyncClient(
             base_url=base_url,
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json", "User-Agent": USER_AGENT},
@@ -109,6 +112,12 @@ class HubClient:
         carrying `retry_after_s`, so the caller can hold the next poll back until then.
         """
         started = time.monotonic()
+        # The first attempt runs bare: setting up a retry loop costs as much as the rest of a poll, and almost
+        # every poll succeeds at once.
+        try:
+            return await self._fetch_once(ref)
+        except HubUnavailable as err:
+            first_error = err
         tries = 0
 
         def backoff(exc: Exception) -> bool | float:
@@ -126,11 +135,15 @@ class HubClient:
                 self._on_retry(ref, exc, wait if wait is not None else 0.0)
             return wait if wait is not None else True
 
+        first_wait = backoff(first_error)
+        if first_wait is False:
+            raise first_error
+        await asyncio.sleep(first_wait if not isinstance(first_wait, bool) else 0.2 + random.uniform(0, 0.3))
         async for attempt in stamina.retry_context(
             on=backoff,
-            attempts=self._attempts,
-            timeout=self._retry_budget_s,
-            wait_initial=0.2,
+            attempts=self._attempts - 1,
+            timeout=max(0.001, self._retry_budget_s - (time.monotonic() - started)),
+            wait_initial=0.4,
             wait_max=2.0,
             wait_jitter=0.3,
         ):
@@ -138,13 +151,27 @@ class HubClient:
                 return await self._fetch_once(ref)
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
+    def _request_for(self, ref: FineTuneRef) -> httpx.Request:
+        # Built once per fine-tune: URL parsing and header merging cost more than the rest of a poll.
+        request = self._requests.get(ref.key)
+        if request is None:
+            request = self._requests[ref.key] = self._http.build_request("GET", checkpoints_path(ref))
+        return request
+
     async def _fetch_once(self, ref: FineTuneRef) -> FetchedBody | FetchedNotFound:
         try:
-            async with self._http.stream("GET", checkpoints_path(ref)) as response:
+            # Straight to the transport: a bodiless GET needs none of the client's redirect, auth or cookie
+            # handling (redirects are never followed, and the Hub sets no cookies we want).
+            response = await self._transport.handle_async_request(self._request_for(ref))
+            try:
                 status = response.status_code
                 if status == 200:
                     return FetchedBody(await self._read_capped(response))
                 await response.aread()
+            finally:
+                await response.aclose()
+        except BodyTooLarge as err:
+            raise PollError(str(err), http_status=200) from err
         except httpx.TimeoutException as err:
             raise HubUnavailable(f"timed out ({type(err).__name__})") from err
         except httpx.TransportError as err:
@@ -167,6 +194,8 @@ class HubClient:
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise PollError(f"body of {declared} bytes is over the {MAX_BODY_BYTES} byte limit", http_status=200)
+        if isinstance(response.stream, httpx.ByteStream):  # already read (and bounded) by the transport
+            return response.content
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.aiter_bytes():

@@ -45,6 +45,7 @@ class StateCollector(Collector):
         self._clock = clock
         self._lock = threading.Lock()
         self._fine_tunes: dict[str, tuple[FineTuneRef, FineTuneStatus]] = {}
+        self._last_success: dict[str, float] = {}
         self._outbox: dict[str, OutboxStats] = {}
         self._notifiers: tuple[str, ...] = ()
 
@@ -53,12 +54,17 @@ class StateCollector(Collector):
         with self._lock:
             self._fine_tunes[ref.key] = (ref, status)
 
+    def set_last_success(self, key: str, at: float) -> None:
+        """Record a 200 poll (cheaper than a whole new status, once per poll)."""
+        self._last_success[key] = at  # a single dict store is atomic under the GIL
+
     def retain_fine_tunes(self, keys: Iterable[str]) -> None:
         """Forget every fine-tune not in keys (removed from the config by a reload)."""
         wanted = set(keys)
         with self._lock:
             for key in [k for k in self._fine_tunes if k not in wanted]:
                 del self._fine_tunes[key]
+                self._last_success.pop(key, None)
 
     def set_outbox(self, stats: Iterable[OutboxStats], notifiers: Sequence[str]) -> None:
         """Show these pending counts; configured notifiers without pending rows show 0."""
@@ -74,10 +80,11 @@ class StateCollector(Collector):
         """The state gauges."""
         with self._lock:
             fine_tunes = list(self._fine_tunes.values())
+            last_success = dict(self._last_success)
             outbox = dict(self._outbox)
             notifiers = self._notifiers
         now = self._clock()
-        last_success = GaugeMetricFamily(
+        last_success_family = GaugeMetricFamily(
             "oxen_watcher_last_success_timestamp_seconds",
             "Unix time of the last poll of a fine-tune that the Hub answered 200.",
             labels=("namespace", "repo", "fine_tune_id"),
@@ -109,8 +116,9 @@ class StateCollector(Collector):
         for ref, status in fine_tunes:
             ids = [ref.namespace, ref.repo, ref.id]
             labels = [*ids, ref.name]
-            if status.last_success_at is not None:
-                last_success.add_metric(ids, status.last_success_at)
+            success_at = max(status.last_success_at or 0.0, last_success.get(ref.key, 0.0))
+            if success_at:
+                last_success_family.add_metric(ids, success_at)
             if not status.baselined:
                 continue
             checkpoints.add_metric(labels, status.checkpoints)
@@ -139,7 +147,7 @@ class StateCollector(Collector):
             pending.add_metric([notifier], stats.pending if stats else 0)
             age = max(0.0, now - stats.oldest_pending_at) if stats and stats.oldest_pending_at else 0.0
             oldest.add_metric([notifier], age)
-        yield from (last_success, checkpoints, latest_step, *training.values(), latest_at, deployment, pending, oldest)
+        yield from (last_success_family, checkpoints, latest_step, *training.values(), latest_at, deployment, pending, oldest)
 
 
 class Metrics:
