@@ -200,7 +200,10 @@ def big_responses(args: argparse.Namespace) -> dict:
     from watcher.app import Watcher
     from watcher.client import HubClient
     from watcher.config import parse_config
+    from watcher.logs import configure_logging
     from watcher.store import SqliteStore
+
+    configure_logging(level="warning")
 
     hub = Hub(fine_tunes=1, checkpoints=args.big, samples=3)
     results: dict = {}
