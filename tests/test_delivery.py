@@ -371,3 +371,30 @@ def test_sigterm_lets_an_in_flight_delivery_finish_and_records_it(hub, tmp_path,
         assert daemon.terminate() == 0
         (line,) = cli("events", "-c", str(config), "--json").stdout.splitlines()
         assert orjson.loads(line)["deliveries"][0]["state"] == "delivered"
+
+
+async def test_reload_removed_notifier_keeps_rows_and_resumes_added_gets_new_events_only(tmp_path):
+    with Receiver(secret=SECRET) as a_receiver, Receiver(secret=SECRET) as b_receiver:
+        rig = Rig(tmp_path, webhook(a_receiver, "a"))
+        a_config = rig.config
+        b_config = _config(tmp_path, webhook(b_receiver, "b"))
+        both_config = _config(tmp_path, webhook(a_receiver, "a"), webhook(b_receiver, "b"))
+
+        def reload(config) -> None:
+            rig.dispatcher.configure(build_notifiers(config, resolve_notifier_secrets(config)), config.notifiers)
+
+        reload(b_config)  # "a" removed before its event went out
+        old = rig.commit(REF, 1)
+        assert rig.states(old) == {old[0]: [("b", "pending")]}  # routed by the config in force
+        rig.dispatcher.configure(build_notifiers(a_config, resolve_notifier_secrets(a_config)), a_config.notifiers)
+        first = rig.commit(REF, 2)
+        reload(b_config)
+        await rig.run_until(lambda: len(b_receiver.deliveries()) == 1)
+        assert a_receiver.deliveries() == []  # removed: its row waits
+        assert rig.states(first) == {first[0]: [("a", "pending")]}
+        reload(both_config)  # "a" comes back and resumes; "b" (added) gets new events only
+        second = rig.commit(REF, 3)
+        await rig.run_until(lambda: len(a_receiver.deliveries()) == 2 and len(b_receiver.deliveries()) == 2)
+        assert [r.webhook_id for r in a_receiver.deliveries()] == [first[0], second[0]]
+        assert [r.webhook_id for r in b_receiver.deliveries()] == [old[0], second[0]]
+        await rig.close()

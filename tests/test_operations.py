@@ -3,6 +3,7 @@ health endpoints, SIGHUP reload, SIGTERM, and secrets never appearing in any out
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from datetime import UTC, datetime
 import shutil
@@ -230,3 +231,31 @@ def test_secrets_never_appear_in_any_output(hub, tmp_path, daemons):
         assert "hub.unauthorized" in everything and "HTTP 410" in everything
         for needle in (token, secret, secret.removeprefix("whsec_"), hook_path, url):
             assert needle not in everything, needle
+
+
+async def test_healthz_turns_503_when_a_loop_dies(hub, tmp_path):
+    from watcher.app import App, resolve_all
+    from watcher.config import parse_config
+
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    config = parse_config(base_config(hub, tmp_path, fine_tunes=[FT]), source="t.toml", directory=tmp_path)
+    app = App(config, resolve_all(config))
+    running = asyncio.create_task(app.run())
+    try:
+        async with httpx.AsyncClient() as client:
+            async def status(path: str) -> int:
+                return (await client.get(f"http://127.0.0.1:{app.server.port}{path}")).status_code
+
+            deadline = asyncio.get_running_loop().time() + 20
+            while app._dispatch_task is None or app.server.port == 0 or await status("/readyz") != 200:
+                assert asyncio.get_running_loop().time() < deadline, "not ready in time"
+                await asyncio.sleep(0.05)
+            assert await status("/healthz") == 200
+            app._dispatch_task.cancel()  # the dispatcher loop dies
+            await asyncio.wait([app._dispatch_task])
+            response = await client.get(f"http://127.0.0.1:{app.server.port}/healthz")
+            assert response.status_code == 503
+            assert response.json() == {"status": "unavailable", "reason": "dispatcher stopped"}
+    finally:
+        app.stop.set()
+        await running
