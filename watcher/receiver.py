@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import threading
 import time
 from collections import deque
@@ -17,6 +16,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .background import BackgroundServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 
@@ -60,15 +61,11 @@ class Receiver:
                  echo: bool = False) -> None:
         self._verifier = Webhook(secret) if secret else None
         self._host = host
-        self._port = port
         self._echo = echo
         self._lock = threading.Lock()
         self._script: deque[Answer] = deque()
         self.received: list[Received] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self.port = 0
+        self._server = BackgroundServer(self._make_app, host=host, port=port, name="receiver")
 
     @property
     def url(self) -> str:
@@ -85,23 +82,19 @@ class Receiver:
         with self._lock:
             return list(self.received)
 
+    @property
+    def port(self) -> int:
+        """The bound port (after start())."""
+        return self._server.port
+
     def start(self) -> Receiver:
         """Serve in a background thread."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._port))
-        self.port = sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, args=(sock,), name="receiver", daemon=True)
-        self._thread.start()
-        self._started.wait(10)
+        self._server.start()
         return self
 
     def stop(self) -> None:
         """Stop serving."""
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        self._server.stop()
 
     def __enter__(self) -> Receiver:
         return self.start()
@@ -109,20 +102,10 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _serve(self, sock: socket.socket) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
+    def _make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.SockSite(runner, sock).start())
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
+        return app
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()

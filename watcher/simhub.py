@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .background import BackgroundServer
+
 DEFAULT_TOKEN = "simhub-token"
 PATH = "/api/repos/{namespace}/{repo}/fine_tunes/{id}/checkpoints"
 
@@ -75,18 +77,12 @@ class SimHub:
     def __init__(self, *, token: str | None = DEFAULT_TOKEN, host: str = "127.0.0.1", port: int = 0) -> None:
         self.token = token
         self._host = host
-        self._port = port
         self._lock = threading.Lock()
         self._fine_tunes: dict[str, _FineTune] = {}
         self._global_faults: deque[Fault] = deque()
         self._requests: list[RequestRecord] = []
         self._record_requests = True
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._started = threading.Event()
-        self._startup_error: BaseException | None = None
-        self.port = 0
+        self._server = BackgroundServer(self.make_app, host=host, port=port, name="simhub")
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -95,50 +91,25 @@ class SimHub:
         """The base URL to configure as [hub] url."""
         return f"http://{self._host}:{self.port}"
 
+    @property
+    def port(self) -> int:
+        """The bound port (after start())."""
+        return self._server.port
+
     def start(self) -> SimHub:
         """Start serving in a background thread; returns once the socket is bound."""
-        self._thread = threading.Thread(target=self._serve, name="simhub", daemon=True)
-        self._thread.start()
-        self._started.wait(10)
-        if self._startup_error is not None:
-            raise self._startup_error
+        self._server.start()
         return self
 
     def stop(self) -> None:
         """Stop serving and join the thread."""
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        self._server.stop()
 
     def __enter__(self) -> SimHub:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _serve(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self._host, self._port))
-            self.port = sock.getsockname()[1]
-            app = self.make_app()
-            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            loop.run_until_complete(self._runner.setup())
-            loop.run_until_complete(web.SockSite(self._runner, sock, backlog=1024).start())
-        except BaseException as err:  # reported to start()
-            self._startup_error = err
-            self._started.set()
-            return
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
 
     def make_app(self) -> web.Application:
         """The aiohttp application (also usable on its own, e.g. in another process)."""
