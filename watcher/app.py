@@ -110,10 +110,8 @@ class Watcher:
     refs: dict[str, FineTuneRef] = field(default_factory=dict)
     health: dict[str, PollHealth] = field(default_factory=dict)
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
-    _semaphore: asyncio.Semaphore | None = None
-    _semaphore_size: int = 0
     _not_before: dict[str, float] = field(default_factory=dict)
-    _hub_unauthorized: bool = False
+    _unauthorized: set[str] = field(default_factory=set)  # fine-tunes whose last answer was 401/403
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
     _statuses: dict[str, FineTuneStatus] = field(default_factory=dict)
     _touches: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -133,8 +131,6 @@ class Watcher:
         if self.metrics is not None:
             self.metrics.state.retain_fine_tunes(self.refs)
             self.metrics.forget_fine_tunes(self.refs.values())
-        if self._semaphore is not None and self._semaphore_size != config.hub.max_concurrency:
-            self._semaphore = None
 
     @property
     def options(self) -> DiffOptions:
@@ -213,12 +209,8 @@ class Watcher:
             log.debug("poll.deferred", fine_tune=key, until=hold)
             return None
         fetched: FetchedBody | FetchedNotFound | None = None
-        if self._semaphore is None:
-            self._semaphore_size = self.config.hub.max_concurrency
-            self._semaphore = asyncio.Semaphore(self._semaphore_size)
         try:
-            async with self._semaphore:
-                fetched = await self.client.fetch(ref)
+            fetched = await self.client.fetch(ref)
             result = self._interpret(key, fetched)
         except PollError as err:
             result = PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)  # type: ignore[arg-type]
@@ -282,10 +274,11 @@ class Watcher:
             if result.retry_after_s:
                 self._not_before[key] = now + result.retry_after_s
             if result.outcome == "unauthorized":
-                if not self._hub_unauthorized:
+                # one line for the Hub as a whole, however many fine-tunes it refuses
+                if not self._unauthorized:
                     log.error("hub.unauthorized", http_status=result.http_status,
                               hint="check [hub] token: the Hub refused it")
-                self._hub_unauthorized = True
+                self._unauthorized.add(key)
             elif previous != "error":
                 log.warning("poll.failed", fine_tune=key, error=result.error, http_status=result.http_status,
                             retry_after_s=result.retry_after_s)
@@ -294,9 +287,10 @@ class Watcher:
         else:
             self._not_before.pop(key, None)
             health.last_error = None
-            if self._hub_unauthorized:
-                log.info("hub.authorized")
-                self._hub_unauthorized = False
+            if key in self._unauthorized:
+                self._unauthorized.discard(key)
+                if not self._unauthorized:
+                    log.info("hub.authorized")
             if previous in ("error", "unauthorized"):
                 log.info("poll.recovered", fine_tune=key, outcome=outcome)
             health.failing_since = None
@@ -432,7 +426,7 @@ def build_runtime(
     """The watcher and the dispatcher over one store (read-only and silent for a dry run)."""
     store = open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
     client = HubClient(base_url=config.hub.url, token=token, timeout_s=config.hub.timeout_s,
-                       on_retry=on_poll_retry, transport=hub_transport)
+                       max_concurrency=config.hub.max_concurrency, on_retry=on_poll_retry, transport=hub_transport)
     watcher = Watcher(config=config, store=store, client=client, sinks=list(sinks), commit=not readonly,
                       metrics=metrics)
     dispatcher = Dispatcher(
@@ -648,13 +642,13 @@ class App:
             log.warning("reload.restart_required", key="state.path", hint="still using the database opened at start")
         if config.http.listen != old.http.listen:
             log.warning("reload.restart_required", key="http.listen", hint="still listening where it started")
-        if (config.hub.url, config.hub.timeout_s, secrets.hub_token) != (
-            old.hub.url, old.hub.timeout_s, self.secrets.hub_token
+        if (config.hub.url, config.hub.timeout_s, config.hub.max_concurrency, secrets.hub_token) != (
+            old.hub.url, old.hub.timeout_s, old.hub.max_concurrency, self.secrets.hub_token
         ):
             self._retired.append(self.watcher.client)
             self.watcher.client = HubClient(base_url=config.hub.url, token=secrets.hub_token,
-                                            timeout_s=config.hub.timeout_s, on_retry=on_poll_retry,
-                                            transport=self._hub_transport)
+                                            timeout_s=config.hub.timeout_s, max_concurrency=config.hub.max_concurrency,
+                                            on_retry=on_poll_retry, transport=self._hub_transport)
         if (config.log.level, config.log.format) != (old.log.level, old.log.format):
             configure_logging(level=config.log.level, fmt=config.log.format)
         before = set(self.watcher.refs)

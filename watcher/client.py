@@ -68,6 +68,7 @@ class HubClient:
         base_url: str,
         token: str,
         timeout_s: float = 15.0,
+        max_concurrency: int = 8,
         retry_budget_s: float = 10.0,
         attempts: int = 4,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -85,6 +86,8 @@ class HubClient:
             # default transport (see bench/), which decides what a poll costs
             transport = AiohttpTransport(max_body_bytes=MAX_BODY_BYTES)
         self._transport = transport
+        # bounds requests in flight, not polls: a poll waiting out a backoff holds no slot
+        self._slots = asyncio.Semaphore(max_concurrency)
         self._requests: dict[str, httpx.Request] = {}
         self._http = httpx.AsyncClient(
             base_url=base_url,
@@ -162,7 +165,8 @@ class HubClient:
         try:
             # Straight to the transport: a bodiless GET needs none of the client's redirect, auth or cookie
             # handling (redirects are never followed, and the Hub sets no cookies we want).
-            response = await self._transport.handle_async_request(self._request_for(ref))
+            async with self._slots:
+                response = await self._transport.handle_async_request(self._request_for(ref))
             try:
                 status = response.status_code
                 if status == 200:
