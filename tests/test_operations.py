@@ -8,11 +8,8 @@ import base64
 from datetime import UTC, datetime
 import shutil
 import subprocess
-from pathlib import Path
 
 import httpx
-import orjson
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Daemon, base_config, cli, wait_for, write_config

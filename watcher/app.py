@@ -194,6 +194,7 @@ class Watcher:
             self.health[key].crashed += 1
             self.health[key].last_outcome = "error"
             log.exception("poll.crashed", fine_tune=key, error=type(err).__name__)
+            await self._record_crash(ref, err)
             return PollReport(ref, None, error=f"internal error: {type(err).__name__}")
         finally:
             if task is not None:
@@ -245,6 +246,19 @@ class Watcher:
         if self.metrics is not None and self.commit:
             await self._refresh_status(ref, result, committed, now)
         return PollReport(ref, result, committed.events)
+
+    async def _record_crash(self, ref: FineTuneRef, err: Exception) -> None:
+        # a crashed poll is a failed poll: it counts towards failure_threshold, so a fine-tune stuck on a
+        # body the watcher cannot handle ends in fine_tune.poll_failing rather than in silence
+        result = PollFailed(f"internal error: {type(err).__name__}", None)
+        try:
+            committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options,
+                                            now=self.clock(), commit=self.commit, route=self.route)
+        except Exception as again:
+            log.warning("poll.crash_unrecorded", fine_tune=ref.key, error=type(again).__name__)
+            return
+        for event in committed.events if committed else ():
+            self._publish(event)
 
     async def _refresh_status(self, ref: FineTuneRef, result: PollResult, committed: Committed, now: float) -> None:
         assert self.metrics is not None

@@ -259,6 +259,12 @@ def _key_of(loc: Sequence[str | int]) -> str:
     return key
 
 
+def _is_type_tag(part: str | int) -> bool:
+    # pydantic puts the member types of a union (e.g. "constrained-str", "list[constrained-str]") and
+    # validator kinds into error locations; key names never contain "-" or "["
+    return isinstance(part, str) and (bool(re.search(r"[-\[]", part)) or part in {"str", "int", "float", "bool"})
+
+
 def _problem_of(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -274,15 +280,23 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>", directory
     try:
         model = ConfigModel.model_validate(data)
     except ValidationError as err:
-        problems = []
+        found: list[tuple[str, str, bool]] = []
         for error in err.errors(include_url=False, include_input=False):
-            loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+            loc = [p for p in error["loc"] if not _is_type_tag(p)]
             problem = _problem_of(error)
             # a section's own validator names the key it rejects as "key: problem"
             named = re.match(r"^([a-z_]+): (.+)$", problem) if error["type"] == "value_error" else None
             if named:
                 loc, problem = [*loc, named.group(1)], named.group(2)
-            problems.append(f"{_key_of(loc) or '(top level)'}: {problem}")
+            union = len(loc) != len(error["loc"])
+            found.append((_key_of(loc) or "(top level)", problem, union))
+        # a union ("a string or a list of strings") fails in every branch: keep the branch that got deepest
+        deeper = {key for key, _, union in found if union}
+        problems = [
+            f"{key}: {problem}"
+            for key, problem, union in found
+            if not (union and any(other.startswith(key + "[") for other in deeper))
+        ]
         raise ConfigError("; ".join(problems), path=source) from None
     seen: dict[str, int] = {}
     for index, fine_tune in enumerate(model.fine_tunes):

@@ -82,6 +82,10 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._lanes: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._failing: set[str] = set()
+        # lanes whose last outcome could not be recorded (the store failed): held back, with a growing pause,
+        # so a store outage re-sends an event a few times rather than in a hot loop
+        self._held: dict[tuple[str, str], float] = {}
+        self._unrecorded = 0
         self._store_failing = False
         self.disabled: set[str] = set()
         self.last_beat = time.monotonic()
@@ -147,6 +151,8 @@ class Dispatcher:
         for head in heads:
             lane = (head.notifier, head.fine_tune_key)
             if lane in self._lanes or (event_ids is not None and head.event_id not in event_ids):
+                continue
+            if self._held.get(lane, 0.0) > time.monotonic():
                 continue
             task = asyncio.create_task(self._deliver(head), name=f"deliver {head.notifier}")
             self._lanes[lane] = task
@@ -214,11 +220,27 @@ class Dispatcher:
                     result = await asyncio.wait_for(notifier.send(ordered), timeout=timeout)
                 except TimeoutError:
                     result = DeliveryResult("retry", error="timed out")
-                await self._record(name, rows, result)
+                try:
+                    await self._record(name, rows, result)
+                except StoreError as err:
+                    self._hold(head, err)
+                    return
+                if self._unrecorded:
+                    log.info("delivery.recording_again", notifier=name)
+                    self._unrecorded = 0
+                self._held.pop((name, head.fine_tune_key), None)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the top of a delivery job: the row stays pending and is retried
             log.exception("delivery.crashed", notifier=name, event_id=head.event_id, error=type(err).__name__)
+
+    def _hold(self, head: Delivery, err: StoreError) -> None:
+        pause = min(30.0, 0.5 * 2**self._unrecorded)
+        if not self._unrecorded:
+            log.error("delivery.unrecorded", notifier=head.notifier, event_id=head.event_id, error=str(err),
+                      hint="the outcome could not be written; the event will be sent again (at least once)")
+        self._unrecorded += 1
+        self._held[(head.notifier, head.fine_tune_key)] = time.monotonic() + pause
 
     async def _record(self, name: str, rows: Sequence[Delivery], result: DeliveryResult) -> None:
         now = self._clock()

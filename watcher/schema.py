@@ -75,6 +75,12 @@ def parse_checkpoint_list(body: bytes) -> tuple[JSON, ...]:
         ) from err
     except RecursionError as err:
         raise InvalidResponse("body is nested too deeply", http_status=200) from err
+    try:
+        # what the parser accepts (about 1,000 levels) the serializer may refuse (about 250): fingerprints
+        # and stored state serialize every checkpoint, so refuse such a body here, as this poll's error
+        orjson.dumps(document)
+    except TypeError as err:
+        raise InvalidResponse(f"body cannot be stored: {err}", http_status=200) from err
     checkpoints: list[JSON] = document["checkpoints"]
     steps = [checkpoint["step"] for checkpoint in checkpoints]
     if any(not -_STEP_LIMIT <= step < _STEP_LIMIT for step in steps):

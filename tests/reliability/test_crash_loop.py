@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import random
 import threading
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any

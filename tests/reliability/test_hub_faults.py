@@ -7,7 +7,6 @@ fine-tunes normally, and after recovery announce exactly what changed meanwhile,
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
