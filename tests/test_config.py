@@ -365,7 +365,7 @@ def test_load_config_state_path_is_relative_to_the_file_not_the_cwd(
 ) -> None:
     folder = tmp_path / "etc"
     folder.mkdir()
-    path = write_config(folder / "w.toml", {"state": {"path": "w.db"}})
+    write_config(folder / "w.toml", {"state": {"path": "w.db"}})
     monkeypatch.chdir(tmp_path)
     assert load_config(Path("etc/w.toml")).state_path({}) == folder.resolve() / "w.db"
 

@@ -78,7 +78,7 @@ def parse_checkpoint_list(body: bytes) -> tuple[JSON, ...]:
     try:
         # what the parser accepts (about 1,000 levels) the serializer may refuse (about 250): fingerprints
         # and stored state serialize every checkpoint, so refuse such a body here, as this poll's error
-        orjson.dumps(document)
+        orjson.dumps(document["checkpoints"])
     except TypeError as err:
         raise InvalidResponse(f"body cannot be stored: {err}", http_status=200) from err
     checkpoints: list[JSON] = document["checkpoints"]
