@@ -76,9 +76,10 @@ def parse_checkpoint_list(body: bytes) -> tuple[JSON, ...]:
     except RecursionError as err:
         raise InvalidResponse("body is nested too deeply", http_status=200) from err
     try:
-        # what the parser accepts (about 1,000 levels) the serializer may refuse (about 250): fingerprints
-        # and stored state serialize every checkpoint, so refuse such a body here, as this poll's error
-        orjson.dumps(document["checkpoints"])
+        # what the parser accepts (about 1,000 levels) the serializer may refuse (about 250): fingerprints,
+        # stored state and event envelopes (a checkpoint sits 3 levels down in one) serialize every checkpoint,
+        # so refuse such a body here, as this poll's error; the wrapping leaves room for the envelope
+        orjson.dumps([[[[document["checkpoints"]]]]])
     except TypeError as err:
         raise InvalidResponse(f"body cannot be stored: {err}", http_status=200) from err
     checkpoints: list[JSON] = document["checkpoints"]
