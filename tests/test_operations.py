@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 import httpx
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Daemon, base_config, cli, wait_for, write_config
@@ -256,3 +257,20 @@ async def test_healthz_turns_503_when_a_loop_dies(hub, tmp_path):
     finally:
         app.stop.set()
         await running
+
+
+def test_sigterm_lets_an_in_flight_poll_finish_and_commit(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    data = base_config(hub, tmp_path, fine_tunes=[FT], watch={"interval_s": 1, "shutdown_grace_s": 10})
+    config = write_config(tmp_path / "c.toml", data)
+    daemon = daemons(config)
+    wait_for(lambda: cli("status", "-c", str(config), "--json").stdout.count('"ok"'), what="baseline")
+    hub.add_checkpoint(KEY, 1, loss=1.0)
+    body = orjson.dumps({"checkpoints": hub.checkpoints(KEY)})
+    served = len(hub.requests(KEY))
+    hub.inject(KEY, Fault(status=200, body=body, delay_s=2))  # the next poll takes 2 s to answer
+    wait_for(lambda: len(hub.requests(KEY)) > served, what="the slow poll to start")
+    assert daemon.terminate() == 0
+    (line,) = cli("events", "-c", str(config), "--json").stdout.splitlines()
+    assert orjson.loads(line)["data"]["checkpoint"]["step"] == 1
+    assert any(e.get("event") == "shutdown.draining" for e in daemon.logs())

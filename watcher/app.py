@@ -584,11 +584,14 @@ class App:
             await self.stop.wait()
             log.info("watcher.stopping")
             self.sd.send(stopping="1", status="stopping: finishing in-flight work")
-            self.scheduler.shutdown(wait=False)
+            # pause, not shutdown: APScheduler's asyncio executor cancels running jobs on shutdown, and
+            # in-flight polls get the grace period to finish and commit
+            self.scheduler.pause()
             dispatching.set()
             await asyncio.wait([self._dispatch_task], timeout=5)
             grace = self.config.watch.shutdown_grace_s
             await asyncio.gather(self.watcher.drain(grace), self.dispatcher.drain(grace))
+            self.scheduler.shutdown(wait=False)
             ticker.cancel()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
