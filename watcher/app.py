@@ -368,13 +368,13 @@ class Watcher:
         self._executor.shutdown(wait=True)
 
 
-SCHEDULE_GRID_S = 0.1
+SCHEDULE_GRID_S = 0.25
 
 
 class GridIntervalTrigger(IntervalTrigger):
-    """An interval trigger whose fire times land on a 100 ms grid.
+    """An interval trigger whose fire times land on a 250 ms grid.
 
-    With thousands of fine-tunes, polls due within the same tenth of a second then start in one event-loop
+    With thousands of fine-tunes, polls due within the same quarter second then start in one event-loop
     wakeup and share its cost (timer, scheduler pass, epoll); the load still spreads over the interval.
     """
 

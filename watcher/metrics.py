@@ -11,6 +11,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -175,13 +176,21 @@ class Metrics:
             "oxen_watcher_deliveries", "Delivery attempts by notifier and outcome.", ("notifier", "outcome"),
             registry=registry,
         )
+        self._poll_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.state = StateCollector(clock)
         registry.register(self.state)
 
     def observe_poll(self, ref: FineTuneRef, outcome: str, duration_s: float) -> None:
         """Count one poll."""
-        self.polls.labels(ref.namespace, ref.repo, ref.id, outcome).inc()
-        self.poll_duration.labels(outcome).observe(duration_s)
+        # labels() takes a lock and builds a key per call; at hundreds of polls a second, keep the children
+        children = self._poll_children.get((ref.key, outcome))
+        if children is None:
+            children = self._poll_children[(ref.key, outcome)] = (
+                self.polls.labels(ref.namespace, ref.repo, ref.id, outcome),
+                self.poll_duration.labels(outcome),
+            )
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def observe_event(self, event_type: str) -> None:
         """Count one committed event."""
@@ -194,6 +203,7 @@ class Metrics:
     def forget_fine_tunes(self, keep: Iterable[FineTuneRef]) -> None:
         """Drop the poll counters of fine-tunes no longer configured (after a reload)."""
         wanted = {(ref.namespace, ref.repo, ref.id) for ref in keep}
+        self._poll_children.clear()
         for labels in list(self.polls._metrics):  # prometheus_client offers no public listing of children
             if tuple(labels[:3]) not in wanted:
                 self.polls.remove(*labels)
