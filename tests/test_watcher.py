@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -162,5 +163,32 @@ async def test_unauthorized_is_logged_once_for_the_hub(hub, tmp_path, clock):
         assert [entry["event"] for entry in logs].count("hub.unauthorized") == 1
         assert "wrong-token" not in repr(logs)
         assert len(hub.requests()) == 9  # 401 is not retried
+    finally:
+        await watcher.aclose()
+
+
+async def test_a_gzip_answer_is_decoded_once(hub, tmp_path, clock):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_checkpoint(KEY, 1, loss=1.0)
+    hub.gzip = True
+    watcher = make_watcher(hub, tmp_path, clock, baseline=False)
+    try:
+        report = await watcher.poll(KEY)
+        assert report is not None and report.answered_200, report
+        assert [e.data["checkpoint"]["step"] for e in report.events] == [1]
+    finally:
+        await watcher.aclose()
+
+
+async def test_a_body_that_trickles_in_times_out(hub, tmp_path, clock):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.inject(KEY, Fault(status=200, body=b'{"checkpoints": []}', trickle_s=5.0, times=10))
+    watcher = make_watcher(hub, tmp_path, clock)  # timeout_s = 1.0, retry budget 2 s
+    try:
+        started = time.monotonic()
+        report = await watcher.poll(KEY)
+        assert report is not None and not report.answered_200
+        assert report.result.error.startswith("timed out")  # type: ignore[union-attr]
+        assert time.monotonic() - started < 6
     finally:
         await watcher.aclose()

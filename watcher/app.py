@@ -181,7 +181,7 @@ class Watcher:
         try:
             report = await self._poll(ref)
             if report is None:
-                self.health[key].deferred = True
+                self.health.setdefault(key, PollHealth()).deferred = True
                 outcome = ""
                 return None
             if report.result is not None and report.error is None:
@@ -191,8 +191,9 @@ class Watcher:
             outcome = ""
             raise
         except Exception as err:  # the top of a job: whatever happened, the next poll still runs
-            self.health[key].crashed += 1
-            self.health[key].last_outcome = "error"
+            health = self.health.setdefault(key, PollHealth())
+            health.crashed += 1
+            health.last_outcome = "error"
             log.exception("poll.crashed", fine_tune=key, error=type(err).__name__)
             await self._record_crash(ref, err)
             return PollReport(ref, None, error=f"internal error: {type(err).__name__}")
@@ -224,6 +225,8 @@ class Watcher:
             if self.metrics is not None:
                 await self._refresh_status(ref, result, committed, now)
             return PollReport(ref, result)
+        # a batched poll time must not land after (and over) this poll's outcome
+        self._touches.pop(key, None)
         try:
             committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options, now=now,
                                             commit=self.commit, route=self.route)
@@ -236,7 +239,7 @@ class Watcher:
                 committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options,
                                                 now=now, commit=self.commit, route=self.route)
         except StoreError as err:
-            health = self.health[key]
+            health = self.health.setdefault(key, PollHealth())
             if not health.store_failing:
                 log.error("store.commit_failed", fine_tune=key, error=str(err))
             health.store_failing = True
@@ -269,12 +272,12 @@ class Watcher:
             (status,) = await self.in_store(self.store.statuses, [ref.key])
             self._statuses[ref.key] = status
             self.metrics.state.set_fine_tune(ref, status)
-        if not isinstance(result, PollFailed):
+        if isinstance(result, PollSuccess | PollUnchanged):
             self.metrics.state.set_last_success(ref.key, now)
 
     def _observe(self, ref: FineTuneRef, result: PollResult, committed: Committed, now: float) -> None:
         key = ref.key
-        health = self.health[key]
+        health = self.health.setdefault(key, PollHealth())
         if health.store_failing:
             log.info("store.recovered", fine_tune=key)
             health.store_failing = False
@@ -335,9 +338,12 @@ class Watcher:
         batch = [(key, digest, at) for key, (digest, at) in self._touches.items()]
         self._touches = {}
         try:
-            await self.in_store(self.store.touch, batch)
+            moved_on = await self.in_store(self.store.touch, batch)
         except StoreError as err:
             log.warning("store.touch_failed", error=str(err), polls=len(batch))
+            return
+        for key in moved_on:  # another process committed a newer state: diff the next answer for real
+            self.store.forget(key)
 
     async def poll_all(self) -> list[PollReport]:
         """Poll every configured fine-tune once (bounded by max_concurrency), in parallel."""
@@ -450,8 +456,7 @@ def build_runtime(
         in_store=watcher.in_store,
         on_outcome=metrics.observe_delivery if metrics is not None else None,
         redact=REDACTOR.redact,
-        on_outbox=(lambda stats: metrics.state.set_outbox(stats, [entry.name for entry in config.notifiers]))
-        if metrics is not None else None,
+        on_outbox=metrics.state.set_outbox if metrics is not None else None,
     )
     watcher.route = dispatcher.route
     watcher.sinks.append(lambda _event: dispatcher.wake())
@@ -611,7 +616,7 @@ class App:
         except StoreError as err:
             log.warning("metrics.outbox_unreadable", error=str(err))
             return
-        self.metrics.state.set_outbox(self._outbox, [entry.name for entry in self.config.notifiers])
+        self.metrics.state.set_outbox(self._outbox, list(self.dispatcher.configs))
 
     async def _tick(self) -> None:
         last_watchdog = last_status = last_outbox = 0.0

@@ -196,7 +196,8 @@ def test_notify(config_path: str, only: str | None) -> None:
                     click.echo(f"{name}: OK")
                 else:
                     ok = False
-                    click.echo(f"{name}: FAILED: {REDACTOR.redact(result.error or result.outcome)}")
+                    error = REDACTOR.redact(result.error or result.outcome)
+                    click.echo(f"{name}: FAILED: {error[:300]}")
         finally:
             for notifier in notifiers.values():
                 await notifier.aclose()

@@ -24,6 +24,13 @@ InStore = Callable[..., Awaitable[Any]]
 IDLE_RECHECK_S = 1.0  # rows queued by another process (`redeliver`, `once`) are seen within this
 
 
+MAX_ERROR_CHARS = 300
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """When to try again: the schedule (then its last step, repeated), +-20 % jitter, Retry-After, max age."""
@@ -68,7 +75,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_outcome: Callable[[str, str], None] | None = None,
-        on_outbox: Callable[[list[OutboxStats]], None] | None = None,
+        on_outbox: Callable[[list[OutboxStats], list[str]], None] | None = None,
         redact: Callable[[str], str] = str,
     ) -> None:
         self._store = store
@@ -169,7 +176,7 @@ class Dispatcher:
             stats = await self._in_store(self._store.outbox_stats)
         except StoreError:
             return
-        self._on_outbox(stats)
+        self._on_outbox(stats, list(self.configs))
 
     def _lane_done(self, lane: tuple[str, str]) -> None:
         self._lanes.pop(lane, None)
@@ -231,8 +238,12 @@ class Dispatcher:
                 self._held.pop((name, head.fine_tune_key), None)
         except asyncio.CancelledError:
             raise
-        except Exception as err:  # the top of a delivery job: the row stays pending and is retried
+        except Exception as err:  # the top of a delivery job: a crash is a failed attempt, retried on schedule
             log.exception("delivery.crashed", notifier=name, event_id=head.event_id, error=type(err).__name__)
+            try:
+                await self._record(name, [head], DeliveryResult("retry", error=f"internal error: {type(err).__name__}"))
+            except StoreError as store_err:
+                self._hold(head, store_err)
 
     def _hold(self, head: Delivery, err: StoreError) -> None:
         pause = min(30.0, 0.5 * 2**self._unrecorded)
@@ -248,7 +259,8 @@ class Dispatcher:
         ids = [row.event_id for row in rows]
         next_at: float | None = None
         state = result.outcome
-        error = self._redact(result.error) if result.error else None
+        # redact first, then clip: a secret cut in half would no longer match
+        error = _clip(self._redact(result.error)) if result.error else None
         if state == "retry":
             policy = self.policies.get(name) or RetryPolicy(schedule_s=(60.0,), max_age_s=86400)
             next_at = policy.next_attempt_at(

@@ -35,6 +35,7 @@ class Fault:
     content_type: str = "application/json"
     delay_s: float = 0.0
     truncate: bool = False  # announce a longer body than is sent, then close the connection
+    trickle_s: float = 0.0  # send the body a byte at a time, spread over this many seconds
     times: int | None = 1  # how many requests it answers; None: until cleared
 
 
@@ -82,6 +83,7 @@ class SimHub:
         self._global_faults: deque[Fault] = deque()
         self._requests: list[RequestRecord] = []
         self._record_requests = True
+        self.gzip = False  # answer with Content-Encoding: gzip when the client accepts it
         self._server = BackgroundServer(self.make_app, host=host, port=port, name="simhub")
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -285,7 +287,10 @@ class SimHub:
         if status == 404:
             return web.Response(status=404, body=_error_body("resource_not_found", "Fine-tune not found"),
                                 content_type="application/json")
-        return web.Response(body=body, content_type="application/json")
+        response = web.Response(body=body, content_type="application/json")
+        if self.gzip:
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
 
     @staticmethod
     async def _answer_fault(request: web.Request, fault: Fault) -> web.StreamResponse:
@@ -293,6 +298,15 @@ class SimHub:
             await asyncio.sleep(fault.delay_s)
         body = fault.body if fault.body is not None else _error_body("unknown_error", f"Injected {fault.status}")
         headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+        if fault.trickle_s:
+            response = web.StreamResponse(status=fault.status, headers=headers)
+            response.content_type = fault.content_type
+            response.content_length = len(body)
+            await response.prepare(request)
+            for index in range(len(body)):
+                await response.write(body[index : index + 1])
+                await asyncio.sleep(fault.trickle_s / max(1, len(body)))
+            return response
         if fault.truncate:
             response = web.StreamResponse(status=fault.status, headers=headers)
             response.content_type = fault.content_type

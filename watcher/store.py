@@ -29,6 +29,7 @@ from .models import (
     KnownCheckpoint,
     PollFailed,
     PollResult,
+    PollSuccess,
     PollUnchanged,
     metric_of,
     outcome_of,
@@ -131,8 +132,12 @@ class Store(Protocol):
         """Whether a 200 with this body would change nothing but the poll times."""
         ...
 
-    def touch(self, polls: Sequence[tuple[str, str, float]]) -> None:
-        """Record unchanged 200 polls (key, body hash, time) in one transaction."""
+    def touch(self, polls: Sequence[tuple[str, str, float]]) -> list[str]:
+        """Record unchanged 200 polls (key, body hash, time); returns the keys another writer moved on."""
+        ...
+
+    def forget(self, key: str) -> None:
+        """Drop the cached state of a fine-tune."""
         ...
 
     def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
@@ -440,6 +445,7 @@ class SqliteStore:
         self, key: str, new: bool, revision: int, result: PollResult, state: FineTuneState, now: float
     ) -> None:
         failed = isinstance(result, PollFailed)
+        answered_200 = isinstance(result, PollSuccess | PollUnchanged)  # last_success_at: the last 200
         error = result.error if failed else None
         not_before = now + result.retry_after_s if failed and result.retry_after_s else None
         values = (
@@ -460,7 +466,7 @@ class SqliteStore:
                 "INSERT INTO fine_tunes (baselined, not_found, consecutive_failures, failing, best_loss, body_hash, "
                 "not_before, last_poll_at, last_outcome, last_error, last_http_status, last_success_at, revision, "
                 "fine_tune_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-                (*values, None if failed else now, key),
+                (*values, now if answered_200 else None, key),
             )
         else:
             self._db.execute(
@@ -468,7 +474,7 @@ class SqliteStore:
                 "best_loss = ?, body_hash = ?, not_before = ?, last_poll_at = ?, last_outcome = ?, last_error = ?, "
                 "last_http_status = ?, last_success_at = CASE WHEN ? THEN last_success_at ELSE ? END, "
                 "revision = ? WHERE fine_tune_key = ?",
-                (*values, int(failed), now, revision + 1, key),
+                (*values, int(not answered_200), now, revision + 1, key),
             )
 
     def load_cached(self, key: str) -> FineTuneState:
@@ -484,20 +490,31 @@ class SqliteStore:
         state = cached[1]
         return state.body_hash == body_hash and not (state.consecutive_failures or state.failing or state.not_found)
 
-    def touch(self, polls: Sequence[tuple[str, str, float]]) -> None:
-        """Record unchanged 200 polls (key, body hash, time) in one transaction; rows whose body has moved on
-        since are left alone."""
+    def touch(self, polls: Sequence[tuple[str, str, float]]) -> list[str]:
+        """Record unchanged 200 polls (key, body hash, time) in one transaction. Rows another writer has moved
+        on since (another body, a newer revision) are left alone; their keys are returned."""
         if not polls:
-            return
+            return []
 
-        def write() -> None:
-            self._db.executemany(
-                "UPDATE fine_tunes SET last_poll_at = ?, last_success_at = ?, last_outcome = 'ok', last_error = NULL, "
-                "last_http_status = 200, not_before = NULL WHERE fine_tune_key = ? AND body_hash = ?",
-                [(at, at, key, digest) for key, digest, at in polls],
-            )
+        def write() -> list[str]:
+            moved_on = []
+            for key, digest, at in polls:
+                cached = self._cache.get(key)
+                updated = self._db.execute(
+                    "UPDATE fine_tunes SET last_poll_at = ?, last_success_at = ?, last_outcome = 'ok', "
+                    "last_error = NULL, last_http_status = 200, not_before = NULL "
+                    "WHERE fine_tune_key = ? AND body_hash = ? AND revision = ?",
+                    (at, at, key, digest, cached[0] if cached else -1),
+                ).rowcount
+                if not updated:
+                    moved_on.append(key)
+            return moved_on
 
-        self._write_tx(write)
+        return self._write_tx(write)
+
+    def forget(self, key: str) -> None:
+        """Drop what this process caches of a fine-tune: the next poll reads the state from the database."""
+        self._cache.pop(key, None)
 
     # --- reports ---------------------------------------------------------------------------------
 

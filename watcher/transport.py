@@ -37,9 +37,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send one request and return the response with its body read."""
         timeouts = request.extensions.get("timeout", {})
+        # a total deadline per request: a body that trickles in must not hold a poll (and a slot) forever
         timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeouts.get("pool"), sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
+            total=timeouts.get("read"), connect=timeouts.get("pool"), sock_connect=timeouts.get("connect"),
         )
         content = request.content if request.method not in ("GET", "HEAD") else None
         try:
@@ -52,9 +52,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=timeout,
             ) as response:
                 body = await self._read(response)
+                # aiohttp has decoded the body: httpx must not decode it again, nor trust the wire length
+                headers = [(k, v) for k, v in response.raw_headers
+                           if k.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")]
                 return httpx.Response(
                     status_code=response.status,
-                    headers=response.raw_headers,
+                    headers=headers,
                     content=body,
                     request=request,
                     extensions={"http_version": b"HTTP/1.1"},
@@ -73,11 +76,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.TransportError(f"HTTP failure ({type(err).__name__})", request=request) from err
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
-        length = response.content_length
+        length = response.content_length  # on the wire: a compressed body grows, so count what is decoded too
         if length is not None and length > self._max_body_bytes:
             raise BodyTooLarge(f"body of {length} bytes is over the {self._max_body_bytes} byte limit")
-        if length is not None:
-            return await response.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_any():

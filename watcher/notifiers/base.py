@@ -46,7 +46,7 @@ def classify(status: int, *, body: str = "", headers: Mapping[str, str] | None =
              now: float | None = None) -> DeliveryResult:
     """The outcome of an HTTP answer: 2xx delivered; 408/429/5xx retry; 410 dead and disable; else dead."""
     retry_after = parse_retry_after((headers or {}).get("retry-after"), now=now if now is not None else time.time())
-    detail = body.strip()[:200]
+    detail = " ".join(body.split())  # the caller redacts, then clips: clipping first could split a secret
     error = f"HTTP {status}" + (f": {detail}" if detail else "")
     if 200 <= status < 300:
         return DeliveryResult("delivered", http_status=status)
@@ -81,5 +81,5 @@ async def post(http: httpx.AsyncClient, url: str, *, content: bytes, headers: Ma
         return DeliveryResult("retry", error=f"connection failed ({type(err).__name__})")
     except httpx.HTTPError as err:
         return DeliveryResult("retry", error=f"HTTP error ({type(err).__name__})")
-    body = response.text if len(response.content) <= 4096 else response.content[:4096].decode(errors="replace")
+    body = response.content[:65536].decode(errors="replace")
     return classify(response.status_code, body=body, headers=response.headers)

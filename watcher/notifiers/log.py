@@ -36,13 +36,13 @@ class LogNotifier:
 
     async def send(self, events: Sequence[Event]) -> DeliveryResult:
         """Write the events."""
-        stream = self._stream or sys.stdout
         try:
+            stream = self._stream or sys.stdout
             for event in events:
                 stream.write(self.line(event) + "\n")
             stream.flush()
-        except OSError as err:
-            return DeliveryResult("retry", error=f"cannot write: {err.strerror or err}")
+        except (OSError, ValueError, AttributeError) as err:  # closed, missing or non-UTF-8 stdout
+            return DeliveryResult("retry", error=f"cannot write: {type(err).__name__}")
         return DeliveryResult("delivered")
 
     async def aclose(self) -> None:
