@@ -398,3 +398,38 @@ async def test_reload_removed_notifier_keeps_rows_and_resumes_added_gets_new_eve
         assert [r.webhook_id for r in a_receiver.deliveries()] == [first[0], second[0]]
         assert [r.webhook_id for r in b_receiver.deliveries()] == [old[0], second[0]]
         await rig.close()
+
+
+def test_once_from_cron_retries_what_an_earlier_run_left_pending(hub, tmp_path):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    with Receiver(secret=SECRET) as receiver:
+        receiver.script(Answer(status=503))
+        data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+                           watch={"baseline": False},
+                           notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET,
+                                       "retry_schedule_s": [0, 0.1]}])
+        config = write_config(tmp_path / "c.toml", data)
+        hub.add_checkpoint("acme/bot/ft_1", 1, loss=1.0)
+        assert cli("once", "-c", str(config)).returncode == 0
+        hub.add_checkpoint("acme/bot/ft_1", 2, loss=0.5)
+        assert cli("once", "-c", str(config)).returncode == 0
+        steps = [r.json["data"]["checkpoint"]["step"] for r in receiver.deliveries() if r.status == 200]
+        assert steps == [1, 2]  # the first run's failed delivery went out first, then the second's
+
+
+def test_once_beside_run_leaves_delivery_to_the_daemon(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    with Receiver(secret=SECRET) as receiver:
+        data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+                           watch={"interval_s": 30},
+                           notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}])
+        config = write_config(tmp_path / "c.toml", data)
+        assert cli("once", "-c", str(config)).returncode == 0  # the baseline
+        daemon = daemons(config)
+        wait_for(lambda: any(e.get("event") == "watcher.started" for e in daemon.logs()), what="daemon up")
+        hub.add_checkpoint("acme/bot/ft_1", 1, loss=1.0)
+        result = cli("once", "-c", str(config))
+        assert result.returncode == 0 and "delivery.left_to_daemon" in result.stderr
+        wait_for(lambda: receiver.deliveries(), what="the daemon to deliver")
+        assert daemon.terminate() == 0
+        assert len(receiver.deliveries()) == 1

@@ -54,7 +54,7 @@ from .models import (
 )
 from .schema import body_hash, parse_checkpoint_list
 from .dispatch import Dispatcher
-from .store import Committed, Router, SqliteStore, Store, open_store
+from .store import Committed, DispatchLock, Router, SqliteStore, Store, open_store
 
 log = structlog.get_logger("watcher")
 T = TypeVar("T")
@@ -530,6 +530,7 @@ class App:
         self._dispatch_task: asyncio.Task[None] | None = None
         self._retired: list[Any] = []  # replaced clients, closed at exit (in-flight work may still hold them)
         self._reloading = asyncio.Lock()
+        self._dispatch_lock = DispatchLock(config.state_path())
 
     # --- health -------------------------------------------------------------------------------------
 
@@ -576,6 +577,8 @@ class App:
             await self.watcher.load()
             await self._refresh_outbox()
             self._loaded = True
+            if not self._dispatch_lock.acquire():
+                log.warning("dispatch.lock_busy", hint="another process delivers this outbox; it may send twice")
             await self.server.start()
             self.scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
             schedule(self.scheduler, self.watcher)
@@ -603,6 +606,7 @@ class App:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(signum)
             await self.server.stop()
+            self._dispatch_lock.release()
             await self.dispatcher.aclose()
             await self.watcher.aclose()
             for retired in self._retired:

@@ -130,10 +130,8 @@ def once(config_path: str, dry_run: bool) -> None:
         try:
             await watcher.load()
             reports = await watcher.poll_all()
-            committed = {event.id for report in reports for event in report.events}
-            if committed and not dry_run and dispatcher.notifiers:
-                longest = max((entry.timeout_s for entry in config.notifiers), default=15.0)
-                await dispatcher.deliver_committed(committed, deadline_s=longest + 5)
+            if not dry_run and dispatcher.notifiers:
+                await _deliver_once(config, dispatcher)
             return reports
         finally:
             await dispatcher.aclose()
@@ -145,6 +143,23 @@ def once(config_path: str, dry_run: bool) -> None:
             detail = report.error or getattr(report.result, "error", None) or ""
             click.echo(f"{report.ref.key}\t{_outcome_word(report)}\t{len(report.events)} events\t{detail}".rstrip())
     sys.exit(0 if all(report.answered_200 for report in reports) else 1)
+
+
+async def _deliver_once(config: Config, dispatcher: Any) -> None:
+    from .store import DispatchLock
+
+    lock = DispatchLock(config.state_path())
+    if not lock.acquire():
+        log_event = "delivery.left_to_daemon"
+        import structlog
+
+        structlog.get_logger("watcher").info(log_event, reason="a running daemon delivers the outbox")
+        return
+    try:
+        longest = max((entry.timeout_s for entry in config.notifiers), default=15.0)
+        await dispatcher.deliver_due(deadline_s=longest + 5)
+    finally:
+        lock.release()
 
 
 def _outcome_word(report: Any) -> str:

@@ -182,12 +182,12 @@ class Dispatcher:
         self._lanes.pop(lane, None)
         self.wake()
 
-    async def deliver_committed(self, event_ids: set[str], *, deadline_s: float) -> None:
-        """`once`: deliver what this run committed, lane by lane, until nothing of it is due or time is up."""
+    async def deliver_due(self, *, deadline_s: float) -> None:
+        """`once`: deliver every due row, lane by lane, until nothing is due or time is up."""
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline_s
         while loop.time() < end:
-            started = await self.pass_once(event_ids=event_ids)
+            started = await self.pass_once()
             if not started and not self._lanes:
                 return
             await self.drain(max(0.0, end - loop.time()))

@@ -624,18 +624,21 @@ class SqliteStore:
             raise StoreError(f"cannot read the outbox: {err}") from err
 
     def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
-        """The head of each (notifier, fine-tune) lane, when it is due: one row per lane keeps event order."""
-        if not notifiers:
-            return []
-        marks = ", ".join("?" for _ in notifiers)
-        rows = self._read(
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.state = 'pending' AND d.notifier IN ({marks}) "
-            "AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
-            "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key) "
-            "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.event_seq LIMIT ?",
-            (*notifiers, now, limit),
-        )
-        return [Delivery(*row) for row in rows]
+        """The head of each (notifier, fine-tune) lane, when it is due: one row per lane keeps event order.
+
+        `limit` applies per notifier, so a slow notifier's backlog never hides another notifier's rows.
+        """
+        found: list[Delivery] = []
+        for notifier in notifiers:
+            rows = self._read(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.state = 'pending' AND d.notifier = ? "
+                "AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
+                "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key) "
+                "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.event_seq LIMIT ?",
+                (notifier, now, limit),
+            )
+            found += [Delivery(*row) for row in rows]
+        return found
 
     def next_due_at(self, notifiers: Sequence[str]) -> float | None:
         """The earliest next attempt among pending rows of these notifiers."""
@@ -774,3 +777,37 @@ def open_store(path: str | Path, *, readonly: bool = False) -> SqliteStore:
 def wall_clock() -> float:
     """The default clock: Unix seconds."""
     return time.time()
+
+
+class DispatchLock:
+    """An exclusive lock file beside the database, held by the daemon's dispatcher.
+
+    `once` delivers only when it can take the lock: beside a running daemon it leaves delivery to it, so no
+    delivery is sent by two processes at once.
+    """
+
+    def __init__(self, database: str | Path) -> None:
+        self.path = None if str(database) == ":memory:" else Path(f"{database}.dispatch.lock")
+        self._file: Any = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another process holds it."""
+        if self.path is None:
+            return True
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = self.path.open("a+")
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.close()
+            return False
+        self._file = file
+        return True
+
+    def release(self) -> None:
+        """Let go of the lock."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
