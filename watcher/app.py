@@ -59,6 +59,7 @@ from .store import Committed, DispatchLock, Router, SqliteStore, Store, open_sto
 log = structlog.get_logger("watcher")
 T = TypeVar("T")
 EventSink = Callable[[Event], None]
+PARSE_IN_THREAD_BYTES = 512 * 1024
 
 
 def ref_of(fine_tune: FineTuneConfig) -> FineTuneRef:
@@ -213,7 +214,11 @@ class Watcher:
         fetched: FetchedBody | FetchedNotFound | None = None
         try:
             fetched = await self.client.fetch(ref)
-            result = self._interpret(key, fetched)
+            if isinstance(fetched, FetchedBody) and len(fetched.body) > PARSE_IN_THREAD_BYTES:
+                # hashing and validating megabytes would stall every other poll on the event loop
+                result = await asyncio.to_thread(self._interpret, key, fetched)
+            else:
+                result = self._interpret(key, fetched)
         except PollError as err:
             result = PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)  # type: ignore[arg-type]
         now = self.clock()

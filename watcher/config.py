@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import ipaddress
 import os
+import socket
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -17,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .models import EVENT_TYPES
 
 DEFAULT_CONFIG_PATH = "/etc/oxen-watcher/config.toml"
 CONFIG_ENV = "OXEN_WATCHER_CONFIG"
@@ -85,6 +88,15 @@ class HttpConfig(_Section):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError('must be "host:port", e.g. "127.0.0.1:9464"')
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            # a name must resolve now: found out at bind time, it would be a restart loop, not exit 78
+            try:
+                socket.getaddrinfo(host, None)
+            except (OSError, UnicodeError):
+                raise ValueError(f"cannot resolve host {host!r}; use an IP address such as 127.0.0.1") from None
         return value
 
     @model_validator(mode="after")
@@ -157,6 +169,22 @@ class NotifierConfig(_Section):
     max_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
     digest_over: Annotated[int, Field(ge=1, le=1000)] | None = None
     format: Literal["text", "json"] = "text"
+
+    @field_validator("retry_schedule_s")
+    @classmethod
+    def _no_hot_loop(cls, value: list[float]) -> list[float]:
+        # the first attempt may be immediate; every wait after a failure (and the repeated last step) may not
+        if any(delay < 0.1 for delay in value[1:]) or value[-1] < 0.1:
+            raise ValueError("every retry after the first attempt must wait at least 0.1 s")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _known_event_types(cls, value: list[str] | None) -> list[str] | None:
+        for glob in value or []:
+            if not any(fnmatch.fnmatchcase(kind, glob) for kind in EVENT_TYPES):
+                raise ValueError(f"{glob!r} matches no event type ({', '.join(EVENT_TYPES)})")
+        return value
 
     @model_validator(mode="after")
     def _fits_its_type(self) -> NotifierConfig:
