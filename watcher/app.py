@@ -39,6 +39,7 @@ from .logs import REDACTOR, configure_logging
 from .notifiers import build_notifiers
 from .server import HttpServer, Verdict
 from .systemd import Notifier as SystemdNotifier
+from .tasks import finish_or_cancel
 from .metrics import Metrics
 from .models import (
     Event,
@@ -365,12 +366,9 @@ class Watcher:
         if not pending:
             return
         log.info("shutdown.draining", in_flight=len(pending), grace_s=grace_s)
-        _, late = await asyncio.wait(pending, timeout=grace_s)
-        for task in late:
-            task.cancel()
-        if late:
-            log.warning("shutdown.cancelled_polls", count=len(late))
-            await asyncio.wait(late, timeout=5)
+        cancelled = await finish_or_cancel(pending, grace_s)
+        if cancelled:
+            log.warning("shutdown.cancelled_polls", count=cancelled)
 
     async def aclose(self) -> None:
         """Write what is batched, close the Hub client and the store's thread."""

@@ -17,6 +17,7 @@ from .errors import StoreError
 from .models import Delivery, Event, OutboxStats
 from .notifiers.base import DeliveryResult, Notifier
 from .store import Store
+from .tasks import finish_or_cancel
 
 log = structlog.get_logger("watcher.dispatch")
 T = TypeVar("T")
@@ -194,15 +195,9 @@ class Dispatcher:
 
     async def drain(self, grace_s: float) -> None:
         """Let in-flight deliveries finish (and be recorded) within grace_s, then cancel the rest."""
-        pending = set(self._lanes.values())
-        if not pending:
-            return
-        _, late = await asyncio.wait(pending, timeout=grace_s)
-        for task in late:
-            task.cancel()
-        if late:
-            log.warning("dispatch.cancelled_deliveries", count=len(late))
-            await asyncio.wait(late, timeout=5)
+        cancelled = await finish_or_cancel(set(self._lanes.values()), grace_s)
+        if cancelled:
+            log.warning("dispatch.cancelled_deliveries", count=cancelled)
 
     async def _deliver(self, head: Delivery) -> None:
         name = head.notifier
