@@ -44,7 +44,6 @@ from .metrics import Metrics
 from .models import (
     Event,
     FineTuneStatus,
-    OutboxStats,
     FineTuneRef,
     PollFailed,
     PollNotFound,
@@ -61,6 +60,10 @@ log = structlog.get_logger("watcher")
 T = TypeVar("T")
 EventSink = Callable[[Event], None]
 PARSE_IN_THREAD_BYTES = 512 * 1024
+
+
+def _failure(err: PollError) -> PollFailed:
+    return PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)  # type: ignore[arg-type]
 
 
 def ref_of(fine_tune: FineTuneConfig) -> FineTuneRef:
@@ -221,35 +224,32 @@ class Watcher:
             else:
                 result = self._interpret(key, fetched)
         except PollError as err:
-            result = PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)  # type: ignore[arg-type]
+            result = _failure(err)
         now = self.clock()
         if isinstance(result, PollUnchanged) and self.commit and self.store.quiet(key, result.body_hash):
             # nothing changed and nothing was failing: no transaction now, the poll time is written in a batch
             self._touches[key] = (result.body_hash, now)
             committed = Committed((), self.store.load_cached(key))
-            self._observe(ref, result, committed, now)
-            if self.metrics is not None:
-                await self._refresh_status(ref, result, committed, now)
-            return PollReport(ref, result)
-        # a batched poll time must not land after (and over) this poll's outcome
-        self._touches.pop(key, None)
-        try:
-            committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options, now=now,
-                                            commit=self.commit, route=self.route)
-            if committed is None and isinstance(fetched, FetchedBody):
-                # another process moved the state on since we last looked: diff the body for real
-                try:
-                    result = PollSuccess(parse_checkpoint_list(fetched.body), body_hash(fetched.body))
-                except PollError as err:
-                    result = PollFailed(err.message, err.http_status, err.outcome)  # type: ignore[arg-type]
-                committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options,
-                                                now=now, commit=self.commit, route=self.route)
-        except StoreError as err:
-            health = self.health.setdefault(key, PollHealth())
-            if not health.store_failing:
-                log.error("store.commit_failed", fine_tune=key, error=str(err))
-            health.store_failing = True
-            return PollReport(ref, result, error=str(err))
+        else:
+            # a batched poll time must not land after (and over) this poll's outcome
+            self._touches.pop(key, None)
+            try:
+                committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options, now=now,
+                                                commit=self.commit, route=self.route)
+                if committed is None and isinstance(fetched, FetchedBody):
+                    # another process moved the state on since we last looked: diff the body for real
+                    try:
+                        result = PollSuccess(parse_checkpoint_list(fetched.body), result.body_hash)
+                    except PollError as err:
+                        result = _failure(err)
+                    committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options,
+                                                    now=now, commit=self.commit, route=self.route)
+            except StoreError as err:
+                health = self.health.setdefault(key, PollHealth())
+                if not health.store_failing:
+                    log.error("store.commit_failed", fine_tune=key, error=str(err))
+                health.store_failing = True
+                return PollReport(ref, result, error=str(err))
         assert committed is not None
         self._observe(ref, result, committed, now)
         if self.metrics is not None and self.commit:
@@ -564,7 +564,7 @@ class App:
     def status_line(self) -> str:
         """The STATUS= line systemd shows."""
         failing = sum(1 for health in self.watcher.health.values() if health.last_outcome in ("error", "unauthorized"))
-        pending = sum(stats.pending for stats in self._outbox)
+        pending = self.metrics.state.pending_total()
         return f"watching {len(self.watcher.refs)} fine-tunes, {failing} failing, {pending} deliveries pending"
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -575,10 +575,9 @@ class App:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        self._outbox: list[OutboxStats] = []
         try:
             await self.watcher.load()
-            await self._refresh_outbox()
+            await self.dispatcher.report_outbox()
             self._loaded = True
             if not self._dispatch_lock.acquire():
                 log.warning("dispatch.lock_busy", hint="another process delivers this outbox; it may send twice")
@@ -617,16 +616,8 @@ class App:
                     await retired.aclose()
             log.info("watcher.stopped")
 
-    async def _refresh_outbox(self) -> None:
-        try:
-            self._outbox = await self.watcher.in_store(self.watcher.store.outbox_stats)
-        except StoreError as err:
-            log.warning("metrics.outbox_unreadable", error=str(err))
-            return
-        self.metrics.state.set_outbox(self._outbox, list(self.dispatcher.configs))
-
     async def _tick(self) -> None:
-        last_watchdog = last_status = last_outbox = 0.0
+        last_watchdog = last_status = 0.0
         while True:
             now = time.monotonic()
             self._beat = now
@@ -635,9 +626,6 @@ class App:
             if watchdog and now - last_watchdog >= watchdog / 2 and self.liveness().ok:
                 self.sd.send(watchdog="1")
                 last_watchdog = now
-            if now - last_outbox >= 2:
-                await self._refresh_outbox()
-                last_outbox = now
             await self.watcher.flush_touches()
             if now - last_status >= 10:
                 self.sd.send(status=self.status_line())

@@ -177,6 +177,7 @@ def test_notify(config_path: str, only: str | None) -> None:
     """Send a clearly marked test event (type watcher.test) to each notifier now; print OK or the error."""
     import time
 
+    from .app import ref_of
     from .events import new_event_id
     from .models import WATCHER_TEST
     from .notifiers import build_notifiers
@@ -199,8 +200,7 @@ def test_notify(config_path: str, only: str | None) -> None:
                 if only is not None and name != only:
                     continue
                 data: dict[str, Any] = {
-                    "fine_tune": {"namespace": fine_tune.namespace, "repo": fine_tune.repo, "id": fine_tune.id,
-                                  "name": fine_tune.display_name} if fine_tune else None,
+                    "fine_tune": ref_of(fine_tune).as_data() if fine_tune else None,
                     "notifier": name,
                     "message": "This is a test event from oxen-watcher test-notify; no fine-tune changed.",
                 }

@@ -126,7 +126,7 @@ class Dispatcher:
         while not stop.is_set():
             self.last_beat = time.monotonic()
             await self.pass_once()
-            await self._report_outbox()
+            await self.report_outbox(at_most_every_s=0.25)
             self._wake.clear()
             timeout = IDLE_RECHECK_S
             if not self._store_failing:
@@ -168,9 +168,10 @@ class Dispatcher:
             started += 1
         return started
 
-    async def _report_outbox(self) -> None:
-        # at most four times a second: the pending gauges stay truthful without a query per delivery
-        if self._on_outbox is None or time.monotonic() - self._outbox_at < 0.25:
+    async def report_outbox(self, *, at_most_every_s: float = 0.0) -> None:
+        """Hand the outbox's pending counts to `on_outbox` (the gauges and the STATUS= line)."""
+        # the loop reports at most four times a second: truthful gauges without a query per delivery
+        if self._on_outbox is None or time.monotonic() - self._outbox_at < at_most_every_s:
             return
         self._outbox_at = time.monotonic()
         try:

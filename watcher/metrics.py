@@ -31,7 +31,7 @@ def _timestamp_of(value: str | None) -> float | None:
     from datetime import datetime
 
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         return None
     if parsed.tzinfo is None:
@@ -66,6 +66,11 @@ class StateCollector(Collector):
             for key in [k for k in self._fine_tunes if k not in wanted]:
                 del self._fine_tunes[key]
                 self._last_success.pop(key, None)
+
+    def pending_total(self) -> int:
+        """Deliveries pending across notifiers, as last reported."""
+        with self._lock:
+            return sum(entry.pending for entry in self._outbox.values())
 
     def set_outbox(self, stats: Iterable[OutboxStats], notifiers: Sequence[str]) -> None:
         """Show these pending counts; configured notifiers without pending rows show 0."""

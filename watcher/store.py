@@ -510,7 +510,7 @@ class SqliteStore:
                     moved_on.append(key)
             return moved_on
 
-        return self._write_tx(write)
+        return self._write_tx(write, what="record poll times")
 
     def forget(self, key: str) -> None:
         """Drop what this process caches of a fine-tune: the next poll reads the state from the database."""
@@ -603,7 +603,7 @@ class SqliteStore:
 
     # --- the outbox ------------------------------------------------------------------------------------
 
-    def _write_tx(self, fn: Callable[[], T]) -> T:
+    def _write_tx(self, fn: Callable[[], T], *, what: str = "write the outbox") -> T:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -615,7 +615,7 @@ class SqliteStore:
                     self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as err:
-            raise StoreError(f"cannot write the outbox: {err}") from err
+            raise StoreError(f"cannot {what}: {err}") from err
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -724,15 +724,15 @@ class SqliteStore:
 
         def write() -> int:
             count = 0
-            where, args = ("state = 'dead'", []) if dead else ("0 = 1", [])
-            if notifier is not None:
-                where += " AND notifier = ?"
-                args.append(notifier)
             if dead:
+                where, args = "state = 'dead'", [now, now]
+                if notifier is not None:
+                    where += " AND notifier = ?"
+                    args.append(notifier)
                 count += self._db.execute(
                     "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, queued_at = ?, attempts = 0 "
                     f"WHERE {where}",
-                    (now, now, *args),
+                    args,
                 ).rowcount
             for event_id in event_ids:
                 row = self._db.execute("SELECT seq, envelope, fine_tune_key FROM events WHERE id = ?",

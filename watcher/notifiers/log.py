@@ -29,7 +29,7 @@ class LogNotifier:
         if self._format == "json":
             return orjson.dumps(event.envelope()).decode()
         try:
-            when = datetime.fromisoformat(event.timestamp.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+            when = datetime.fromisoformat(event.timestamp).astimezone().strftime("%H:%M:%S")
         except ValueError:
             when = event.timestamp
         return f"{when}  {event.type:<30} {describe(event)}"
