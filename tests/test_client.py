@@ -12,7 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from watcher.client import MAX_BODY_BYTES, FetchedBody, FetchedNotFound, HubClient, parse_retry_after
+from watcher.client import (
+    MAX_BODY_BYTES,
+    FetchedBody,
+    FetchedNotFound,
+    HubClient,
+    parse_retry_after,
+)
 from watcher.errors import HubUnauthorized, HubUnavailable, PollError
 from watcher.models import FineTuneRef
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ROOT, cli, write_config
 
 from watcher.config import (
     Config,
@@ -17,8 +18,6 @@ from watcher.config import (
     resolve_secret,
 )
 from watcher.errors import ConfigError
-
-from conftest import ROOT, cli, write_config
 
 SOURCE = "/etc/oxen-watcher/watcher.toml"
 FT = {"namespace": "acme", "repo": "support-bot", "id": "ft_1"}

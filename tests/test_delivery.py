@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-
 from conftest import base_config, cli, wait_for, write_config
+
 from watcher.config import parse_config, resolve_notifier_secrets
 from watcher.diff import DiffOptions
 from watcher.dispatch import Dispatcher, RetryPolicy
@@ -342,8 +342,8 @@ def test_webhook_does_not_follow_redirects():
         requests.append(request)
         return httpx.Response(301, headers={"Location": "http://elsewhere.invalid/"})
 
-    from watcher.notifiers.webhook import WebhookNotifier
     from watcher.models import Event
+    from watcher.notifiers.webhook import WebhookNotifier
 
     async def go():
         notifier = WebhookNotifier(name="x", url="http://r.invalid/h", keys=[b"k" * 32],

@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
-
 from conftest import ROOT, base_config, cli, wait_for, write_config
 
 FT = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}

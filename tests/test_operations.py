@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from datetime import UTC, datetime
 import shutil
 import subprocess
+from datetime import UTC, datetime
 
 import httpx
 import orjson
+from conftest import Daemon, base_config, cli, wait_for, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Daemon, base_config, cli, wait_for, write_config
 from watcher.receiver import Answer, Receiver
 from watcher.simhub import Fault
 

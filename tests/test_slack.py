@@ -6,8 +6,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from test_delivery import REF, Rig
+
 from watcher.models import Event
 from watcher.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
 from watcher.receiver import Answer, Receiver

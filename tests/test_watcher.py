@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import structlog
-
 from conftest import TOKEN, base_config
+
 from watcher.app import Watcher
 from watcher.client import HubClient
 from watcher.config import parse_config

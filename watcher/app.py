@@ -7,18 +7,17 @@ import contextlib
 import random
 import signal
 import time
-from urllib.parse import urlsplit
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, UTC
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import httpx
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-
-import httpx
 from prometheus_client import CollectorRegistry
 
 from . import __version__
@@ -32,19 +31,15 @@ from .config import (
     resolve_notifier_secrets,
     resolve_secret,
 )
-from .errors import ConfigError
 from .diff import DiffOptions
-from .errors import PollError, StoreError
+from .dispatch import Dispatcher
+from .errors import ConfigError, PollError, StoreError
 from .logs import REDACTOR, configure_logging
-from .notifiers import build_notifiers
-from .server import HttpServer, Verdict
-from .systemd import Notifier as SystemdNotifier
-from .tasks import finish_or_cancel
 from .metrics import Metrics
 from .models import (
     Event,
-    FineTuneStatus,
     FineTuneRef,
+    FineTuneStatus,
     PollFailed,
     PollNotFound,
     PollResult,
@@ -52,9 +47,12 @@ from .models import (
     PollUnchanged,
     outcome_of,
 )
+from .notifiers import build_notifiers
 from .schema import body_hash, parse_checkpoint_list
-from .dispatch import Dispatcher
+from .server import HttpServer, Verdict
 from .store import Committed, DispatchLock, Router, SqliteStore, Store, open_store
+from .systemd import Notifier as SystemdNotifier
+from .tasks import finish_or_cancel
 
 log = structlog.get_logger("watcher")
 T = TypeVar("T")

@@ -7,8 +7,8 @@ import email.utils
 import random
 import time
 from collections.abc import Callable
-from datetime import UTC
 from dataclasses import dataclass
+from datetime import UTC
 from urllib.parse import quote
 
 import httpx

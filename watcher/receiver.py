@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from .background import BackgroundServer
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,11 @@ from .events import stamp
 from .models import (
     Delivery,
     Event,
-    OutboxStats,
     FineTuneRef,
     FineTuneState,
     FineTuneStatus,
     KnownCheckpoint,
+    OutboxStats,
     PollFailed,
     PollResult,
     PollSuccess,

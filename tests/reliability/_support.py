@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import orjson
+from conftest import Daemon, cli, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Daemon, cli, wait_for
 from watcher.errors import StoreError
 from watcher.models import FineTuneStatus
 from watcher.store import open_store

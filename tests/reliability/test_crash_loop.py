@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import base_config, wait_for, write_config
+
 from watcher.receiver import Answer, Receiver
 from watcher.simhub import SimHub
 

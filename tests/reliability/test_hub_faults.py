@@ -15,14 +15,22 @@ from typing import Any
 
 import orjson
 import pytest
-
 from conftest import TOKEN, base_config, wait_for, write_config
+
 from watcher.client import HubClient
 from watcher.errors import HubUnavailable
 from watcher.models import FineTuneRef
 from watcher.simhub import Fault, SimHub
 
-from ._support import change_of, events_json, fine_tune_key, healthz, listen_port, polls_total, statuses
+from ._support import (
+    change_of,
+    events_json,
+    fine_tune_key,
+    healthz,
+    listen_port,
+    polls_total,
+    statuses,
+)
 
 THRESHOLD = 2  # [watch] failure_threshold: every fault below lasts longer, so poll_failing fires once
 HUB_TIMEOUT_S = 0.5
