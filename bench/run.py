@@ -64,8 +64,21 @@ class Hub:
 
     def __init__(self, *, fine_tunes: int, checkpoints: int, samples: int = 0) -> None:
         self.proc = subprocess.Popen(
-            [PY, "-m", "watcher.simhub", "--fine-tunes", str(fine_tunes), "--checkpoints", str(checkpoints),
-             "--samples", str(samples)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            [
+                PY,
+                "-m",
+                "watcher.simhub",
+                "--fine-tunes",
+                str(fine_tunes),
+                "--checkpoints",
+                str(checkpoints),
+                "--samples",
+                str(samples),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         self.port = int(line.split()[1])
@@ -82,13 +95,31 @@ class Hub:
         self.proc.wait(10)
 
 
-def write_config(folder: Path, hub: Hub, *, fine_tunes: int, interval_s: float, jitter_s: float,
-                 listen_port: int, extra: str = "") -> Path:
+def write_config(
+    folder: Path, hub: Hub, *, fine_tunes: int, interval_s: float, jitter_s: float, listen_port: int, extra: str = ""
+) -> Path:
     lines = [
-        "[hub]", f'url = "{hub.url}"', 'token = "simhub-token"', "timeout_s = 15", "max_concurrency = 8", "",
-        "[watch]", f"interval_s = {interval_s}", f"jitter_s = {jitter_s}", "", "[state]",
-        f'path = "{folder / "watcher.db"}"', "", "[http]", f'listen = "127.0.0.1:{listen_port}"', "",
-        "[log]", 'level = "warning"', 'format = "json"', "", extra,
+        "[hub]",
+        f'url = "{hub.url}"',
+        'token = "simhub-token"',
+        "timeout_s = 15",
+        "max_concurrency = 8",
+        "",
+        "[watch]",
+        f"interval_s = {interval_s}",
+        f"jitter_s = {jitter_s}",
+        "",
+        "[state]",
+        f'path = "{folder / "watcher.db"}"',
+        "",
+        "[http]",
+        f'listen = "127.0.0.1:{listen_port}"',
+        "",
+        "[log]",
+        'level = "warning"',
+        'format = "json"',
+        "",
+        extra,
     ]
     for index in range(fine_tunes):
         lines += ["[[fine_tunes]]", 'namespace = "bench"', 'repo = "repo"', f'id = "ft_{index}"', ""]
@@ -111,20 +142,23 @@ def ready(port: int) -> bool:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 # --- 1. scale -------------------------------------------------------------------------------------------
 
 
 def scale(args: argparse.Namespace) -> dict:
-    print(f"\n== 1. Scale: {args.fine_tunes} fine-tunes x 10 checkpoints, {args.interval}s interval, "
-          f"{args.duration}s measured ==")
+    print(
+        f"\n== 1. Scale: {args.fine_tunes} fine-tunes x 10 checkpoints, {args.interval}s interval, "
+        f"{args.duration}s measured =="
+    )
     hub = Hub(fine_tunes=args.fine_tunes, checkpoints=10)
     with tempfile.TemporaryDirectory() as folder:
         port = free_port()
-        config = write_config(Path(folder), hub, fine_tunes=args.fine_tunes, interval_s=args.interval, jitter_s=0,
-                              listen_port=port)
+        config = write_config(
+            Path(folder), hub, fine_tunes=args.fine_tunes, interval_s=args.interval, jitter_s=0, listen_port=port
+        )
         watcher = start_watcher(config)
         try:
             wait_until(lambda: ready(port), timeout=args.interval * 6 + 60, what="every fine-tune polled once")
@@ -156,12 +190,18 @@ def scale(args: argparse.Namespace) -> dict:
         "drift_max_s": max(gaps) if gaps else float("nan"),
         "peak_rss_mb": rss,
     }
-    print(f"achieved {result['polls_per_s']:.1f} polls/s against the {result['target_per_s']:.0f}/s target "
-          f"({result['polls_per_s'] / result['target_per_s']:.2f}x)")
-    print(f"schedule drift (actual gap - interval): mean {result['drift_mean_s'] * 1000:.1f} ms, "
-          f"p95 {result['drift_p95_s'] * 1000:.1f} ms, max {result['drift_max_s'] * 1000:.1f} ms")
-    print(f"watcher CPU: {result['cpu_s_per_poll'] * 1000:.3f} ms per poll ({result['cpu_util'] * 100:.0f}% of a core, "
-          f"{result['user_share'] * 100:.0f}% of it user time)")
+    print(
+        f"achieved {result['polls_per_s']:.1f} polls/s against the {result['target_per_s']:.0f}/s target "
+        f"({result['polls_per_s'] / result['target_per_s']:.2f}x)"
+    )
+    print(
+        f"schedule drift (actual gap - interval): mean {result['drift_mean_s'] * 1000:.1f} ms, "
+        f"p95 {result['drift_p95_s'] * 1000:.1f} ms, max {result['drift_max_s'] * 1000:.1f} ms"
+    )
+    print(
+        f"watcher CPU: {result['cpu_s_per_poll'] * 1000:.3f} ms per poll ({result['cpu_util'] * 100:.0f}% of a core, "
+        f"{result['user_share'] * 100:.0f}% of it user time)"
+    )
     print(f"watcher peak RSS: {result['peak_rss_mb']:.0f} MB")
     return result
 
@@ -175,20 +215,31 @@ def yardsticks(args: argparse.Namespace, watcher_cpu_per_poll: float) -> dict:
     results = {}
     try:
         for kind in ("aiohttp", "httpx"):
-            out = subprocess.run([PY, str(ROOT / "bench" / "bare.py"), kind, hub.url, str(args.requests), "8", "200"],
-                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            out = subprocess.run(
+                [PY, str(ROOT / "bench" / "bare.py"), kind, hub.url, str(args.requests), "8", "200"],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
             measured = json.loads(out.stdout)
             results[kind] = measured["cpu_s"] / measured["requests"]
-            print(f"bare {kind:<8} {results[kind] * 1000:.3f} ms CPU per request "
-                  f"({measured['requests'] / measured['wall_s']:.0f} req/s)")
+            print(
+                f"bare {kind:<8} {results[kind] * 1000:.3f} ms CPU per request "
+                f"({measured['requests'] / measured['wall_s']:.0f} req/s)"
+            )
     finally:
         hub.stop()
     ratio_aiohttp = watcher_cpu_per_poll / results["aiohttp"]
     ratio_httpx = watcher_cpu_per_poll / results["httpx"]
     print(f"watcher/aiohttp = {ratio_aiohttp:.2f}x (goal <= 3x): {'met' if ratio_aiohttp <= 3 else 'MISSED'}")
     print(f"watcher/httpx   = {ratio_httpx:.2f}x (goal <= 0.5x): {'met' if ratio_httpx <= 0.5 else 'MISSED'}")
-    return {"aiohttp_cpu_s": results["aiohttp"], "httpx_cpu_s": results["httpx"],
-            "watcher_over_aiohttp": ratio_aiohttp, "watcher_over_httpx": ratio_httpx}
+    return {
+        "aiohttp_cpu_s": results["aiohttp"],
+        "httpx_cpu_s": results["httpx"],
+        "watcher_over_aiohttp": ratio_aiohttp,
+        "watcher_over_httpx": ratio_httpx,
+    }
 
 
 # --- 3. big responses -----------------------------------------------------------------------------------
@@ -210,26 +261,42 @@ def big_responses(args: argparse.Namespace) -> dict:
     try:
         with tempfile.TemporaryDirectory() as folder:
             db = Path(folder) / "w.db"
-            config = parse_config({"hub": {"url": hub.url, "token": "simhub-token"}, "state": {"path": str(db)},
-                                   "fine_tunes": [{"namespace": "bench", "repo": "repo", "id": "ft_0"}]},
-                                  source="bench", directory=Path(folder))
-            body = httpx.get(f"{hub.url}/api/repos/bench/repo/fine_tunes/ft_0/checkpoints",
-                             headers={"Authorization": "Bearer simhub-token"}).content
+            config = parse_config(
+                {
+                    "hub": {"url": hub.url, "token": "simhub-token"},
+                    "state": {"path": str(db)},
+                    "fine_tunes": [{"namespace": "bench", "repo": "repo", "id": "ft_0"}],
+                },
+                source="bench",
+                directory=Path(folder),
+            )
+            body = httpx.get(
+                f"{hub.url}/api/repos/bench/repo/fine_tunes/ft_0/checkpoints",
+                headers={"Authorization": "Bearer simhub-token"},
+            ).content
             print(f"body: {len(body) / 1e6:.1f} MB")
             store = SqliteStore(db)
             store._db.execute("CREATE TEMP TABLE writes (n INTEGER)")
             for op in ("INSERT", "UPDATE", "DELETE"):
-                store._db.execute(f"CREATE TEMP TRIGGER count_{op.lower()} AFTER {op} ON main.checkpoints "
-                                  "BEGIN INSERT INTO writes VALUES (1); END")
+                store._db.execute(
+                    f"CREATE TEMP TRIGGER count_{op.lower()} AFTER {op} ON main.checkpoints "
+                    "BEGIN INSERT INTO writes VALUES (1); END"
+                )
 
             def rows_written() -> int:
                 return store._db.execute("SELECT COUNT(*) FROM writes").fetchone()[0]
 
             async def measure() -> None:
-                watcher = Watcher(config=config, store=store,
-                                  client=HubClient(base_url=hub.url, token="simhub-token", timeout_s=60))
+                watcher = Watcher(
+                    config=config, store=store, client=HubClient(base_url=hub.url, token="simhub-token", timeout_s=60)
+                )
                 try:
-                    for label in ("baseline (first poll)", "no change", "no change, body re-parsed", "one new checkpoint"):
+                    for label in (
+                        "baseline (first poll)",
+                        "no change",
+                        "no change, body re-parsed",
+                        "one new checkpoint",
+                    ):
                         if label == "one new checkpoint":
                             hub.add("bench/repo/ft_0", (args.big + 1) * 100)
                         if label == "no change, body re-parsed":
@@ -239,10 +306,16 @@ def big_responses(args: argparse.Namespace) -> dict:
                         report = await watcher.poll("bench/repo/ft_0")
                         cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
                         written = rows_written() - before_rows
-                        results[label] = {"cpu_s": cpu, "wall_s": wall, "checkpoint_rows_written": written,
-                                          "events": len(report.events) if report else 0}
-                        print(f"{label:<28} wall {wall * 1000:8.1f} ms  CPU {cpu * 1000:8.1f} ms  "
-                              f"checkpoint rows written {written:5d}  events {results[label]['events']}")
+                        results[label] = {
+                            "cpu_s": cpu,
+                            "wall_s": wall,
+                            "checkpoint_rows_written": written,
+                            "events": len(report.events) if report else 0,
+                        }
+                        print(
+                            f"{label:<28} wall {wall * 1000:8.1f} ms  CPU {cpu * 1000:8.1f} ms  "
+                            f"checkpoint rows written {written:5d}  events {results[label]['events']}"
+                        )
                 finally:
                     await watcher.aclose()
 
@@ -259,7 +332,9 @@ def big_responses(args: argparse.Namespace) -> dict:
 
 
 def latency(args: argparse.Namespace) -> dict:
-    print(f"\n== 4. Latency: checkpoint on the Hub -> verified webhook delivery, 2 s interval, {args.samples} samples ==")
+    print(
+        f"\n== 4. Latency: checkpoint on the Hub -> verified webhook delivery, 2 s interval, {args.samples} samples =="
+    )
     sys.path.insert(0, str(ROOT))
     import base64
     import random
@@ -272,10 +347,17 @@ def latency(args: argparse.Namespace) -> dict:
     latencies = []
     with tempfile.TemporaryDirectory() as folder, Receiver(secret=secret) as receiver:
         port = free_port()
-        extra = "\n".join(["[[notifiers]]", 'name = "bench"', 'type = "webhook"', f'url = "{receiver.url}"',
-                           f'secret = "{secret}"', ""])
-        config = write_config(Path(folder), hub, fine_tunes=1, interval_s=2, jitter_s=0, listen_port=port,
-                              extra=extra)
+        extra = "\n".join(
+            [
+                "[[notifiers]]",
+                'name = "bench"',
+                'type = "webhook"',
+                f'url = "{receiver.url}"',
+                f'secret = "{secret}"',
+                "",
+            ]
+        )
+        config = write_config(Path(folder), hub, fine_tunes=1, interval_s=2, jitter_s=0, listen_port=port, extra=extra)
         watcher = start_watcher(config)
         try:
             wait_until(lambda: ready(port), timeout=60, what="first poll")
@@ -283,9 +365,13 @@ def latency(args: argparse.Namespace) -> dict:
                 step = 10_000 + n
                 added = time.time()
                 hub.add("bench/repo/ft_0", step)
-                got = wait_until(lambda: [r for r in receiver.deliveries()
-                                          if r.verified and r.json["data"]["checkpoint"]["step"] == step],
-                                 timeout=30, what=f"delivery of step {step}")
+                got = wait_until(
+                    lambda: [
+                        r for r in receiver.deliveries() if r.verified and r.json["data"]["checkpoint"]["step"] == step
+                    ],
+                    timeout=30,
+                    what=f"delivery of step {step}",
+                )
                 latencies.append(got[0].at - added)
                 time.sleep(rng.uniform(0.1, 1.5))  # land at a random point of the poll cycle
         finally:
@@ -293,8 +379,10 @@ def latency(args: argparse.Namespace) -> dict:
             watcher.wait(60)
             hub.stop()
     result = {"p50_s": pct(latencies, 0.5), "p95_s": pct(latencies, 0.95), "max_s": max(latencies)}
-    print(f"latency: p50 {result['p50_s']:.2f} s, p95 {result['p95_s']:.2f} s, max {result['max_s']:.2f} s "
-          "(the poll interval bounds it: expect about interval/2 on average)")
+    print(
+        f"latency: p50 {result['p50_s']:.2f} s, p95 {result['p95_s']:.2f} s, max {result['max_s']:.2f} s "
+        "(the poll interval bounds it: expect about interval/2 on average)"
+    )
     return result
 
 
@@ -310,8 +398,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     only = set(args.only or ["scale", "yardsticks", "big", "latency"])
-    print(f"oxen-watcher bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(
+        f"oxen-watcher bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+    )
     figures: dict = {}
     if "scale" in only or "yardsticks" in only:
         figures["scale"] = scale(args)

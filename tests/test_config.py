@@ -91,10 +91,14 @@ def test_load_config_reads_every_key(tmp_path: Path) -> None:
     path = write_config(
         tmp_path / "watcher.toml",
         {
-            "hub": {"url": "http://127.0.0.1:3000/", "token_env": "HUB_TOKEN", "timeout_s": 2.5,
-                    "max_concurrency": 2},
-            "watch": {"interval_s": 30, "jitter_s": 0, "baseline": False, "failure_threshold": 5,
-                      "shutdown_grace_s": 0},
+            "hub": {"url": "http://127.0.0.1:3000/", "token_env": "HUB_TOKEN", "timeout_s": 2.5, "max_concurrency": 2},
+            "watch": {
+                "interval_s": 30,
+                "jitter_s": 0,
+                "baseline": False,
+                "failure_threshold": 5,
+                "shutdown_grace_s": 0,
+            },
             "state": {"path": "db/state.db"},
             "http": {"listen": "[::1]:0", "token_file": "metrics-token"},
             "log": {"level": "debug", "format": "json"},
@@ -170,13 +174,22 @@ INVALID: list[Any] = [
     pytest.param({"state": {"dir": "x"}}, "state.dir", "unknown key", id="unknown-state-key"),
     pytest.param({"http": {"port": 1}}, "http.port", "unknown key", id="unknown-http-key"),
     pytest.param({"log": {"colour": True}}, "log.colour", "unknown key", id="unknown-log-key"),
-    pytest.param({"fine_tunes": [ft(), ft(id="b"), ft(id="c", intervall_s=5)]}, "fine_tunes[2].intervall_s",
-                 "unknown key", id="unknown-fine-tune-key-0-based"),
+    pytest.param(
+        {"fine_tunes": [ft(), ft(id="b"), ft(id="c", intervall_s=5)]},
+        "fine_tunes[2].intervall_s",
+        "unknown key",
+        id="unknown-fine-tune-key-0-based",
+    ),
     # missing required keys
-    pytest.param({"fine_tunes": [{"namespace": "a", "repo": "r"}]}, "fine_tunes[0].id", "missing required key",
-                 id="missing-id"),
-    pytest.param({"fine_tunes": [ft(), {"repo": "r", "id": "i"}]}, "fine_tunes[1].namespace",
-                 "missing required key", id="missing-namespace"),
+    pytest.param(
+        {"fine_tunes": [{"namespace": "a", "repo": "r"}]}, "fine_tunes[0].id", "missing required key", id="missing-id"
+    ),
+    pytest.param(
+        {"fine_tunes": [ft(), {"repo": "r", "id": "i"}]},
+        "fine_tunes[1].namespace",
+        "missing required key",
+        id="missing-namespace",
+    ),
     # wrong types
     pytest.param({"hub": "https://hub.oxen.ai"}, "hub", "valid dictionary", id="section-not-a-table"),
     pytest.param({"fine_tunes": {"namespace": "a"}}, "fine_tunes", "valid list", id="fine-tunes-not-array"),
@@ -189,45 +202,72 @@ INVALID: list[Any] = [
     pytest.param({"watch": {"interval_s": "60"}}, "watch.interval_s", "valid number", id="interval-string"),
     pytest.param({"watch": {"baseline": "yes"}}, "watch.baseline", "valid boolean", id="baseline-string"),
     pytest.param({"watch": {"baseline": 1}}, "watch.baseline", "valid boolean", id="baseline-int"),
-    pytest.param({"watch": {"failure_threshold": 3.0}}, "watch.failure_threshold", "valid integer",
-                 id="threshold-float"),
+    pytest.param(
+        {"watch": {"failure_threshold": 3.0}}, "watch.failure_threshold", "valid integer", id="threshold-float"
+    ),
     pytest.param({"state": {"path": ["a"]}}, "state.path", "valid string", id="path-list"),
     pytest.param({"http": {"listen": 9464}}, "http.listen", "valid string", id="listen-int"),
     pytest.param({"fine_tunes": [ft(id=123)]}, "fine_tunes[0].id", "valid string", id="fine-tune-id-int"),
-    pytest.param({"fine_tunes": [ft(interval_s="30")]}, "fine_tunes[0].interval_s", "valid number",
-                 id="fine-tune-interval-string"),
-    pytest.param({"fine_tunes": ["acme/bot/ft_1"]}, "fine_tunes[0]", "valid dictionary",
-                 id="fine-tune-not-a-table"),
+    pytest.param(
+        {"fine_tunes": [ft(interval_s="30")]},
+        "fine_tunes[0].interval_s",
+        "valid number",
+        id="fine-tune-interval-string",
+    ),
+    pytest.param({"fine_tunes": ["acme/bot/ft_1"]}, "fine_tunes[0]", "valid dictionary", id="fine-tune-not-a-table"),
     # out of range
     pytest.param({"hub": {"timeout_s": 0}}, "hub.timeout_s", "greater than 0", id="timeout-zero"),
     pytest.param({"hub": {"timeout_s": -1}}, "hub.timeout_s", "greater than 0", id="timeout-negative"),
     pytest.param({"hub": {"timeout_s": 86401}}, "hub.timeout_s", "less than or equal to 86400", id="timeout-high"),
     pytest.param({"hub": {"timeout_s": math.inf}}, "hub.timeout_s", "less than or equal", id="timeout-inf"),
     pytest.param({"hub": {"timeout_s": math.nan}}, "hub.timeout_s", "Input should be", id="timeout-nan"),
-    pytest.param({"hub": {"max_concurrency": 0}}, "hub.max_concurrency", "greater than or equal to 1",
-                 id="concurrency-zero"),
-    pytest.param({"hub": {"max_concurrency": 1025}}, "hub.max_concurrency", "less than or equal to 1024",
-                 id="concurrency-high"),
-    pytest.param({"watch": {"interval_s": 0.49}}, "watch.interval_s", "greater than or equal to 0.5",
-                 id="interval-low"),
-    pytest.param({"watch": {"interval_s": 86401}}, "watch.interval_s", "less than or equal to 86400",
-                 id="interval-high"),
+    pytest.param(
+        {"hub": {"max_concurrency": 0}}, "hub.max_concurrency", "greater than or equal to 1", id="concurrency-zero"
+    ),
+    pytest.param(
+        {"hub": {"max_concurrency": 1025}}, "hub.max_concurrency", "less than or equal to 1024", id="concurrency-high"
+    ),
+    pytest.param(
+        {"watch": {"interval_s": 0.49}}, "watch.interval_s", "greater than or equal to 0.5", id="interval-low"
+    ),
+    pytest.param(
+        {"watch": {"interval_s": 86401}}, "watch.interval_s", "less than or equal to 86400", id="interval-high"
+    ),
     pytest.param({"watch": {"jitter_s": -0.1}}, "watch.jitter_s", "greater than or equal to 0", id="jitter-negative"),
     pytest.param({"watch": {"jitter_s": 3601}}, "watch.jitter_s", "less than or equal to 3600", id="jitter-high"),
-    pytest.param({"watch": {"failure_threshold": 0}}, "watch.failure_threshold", "greater than or equal to 1",
-                 id="threshold-zero"),
-    pytest.param({"watch": {"failure_threshold": 1001}}, "watch.failure_threshold", "less than or equal to 1000",
-                 id="threshold-high"),
-    pytest.param({"watch": {"shutdown_grace_s": -1}}, "watch.shutdown_grace_s", "greater than or equal to 0",
-                 id="grace-negative"),
-    pytest.param({"watch": {"shutdown_grace_s": 3601}}, "watch.shutdown_grace_s", "less than or equal to 3600",
-                 id="grace-high"),
-    pytest.param({"fine_tunes": [ft(interval_s=0.1)]}, "fine_tunes[0].interval_s", "greater than or equal to 0.5",
-                 id="fine-tune-interval-low"),
-    pytest.param({"fine_tunes": [ft(), ft(id="b", interval_s=86401)]}, "fine_tunes[1].interval_s",
-                 "less than or equal to 86400", id="fine-tune-interval-high"),
-    pytest.param({"log": {"level": "verbose"}}, "log.level", "'debug', 'info', 'warning' or 'error'",
-                 id="level-unknown"),
+    pytest.param(
+        {"watch": {"failure_threshold": 0}},
+        "watch.failure_threshold",
+        "greater than or equal to 1",
+        id="threshold-zero",
+    ),
+    pytest.param(
+        {"watch": {"failure_threshold": 1001}},
+        "watch.failure_threshold",
+        "less than or equal to 1000",
+        id="threshold-high",
+    ),
+    pytest.param(
+        {"watch": {"shutdown_grace_s": -1}}, "watch.shutdown_grace_s", "greater than or equal to 0", id="grace-negative"
+    ),
+    pytest.param(
+        {"watch": {"shutdown_grace_s": 3601}}, "watch.shutdown_grace_s", "less than or equal to 3600", id="grace-high"
+    ),
+    pytest.param(
+        {"fine_tunes": [ft(interval_s=0.1)]},
+        "fine_tunes[0].interval_s",
+        "greater than or equal to 0.5",
+        id="fine-tune-interval-low",
+    ),
+    pytest.param(
+        {"fine_tunes": [ft(), ft(id="b", interval_s=86401)]},
+        "fine_tunes[1].interval_s",
+        "less than or equal to 86400",
+        id="fine-tune-interval-high",
+    ),
+    pytest.param(
+        {"log": {"level": "verbose"}}, "log.level", "'debug', 'info', 'warning' or 'error'", id="level-unknown"
+    ),
     pytest.param({"log": {"level": "INFO"}}, "log.level", "'debug', 'info'", id="level-uppercase"),
     pytest.param({"log": {"format": "xml"}}, "log.format", "'json', 'console' or 'auto'", id="format-unknown"),
     # malformed values
@@ -244,35 +284,61 @@ INVALID: list[Any] = [
     pytest.param({"http": {"listen": "localhost:65536"}}, "http.listen", '"host:port"', id="listen-port-high"),
     pytest.param({"http": {"listen": ""}}, "http.listen", "at least 1 character", id="listen-empty"),
     pytest.param({"state": {"path": ""}}, "state.path", "at least 1 character", id="state-path-empty"),
-    pytest.param({"fine_tunes": [ft(namespace="acme/other")]}, "fine_tunes[0].namespace", "one URL path segment",
-                 id="namespace-slash"),
-    pytest.param({"fine_tunes": [ft(repo=" bot")]}, "fine_tunes[0].repo", "one URL path segment",
-                 id="repo-leading-space"),
-    pytest.param({"fine_tunes": [ft(id="ft_1 ")]}, "fine_tunes[0].id", "one URL path segment",
-                 id="id-trailing-space"),
+    pytest.param(
+        {"fine_tunes": [ft(namespace="acme/other")]},
+        "fine_tunes[0].namespace",
+        "one URL path segment",
+        id="namespace-slash",
+    ),
+    pytest.param(
+        {"fine_tunes": [ft(repo=" bot")]}, "fine_tunes[0].repo", "one URL path segment", id="repo-leading-space"
+    ),
+    pytest.param({"fine_tunes": [ft(id="ft_1 ")]}, "fine_tunes[0].id", "one URL path segment", id="id-trailing-space"),
     pytest.param({"fine_tunes": [ft(id="..")]}, "fine_tunes[0].id", "one URL path segment", id="id-dotdot"),
     pytest.param({"fine_tunes": [ft(repo=".")]}, "fine_tunes[0].repo", "one URL path segment", id="repo-dot"),
-    pytest.param({"fine_tunes": [ft(namespace="")]}, "fine_tunes[0].namespace", "at least 1 character",
-                 id="namespace-empty"),
+    pytest.param(
+        {"fine_tunes": [ft(namespace="")]}, "fine_tunes[0].namespace", "at least 1 character", id="namespace-empty"
+    ),
     pytest.param({"fine_tunes": [ft(name="")]}, "fine_tunes[0].name", "at least 1 character", id="name-empty"),
     # secrets: empty inline values, more than one source
     pytest.param({"hub": {"token": ""}}, "hub.token", "at least 1 character", id="hub-token-empty"),
     pytest.param({"hub": {"token_env": ""}}, "hub.token_env", "at least 1 character", id="hub-token-env-empty"),
     pytest.param({"hub": {"token_file": ""}}, "hub.token_file", "at least 1 character", id="hub-token-file-empty"),
     pytest.param({"http": {"token": ""}}, "http.token", "at least 1 character", id="http-token-empty"),
-    pytest.param({"hub": {"token": "t", "token_env": "E"}}, "hub", "give only one of token, token_env",
-                 id="hub-token-and-env"),
-    pytest.param({"hub": {"token_env": "E", "token_file": "f"}}, "hub", "give only one of token_env, token_file",
-                 id="hub-env-and-file"),
-    pytest.param({"hub": {"token": "t", "token_env": "E", "token_file": "f"}}, "hub",
-                 "give only one of token, token_env, token_file", id="hub-all-three"),
-    pytest.param({"http": {"token": "t", "token_file": "f"}}, "http", "give only one of token, token_file",
-                 id="http-token-and-file"),
+    pytest.param(
+        {"hub": {"token": "t", "token_env": "E"}}, "hub", "give only one of token, token_env", id="hub-token-and-env"
+    ),
+    pytest.param(
+        {"hub": {"token_env": "E", "token_file": "f"}},
+        "hub",
+        "give only one of token_env, token_file",
+        id="hub-env-and-file",
+    ),
+    pytest.param(
+        {"hub": {"token": "t", "token_env": "E", "token_file": "f"}},
+        "hub",
+        "give only one of token, token_env, token_file",
+        id="hub-all-three",
+    ),
+    pytest.param(
+        {"http": {"token": "t", "token_file": "f"}},
+        "http",
+        "give only one of token, token_file",
+        id="http-token-and-file",
+    ),
     # duplicate fine-tunes (0-based; the name does not make a fine-tune distinct)
-    pytest.param({"fine_tunes": [ft(), ft()]}, "fine_tunes[1]",
-                 "duplicate fine-tune acme/support-bot/ft_1 (also fine_tunes[0])", id="duplicate"),
-    pytest.param({"fine_tunes": [ft(), ft(id="b"), ft(name="again", interval_s=5)]}, "fine_tunes[2]",
-                 "duplicate fine-tune acme/support-bot/ft_1 (also fine_tunes[0])", id="duplicate-other-name"),
+    pytest.param(
+        {"fine_tunes": [ft(), ft()]},
+        "fine_tunes[1]",
+        "duplicate fine-tune acme/support-bot/ft_1 (also fine_tunes[0])",
+        id="duplicate",
+    ),
+    pytest.param(
+        {"fine_tunes": [ft(), ft(id="b"), ft(name="again", interval_s=5)]},
+        "fine_tunes[2]",
+        "duplicate fine-tune acme/support-bot/ft_1 (also fine_tunes[0])",
+        id="duplicate-other-name",
+    ),
 ]
 
 
@@ -304,10 +370,11 @@ def test_inline_secret_value_is_never_echoed() -> None:
     [
         pytest.param("missing.toml", None, "cannot read: No such file or directory", id="missing"),
         pytest.param("folder", "DIR", "cannot read", id="directory"),
-        pytest.param("latin1.toml", b"[hub]\ntoken = \"caf\xe9\"\n", "not UTF-8 text", id="not-utf8"),
+        pytest.param("latin1.toml", b'[hub]\ntoken = "caf\xe9"\n', "not UTF-8 text", id="not-utf8"),
         pytest.param("broken.toml", b"[hub\nurl = 1\n", "invalid TOML", id="unclosed-table"),
-        pytest.param("dupkey.toml", b"[hub]\nurl = \"https://a\"\nurl = \"https://b\"\n", "invalid TOML",
-                     id="duplicate-toml-key"),
+        pytest.param(
+            "dupkey.toml", b'[hub]\nurl = "https://a"\nurl = "https://b"\n', "invalid TOML", id="duplicate-toml-key"
+        ),
         pytest.param("value.toml", b"[watch]\ninterval_s = \n", "invalid TOML", id="missing-value"),
     ],
 )
@@ -341,8 +408,9 @@ def test_load_config_validation_error_names_the_file(tmp_path: Path) -> None:
         pytest.param("/var/lib/w.db", {"STATE_DIRECTORY": "/state"}, "/var/lib/w.db", id="absolute-wins"),
         pytest.param("w.db", {}, "/srv/watcher/w.db", id="relative-to-config-folder"),
         pytest.param("sub/w.db", {}, "/srv/watcher/sub/w.db", id="nested-relative"),
-        pytest.param("w.db", {"STATE_DIRECTORY": "/var/lib/oxen-watcher"}, "/var/lib/oxen-watcher/w.db",
-                     id="state-directory"),
+        pytest.param(
+            "w.db", {"STATE_DIRECTORY": "/var/lib/oxen-watcher"}, "/var/lib/oxen-watcher/w.db", id="state-directory"
+        ),
         pytest.param("w.db", {"STATE_DIRECTORY": "/first:/second"}, "/first/w.db", id="state-directory-list"),
         pytest.param("w.db", {"STATE_DIRECTORY": ""}, "/srv/watcher/w.db", id="state-directory-empty"),
     ],
@@ -433,21 +501,29 @@ def test_resolve_secret_none_given(section: str) -> None:
     ("table", "files", "environ", "key", "problem"),
     [
         pytest.param({"token": "   "}, {}, {}, "token", "secret is empty", id="inline-blank"),
-        pytest.param({"token_env": "MY_TOKEN"}, {}, {}, "token_env", "environment variable MY_TOKEN is not set",
-                     id="env-unset"),
-        pytest.param({"token_env": "MY_TOKEN"}, {}, {"MY_TOKEN": ""}, "token_env", "secret is empty",
-                     id="env-empty"),
-        pytest.param({"token_env": "MY_TOKEN"}, {}, {"MY_TOKEN": " \n"}, "token_env", "secret is empty",
-                     id="env-blank"),
+        pytest.param(
+            {"token_env": "MY_TOKEN"}, {}, {}, "token_env", "environment variable MY_TOKEN is not set", id="env-unset"
+        ),
+        pytest.param({"token_env": "MY_TOKEN"}, {}, {"MY_TOKEN": ""}, "token_env", "secret is empty", id="env-empty"),
+        pytest.param(
+            {"token_env": "MY_TOKEN"}, {}, {"MY_TOKEN": " \n"}, "token_env", "secret is empty", id="env-blank"
+        ),
         pytest.param({"token_file": "token"}, {}, {}, "token_file", "cannot read", id="file-missing"),
-        pytest.param({"token_file": "token"}, {"cfg/token": b""}, {}, "token_file", "secret is empty",
-                     id="file-empty"),
-        pytest.param({"token_file": "token"}, {"cfg/token": b"\n\n"}, {}, "token_file", "secret is empty",
-                     id="file-blank"),
-        pytest.param({"token_file": "token"}, {"cfg/token": b"\xff\xfe\x00"}, {}, "token_file", "cannot read",
-                     id="file-not-utf8"),
-        pytest.param({"token_file": "token"}, {"cfg/token": b"s3cret"}, {"CREDENTIALS_DIRECTORY": "CREDS"},
-                     "token_file", "cannot read", id="file-not-in-credentials-directory"),
+        pytest.param({"token_file": "token"}, {"cfg/token": b""}, {}, "token_file", "secret is empty", id="file-empty"),
+        pytest.param(
+            {"token_file": "token"}, {"cfg/token": b"\n\n"}, {}, "token_file", "secret is empty", id="file-blank"
+        ),
+        pytest.param(
+            {"token_file": "token"}, {"cfg/token": b"\xff\xfe\x00"}, {}, "token_file", "cannot read", id="file-not-utf8"
+        ),
+        pytest.param(
+            {"token_file": "token"},
+            {"cfg/token": b"s3cret"},
+            {"CREDENTIALS_DIRECTORY": "CREDS"},
+            "token_file",
+            "cannot read",
+            id="file-not-in-credentials-directory",
+        ),
         pytest.param({"token_file": "cfg"}, {}, {}, "token_file", "cannot read", id="file-is-directory"),
     ],
 )
@@ -527,12 +603,12 @@ def test_oxen_cli_token_defaults_to_home_config(tmp_path: Path) -> None:
             b"host_configs = 5\n",
             id="host-configs-not-array",
         ),
-        pytest.param(b"[host_configs]\nhost = \"hub.oxen.ai\"\nauth_token = \"t\"\n", id="host-configs-a-table"),
-        pytest.param(b"host_configs = [\"hub.oxen.ai\"]\n", id="entry-not-table"),
-        pytest.param(b"[[host_configs]]\nhost = \"hub.oxen.ai\"\n", id="no-auth-token"),
-        pytest.param(b"[[host_configs]]\nhost = \"hub.oxen.ai\"\nauth_token = \"  \"\n", id="blank-auth-token"),
-        pytest.param(b"[[host_configs]]\nhost = \"hub.oxen.ai\"\nauth_token = 42\n", id="auth-token-not-string"),
-        pytest.param(b"[[host_configs]]\nauth_token = \"t\"\n", id="no-host"),
+        pytest.param(b'[host_configs]\nhost = "hub.oxen.ai"\nauth_token = "t"\n', id="host-configs-a-table"),
+        pytest.param(b'host_configs = ["hub.oxen.ai"]\n', id="entry-not-table"),
+        pytest.param(b'[[host_configs]]\nhost = "hub.oxen.ai"\n', id="no-auth-token"),
+        pytest.param(b'[[host_configs]]\nhost = "hub.oxen.ai"\nauth_token = "  "\n', id="blank-auth-token"),
+        pytest.param(b'[[host_configs]]\nhost = "hub.oxen.ai"\nauth_token = 42\n', id="auth-token-not-string"),
+        pytest.param(b'[[host_configs]]\nauth_token = "t"\n', id="no-host"),
     ],
 )
 def test_oxen_cli_token_absent_or_unusable(tmp_path: Path, content: bytes | None) -> None:
@@ -567,10 +643,16 @@ def test_resolve_hub_token(tmp_path: Path, hub: dict[str, Any], environ_kind: st
     ("hub", "write_auth", "key", "problem"),
     [
         pytest.param({}, False, "hub.token", "no Hub token", id="nothing-anywhere"),
-        pytest.param({"url": "https://other.example.com"}, True, "hub.token", "no Hub token",
-                     id="cli-has-no-entry-for-host"),
-        pytest.param({"token_env": "UNSET_VAR"}, True, "hub.token_env", "UNSET_VAR is not set",
-                     id="missing-configured-secret-no-fallback"),
+        pytest.param(
+            {"url": "https://other.example.com"}, True, "hub.token", "no Hub token", id="cli-has-no-entry-for-host"
+        ),
+        pytest.param(
+            {"token_env": "UNSET_VAR"},
+            True,
+            "hub.token_env",
+            "UNSET_VAR is not set",
+            id="missing-configured-secret-no-fallback",
+        ),
     ],
 )
 def test_resolve_hub_token_errors(
@@ -593,7 +675,8 @@ def _cli_case(tmp_path: Path, case: str) -> tuple[Path, dict[str, str]]:
         return write_config(tmp_path / "w.toml", {"hub": {"token": "t"}, "fine_tunes": good_ft}), {}
     if case == "ok-env":
         return write_config(tmp_path / "w.toml", {"hub": {"token_env": "OW_TEST_TOKEN"}, "fine_tunes": good_ft}), {
-            "OW_TEST_TOKEN": "t"}
+            "OW_TEST_TOKEN": "t"
+        }
     if case == "ok-credentials-file":
         (tmp_path / "creds").mkdir()
         (tmp_path / "creds" / "hub-token").write_text("t\n")
@@ -642,19 +725,26 @@ def _cli_case(tmp_path: Path, case: str) -> tuple[Path, dict[str, str]]:
         pytest.param("ok-oxen-cli", 0, "OK (1 fine-tunes, 0 notifiers)", id="ok-oxen-cli-fallback"),
         pytest.param("unknown-key", 78, "fine_tunes[2].intervall_s: unknown key", id="unknown-key"),
         pytest.param("duplicate", 78, "fine_tunes[1]: duplicate fine-tune", id="duplicate"),
-        pytest.param("out-of-range", 78, "watch.interval_s: Input should be greater than or equal to 0.5",
-                     id="out-of-range"),
-        pytest.param("env-unset", 78, "hub.token_env: environment variable OW_TEST_UNSET_VAR is not set",
-                     id="missing-secret"),
+        pytest.param(
+            "out-of-range", 78, "watch.interval_s: Input should be greater than or equal to 0.5", id="out-of-range"
+        ),
+        pytest.param(
+            "env-unset", 78, "hub.token_env: environment variable OW_TEST_UNSET_VAR is not set", id="missing-secret"
+        ),
         pytest.param("file-empty", 78, "hub.token_file: secret is empty", id="empty-secret"),
         pytest.param("no-token", 78, "hub.token: no Hub token", id="no-token"),
         pytest.param(
-            "oxen-cli-malformed", 78, "hub.token: no Hub token", id="malformed-oxen-cli-config",
+            "oxen-cli-malformed",
+            78,
+            "hub.token: no Hub token",
+            id="malformed-oxen-cli-config",
         ),
         pytest.param("invalid-toml", 78, "invalid TOML", id="invalid-toml"),
         pytest.param("missing-file", 78, "cannot read", id="missing-file"),
         pytest.param(
-            "http-env-unset", 78, "http.token_env: environment variable OW_TEST_UNSET_METRICS is not set",
+            "http-env-unset",
+            78,
+            "http.token_env: environment variable OW_TEST_UNSET_METRICS is not set",
             id="missing-http-secret",
         ),
     ],

@@ -57,8 +57,13 @@ class Rig:
         known = sorted(self.store.load_state(ref.key).checkpoints)
         checkpoints = tuple({"step": s, "metrics": {"loss": 1.0 / s}} for s in sorted({*known, *steps}))
         self.polls += 1
-        committed = self.store.apply_poll(ref, PollSuccess(checkpoints, f"h{self.polls}"), options=DiffOptions(),
-                                          now=time.time(), route=self.dispatcher.route)
+        committed = self.store.apply_poll(
+            ref,
+            PollSuccess(checkpoints, f"h{self.polls}"),
+            options=DiffOptions(),
+            now=time.time(),
+            route=self.dispatcher.route,
+        )
         assert committed is not None
         return [event.id for event in committed.events]
 
@@ -85,15 +90,16 @@ class Rig:
 
 
 def webhook(receiver: Receiver, name: str = "ci", **extra: object) -> dict:
-    return {"name": name, "type": "webhook", "url": receiver.url, "secret": SECRET, "retry_schedule_s": FAST,
-            **extra}
+    return {"name": name, "type": "webhook", "url": receiver.url, "secret": SECRET, "retry_schedule_s": FAST, **extra}
 
 
 async def test_delivered_and_verified_with_every_rotation_key(tmp_path):
     with Receiver(secret=SECRET) as receiver, Receiver(secret=OLD_SECRET) as old_receiver:
-        rig = Rig(tmp_path,
-                  {**webhook(receiver), "secret": [OLD_SECRET, SECRET]},
-                  {**webhook(old_receiver, "old"), "secret": [OLD_SECRET, SECRET]})
+        rig = Rig(
+            tmp_path,
+            {**webhook(receiver), "secret": [OLD_SECRET, SECRET]},
+            {**webhook(old_receiver, "old"), "secret": [OLD_SECRET, SECRET]},
+        )
         ids = rig.commit(REF, 100)
         await rig.run_until(lambda: len(receiver.deliveries()) == 1 and len(old_receiver.deliveries()) == 1)
         for got in (receiver.deliveries()[0], old_receiver.deliveries()[0]):
@@ -179,13 +185,18 @@ async def test_order_is_kept_within_a_fine_tune_while_retrying(tmp_path):
 
 async def test_filters_route_only_matching_events(tmp_path):
     with Receiver(secret=SECRET) as receiver:
-        rig = Rig(tmp_path, webhook(receiver, events=["fine_tune.*"]),
-                  webhook(receiver, "ft2", fine_tunes=["acme/*/ft_2"]),
-                  webhook(receiver, "all"))
+        rig = Rig(
+            tmp_path,
+            webhook(receiver, events=["fine_tune.*"]),
+            webhook(receiver, "ft2", fine_tunes=["acme/*/ft_2"]),
+            webhook(receiver, "all"),
+        )
         first = rig.commit(REF, 1)
         second = rig.commit(OTHER, 1)
-        assert rig.states(first + second) == {first[0]: [("all", "pending")],
-                                              second[0]: [("all", "pending"), ("ft2", "pending")]}
+        assert rig.states(first + second) == {
+            first[0]: [("all", "pending")],
+            second[0]: [("all", "pending"), ("ft2", "pending")],
+        }
         await rig.run_until(lambda: len(receiver.deliveries()) == 3)
         await rig.close()
 
@@ -206,8 +217,10 @@ def test_retry_policy_schedule_jitter_and_retry_after():
 
     policy = RetryPolicy(schedule_s=(0, 5, 30, 120, 600, 1800, 3600), max_age_s=86400)
     rng = random.Random(1)
-    delays = [policy.next_attempt_at(attempts=n, now=1000, queued_at=1000, retry_after_s=None, rng=rng) - 1000
-              for n in range(1, 10)]
+    delays = [
+        policy.next_attempt_at(attempts=n, now=1000, queued_at=1000, retry_after_s=None, rng=rng) - 1000
+        for n in range(1, 10)
+    ]
     for got, base in zip(delays, [5, 30, 120, 600, 1800, 3600, 3600, 3600, 3600], strict=True):
         assert 0.8 * base <= got <= 1.2 * base
     assert policy.next_attempt_at(attempts=1, now=1000, queued_at=1000, retry_after_s=90, rng=rng) >= 1090
@@ -229,11 +242,17 @@ def test_redeliver_dead_and_by_id(tmp_path):
     rig = Rig(tmp_path, {"name": "ci", "type": "webhook", "url": "http://127.0.0.1:9/x"})
     ids = rig.commit(REF, 1)
     rig.store.record_delivery("ci", ids, state="dead", now=time.time(), error="HTTP 400")
-    config = write_config(tmp_path / "c.toml", {
-        "hub": {"url": "http://127.0.0.1:9", "token": "t"}, "state": {"path": str(tmp_path / "w.db")},
-        "notifiers": [{"name": "ci", "type": "webhook", "url": "http://127.0.0.1:9/x"},
-                      {"name": "late", "type": "log"}],
-    })
+    config = write_config(
+        tmp_path / "c.toml",
+        {
+            "hub": {"url": "http://127.0.0.1:9", "token": "t"},
+            "state": {"path": str(tmp_path / "w.db")},
+            "notifiers": [
+                {"name": "ci", "type": "webhook", "url": "http://127.0.0.1:9/x"},
+                {"name": "late", "type": "log"},
+            ],
+        },
+    )
     result = cli("redeliver", "-c", str(config), "--dead")
     assert result.returncode == 0 and "queued 1" in result.stdout
     assert rig.states(ids) == {ids[0]: [("ci", "pending")]}
@@ -247,15 +266,19 @@ def test_redeliver_dead_and_by_id(tmp_path):
 def test_events_json_shows_delivery_state(tmp_path):
     rig = Rig(tmp_path, {"name": "ci", "type": "webhook", "url": "http://127.0.0.1:9/x"})
     ids = rig.commit(REF, 1)
-    rig.store.record_delivery("ci", ids, state="pending", now=time.time(), next_attempt_at=2e9,
-                              error="HTTP 503", http_status=503)
-    config = write_config(tmp_path / "c.toml", {
-        "hub": {"url": "http://127.0.0.1:9", "token": "t"}, "state": {"path": str(tmp_path / "w.db")}})
+    rig.store.record_delivery(
+        "ci", ids, state="pending", now=time.time(), next_attempt_at=2e9, error="HTTP 503", http_status=503
+    )
+    config = write_config(
+        tmp_path / "c.toml",
+        {"hub": {"url": "http://127.0.0.1:9", "token": "t"}, "state": {"path": str(tmp_path / "w.db")}},
+    )
     out = cli("events", "-c", str(config), "--json")
     (line,) = out.stdout.splitlines()
     envelope = orjson.loads(line)
-    assert envelope["deliveries"] == [{"notifier": "ci", "state": "pending", "attempts": 1,
-                                       "next_attempt_at": 2e9, "last_error": "HTTP 503"}]
+    assert envelope["deliveries"] == [
+        {"notifier": "ci", "state": "pending", "attempts": 1, "next_attempt_at": 2e9, "last_error": "HTTP 503"}
+    ]
     table = cli("events", "-c", str(config))
     assert "ci: pending, 1 attempts" in table.stdout and "HTTP 503" in table.stdout
 
@@ -263,11 +286,14 @@ def test_events_json_shows_delivery_state(tmp_path):
 def test_test_notify_success_and_failure(tmp_path):
     with Receiver(secret=SECRET) as receiver:
         receiver.script(Answer(status=200), Answer(status=500, body="boom"))
-        config = write_config(tmp_path / "c.toml", {
-            "hub": {"url": "http://127.0.0.1:9", "token": "t"},
-            "fine_tunes": [{"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}],
-            "notifiers": [{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}],
-        })
+        config = write_config(
+            tmp_path / "c.toml",
+            {
+                "hub": {"url": "http://127.0.0.1:9", "token": "t"},
+                "fine_tunes": [{"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}],
+                "notifiers": [{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}],
+            },
+        )
         ok = cli("test-notify", "-c", str(config))
         assert ok.returncode == 0 and "ci: OK" in ok.stdout
         (got,) = receiver.deliveries()
@@ -287,16 +313,31 @@ def test_daemon_delivers_everything_after_the_receiver_comes_back_across_kill_9(
     receiver = Receiver(secret=SECRET).start()
     port = receiver.port
     receiver.stop()  # down: connection refused until it comes back on the same port
-    data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
-                       notifiers=[{"name": "ci", "type": "webhook", "url": f"http://127.0.0.1:{port}/hook",
-                                   "secret": SECRET, "retry_schedule_s": [0, 0.3, 0.3, 0.5]}])
+    data = base_config(
+        hub,
+        tmp_path,
+        fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+        notifiers=[
+            {
+                "name": "ci",
+                "type": "webhook",
+                "url": f"http://127.0.0.1:{port}/hook",
+                "secret": SECRET,
+                "retry_schedule_s": [0, 0.3, 0.3, 0.5],
+            }
+        ],
+    )
     config = write_config(tmp_path / "c.toml", data)
     daemon = daemons(config)
 
     def pending_count() -> int:
         out = cli("events", "-c", str(config), "--json", "--limit", "1000").stdout.splitlines()
-        return sum(1 for line in out for d in orjson.loads(line)["deliveries"] if d["state"] == "pending"
-                   and d["attempts"] >= 1)
+        return sum(
+            1
+            for line in out
+            for d in orjson.loads(line)["deliveries"]
+            if d["state"] == "pending" and d["attempts"] >= 1
+        )
 
     wait_for(lambda: cli("status", "-c", str(config), "--json").stdout.count('"ok"'), what="baseline")
     for step in range(1, 5):
@@ -307,8 +348,11 @@ def test_daemon_delivers_everything_after_the_receiver_comes_back_across_kill_9(
         hub.add_checkpoint(key, step, loss=1.0 / step)
     with Receiver(secret=SECRET, port=port) as back:
         daemon = daemons(config)
-        wait_for(lambda: len({r.webhook_id for r in back.deliveries() if r.status == 200}) == 7, timeout=30,
-                 what="all seven delivered")
+        wait_for(
+            lambda: len({r.webhook_id for r in back.deliveries() if r.status == 200}) == 7,
+            timeout=30,
+            what="all seven delivered",
+        )
         assert daemon.terminate() == 0
         got = [r for r in back.deliveries() if r.status == 200]
         assert all(r.verified for r in got)
@@ -323,9 +367,13 @@ def test_once_runs_one_delivery_pass(hub, tmp_path, status):
     hub.add_fine_tune("acme", "bot", "ft_1")
     with Receiver(secret=SECRET) as receiver:
         receiver.script(Answer(status=status, times=10))
-        data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
-                           watch={"baseline": False},
-                           notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}])
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+            watch={"baseline": False},
+            notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}],
+        )
         hub.add_checkpoint("acme/bot/ft_1", 1, loss=1.0)
         config = write_config(tmp_path / "c.toml", data)
         assert cli("once", "-c", str(config)).returncode == 0
@@ -346,8 +394,9 @@ def test_webhook_does_not_follow_redirects():
     from watcher.notifiers.webhook import WebhookNotifier
 
     async def go():
-        notifier = WebhookNotifier(name="x", url="http://r.invalid/h", keys=[b"k" * 32],
-                                   transport=httpx.MockTransport(handler))
+        notifier = WebhookNotifier(
+            name="x", url="http://r.invalid/h", keys=[b"k" * 32], transport=httpx.MockTransport(handler)
+        )
         result = await notifier.send([Event("evt_1", "checkpoint.created", "2026-01-01T00:00:00.000Z", {})])
         await notifier.aclose()
         return result
@@ -360,9 +409,13 @@ def test_sigterm_lets_an_in_flight_delivery_finish_and_records_it(hub, tmp_path,
     hub.add_fine_tune("acme", "bot", "ft_1")
     with Receiver(secret=SECRET) as receiver:
         receiver.script(Answer(status=200, delay_s=2.0))
-        data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
-                           watch={"shutdown_grace_s": 10},
-                           notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}])
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+            watch={"shutdown_grace_s": 10},
+            notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}],
+        )
         config = write_config(tmp_path / "c.toml", data)
         daemon = daemons(config)
         wait_for(lambda: cli("status", "-c", str(config), "--json").stdout.count('"ok"'), what="baseline")
@@ -404,10 +457,15 @@ def test_once_from_cron_retries_what_an_earlier_run_left_pending(hub, tmp_path):
     hub.add_fine_tune("acme", "bot", "ft_1")
     with Receiver(secret=SECRET) as receiver:
         receiver.script(Answer(status=503))
-        data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
-                           watch={"baseline": False},
-                           notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET,
-                                       "retry_schedule_s": [0, 0.1]}])
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+            watch={"baseline": False},
+            notifiers=[
+                {"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET, "retry_schedule_s": [0, 0.1]}
+            ],
+        )
         config = write_config(tmp_path / "c.toml", data)
         hub.add_checkpoint("acme/bot/ft_1", 1, loss=1.0)
         assert cli("once", "-c", str(config)).returncode == 0
@@ -420,9 +478,13 @@ def test_once_from_cron_retries_what_an_earlier_run_left_pending(hub, tmp_path):
 def test_once_beside_run_leaves_delivery_to_the_daemon(hub, tmp_path, daemons):
     hub.add_fine_tune("acme", "bot", "ft_1")
     with Receiver(secret=SECRET) as receiver:
-        data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
-                           watch={"interval_s": 30},
-                           notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}])
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+            watch={"interval_s": 30},
+            notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "secret": SECRET}],
+        )
         config = write_config(tmp_path / "c.toml", data)
         assert cli("once", "-c", str(config)).returncode == 0  # the baseline
         daemon = daemons(config)

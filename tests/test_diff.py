@@ -204,53 +204,96 @@ OTHER = ck(2, 0.6, deployment_status="ACTIVE")
 # (before, after, expected [(type, data subset)]); `data.checkpoint` and `data.fine_tune` are checked for all.
 CHECKPOINT_CASES: list[Any] = [
     pytest.param([BASE], [BASE, ck(3, 0.4)], [(CREATED, {"is_best_loss": True})], id="created"),
-    pytest.param([BASE, OTHER], [BASE, OTHER, ck(3, 0.9)], [(CREATED, {"is_best_loss": False})],
-                 id="created-not-best"),
+    pytest.param([BASE, OTHER], [BASE, OTHER, ck(3, 0.9)], [(CREATED, {"is_best_loss": False})], id="created-not-best"),
     pytest.param([BASE], [BASE, ck(3, None)], [(CREATED, {"is_best_loss": False})], id="created-null-loss"),
-    pytest.param([BASE], [BASE, {**ck(3), "metrics": None}], [(CREATED, {"is_best_loss": False})],
-                 id="created-no-metrics"),
+    pytest.param(
+        [BASE], [BASE, {**ck(3), "metrics": None}], [(CREATED, {"is_best_loss": False})], id="created-no-metrics"
+    ),
     pytest.param([BASE], [ck(0, 0.7), BASE], [(CREATED, {"is_best_loss": False})], id="created-lower-step"),
-    pytest.param([BASE], [changed(BASE, metrics={"loss": 0.45})], [(UPDATED, {"changed": ["metrics.loss"]})],
-                 id="metric-changed"),
-    pytest.param([BASE], [changed(BASE, metrics={"grad_norm": 1.5})], [(UPDATED, {"changed": ["metrics.grad_norm"]})],
-                 id="metric-added"),
-    pytest.param([BASE], [{**BASE, "metrics": {"loss": 0.5, "learning_rate": 1e-4}}],
-                 [(UPDATED, {"changed": ["metrics.epoch"]})], id="metric-removed"),
-    pytest.param([BASE], [changed(BASE, metrics={"loss": None})], [(UPDATED, {"changed": ["metrics.loss"]})],
-                 id="metric-became-null"),
+    pytest.param(
+        [BASE], [changed(BASE, metrics={"loss": 0.45})], [(UPDATED, {"changed": ["metrics.loss"]})], id="metric-changed"
+    ),
+    pytest.param(
+        [BASE],
+        [changed(BASE, metrics={"grad_norm": 1.5})],
+        [(UPDATED, {"changed": ["metrics.grad_norm"]})],
+        id="metric-added",
+    ),
+    pytest.param(
+        [BASE],
+        [{**BASE, "metrics": {"loss": 0.5, "learning_rate": 1e-4}}],
+        [(UPDATED, {"changed": ["metrics.epoch"]})],
+        id="metric-removed",
+    ),
+    pytest.param(
+        [BASE],
+        [changed(BASE, metrics={"loss": None})],
+        [(UPDATED, {"changed": ["metrics.loss"]})],
+        id="metric-became-null",
+    ),
     pytest.param([BASE], [changed(BASE, size_bytes=5)], [(UPDATED, {"changed": ["size_bytes"]})], id="size-bytes"),
     pytest.param([BASE], [changed(BASE, model_id="m2")], [(UPDATED, {"changed": ["model_id"]})], id="model-id"),
-    pytest.param([BASE], [changed(BASE, model_name="n2")], [(UPDATED, {"changed": ["model_name"]})],
-                 id="model-name"),
+    pytest.param([BASE], [changed(BASE, model_name="n2")], [(UPDATED, {"changed": ["model_name"]})], id="model-name"),
     pytest.param([BASE], [changed(BASE, path="elsewhere")], [(UPDATED, {"changed": ["path"]})], id="path"),
-    pytest.param([BASE], [changed(BASE, created_at="2025-02-02T00:00:00Z")], [(UPDATED, {"changed": ["created_at"]})],
-                 id="created-at"),
+    pytest.param(
+        [BASE],
+        [changed(BASE, created_at="2025-02-02T00:00:00Z")],
+        [(UPDATED, {"changed": ["created_at"]})],
+        id="created-at",
+    ),
     pytest.param([BASE], [changed(BASE, path=None)], [(UPDATED, {"changed": ["path"]})], id="field-became-null"),
-    pytest.param([BASE], [changed(BASE, size_bytes=7, model_id="m2", metrics={"loss": 0.3, "epoch": 9})],
-                 [(UPDATED, {"changed": ["size_bytes", "model_id", "metrics.epoch", "metrics.loss"]})],
-                 id="several-fields"),
-    pytest.param([BASE], [changed(BASE, deployment_status="PENDING")],
-                 [(DEPLOYMENT, {"previous_deployment_status": None, "deployment_status": "PENDING"})],
-                 id="deployment-from-none"),
-    pytest.param([OTHER], [changed(OTHER, deployment_status="FAILED")],
-                 [(DEPLOYMENT, {"previous_deployment_status": "ACTIVE", "deployment_status": "FAILED"})],
-                 id="deployment-active-to-failed"),
-    pytest.param([OTHER], [changed(OTHER, deployment_status=None)],
-                 [(DEPLOYMENT, {"previous_deployment_status": "ACTIVE", "deployment_status": None})],
-                 id="deployment-to-none"),
-    pytest.param([changed(BASE, deployment_status="Pending")], [changed(BASE, deployment_status="warming_UP")],
-                 [(DEPLOYMENT, {"previous_deployment_status": "Pending", "deployment_status": "warming_UP"})],
-                 id="deployment-unknown-status-verbatim"),
-    pytest.param([changed(BASE, deployment_status="PENDING")],
-                 [changed(BASE, deployment_status="ACTIVE", metrics={"loss": 0.2})],
-                 [(UPDATED, {"changed": ["metrics.loss"]}),
-                  (DEPLOYMENT, {"previous_deployment_status": "PENDING", "deployment_status": "ACTIVE"})],
-                 id="deployment-and-metric-two-events"),
+    pytest.param(
+        [BASE],
+        [changed(BASE, size_bytes=7, model_id="m2", metrics={"loss": 0.3, "epoch": 9})],
+        [(UPDATED, {"changed": ["size_bytes", "model_id", "metrics.epoch", "metrics.loss"]})],
+        id="several-fields",
+    ),
+    pytest.param(
+        [BASE],
+        [changed(BASE, deployment_status="PENDING")],
+        [(DEPLOYMENT, {"previous_deployment_status": None, "deployment_status": "PENDING"})],
+        id="deployment-from-none",
+    ),
+    pytest.param(
+        [OTHER],
+        [changed(OTHER, deployment_status="FAILED")],
+        [(DEPLOYMENT, {"previous_deployment_status": "ACTIVE", "deployment_status": "FAILED"})],
+        id="deployment-active-to-failed",
+    ),
+    pytest.param(
+        [OTHER],
+        [changed(OTHER, deployment_status=None)],
+        [(DEPLOYMENT, {"previous_deployment_status": "ACTIVE", "deployment_status": None})],
+        id="deployment-to-none",
+    ),
+    pytest.param(
+        [changed(BASE, deployment_status="Pending")],
+        [changed(BASE, deployment_status="warming_UP")],
+        [(DEPLOYMENT, {"previous_deployment_status": "Pending", "deployment_status": "warming_UP"})],
+        id="deployment-unknown-status-verbatim",
+    ),
+    pytest.param(
+        [changed(BASE, deployment_status="PENDING")],
+        [changed(BASE, deployment_status="ACTIVE", metrics={"loss": 0.2})],
+        [
+            (UPDATED, {"changed": ["metrics.loss"]}),
+            (DEPLOYMENT, {"previous_deployment_status": "PENDING", "deployment_status": "ACTIVE"}),
+        ],
+        id="deployment-and-metric-two-events",
+    ),
     pytest.param([OTHER], [changed(OTHER, deployment_status="active")], [], id="deployment-case-only"),
-    pytest.param([OTHER], [changed(OTHER, deployment_status="active", size_bytes=1)],
-                 [(UPDATED, {"changed": ["size_bytes"]})], id="deployment-case-only-plus-field"),
-    pytest.param([BASE], [changed(BASE, inference_samples=[{"prompt": "new", "response": "changed"}])], [],
-                 id="inference-samples-silent"),
+    pytest.param(
+        [OTHER],
+        [changed(OTHER, deployment_status="active", size_bytes=1)],
+        [(UPDATED, {"changed": ["size_bytes"]})],
+        id="deployment-case-only-plus-field",
+    ),
+    pytest.param(
+        [BASE],
+        [changed(BASE, inference_samples=[{"prompt": "new", "response": "changed"}])],
+        [],
+        id="inference-samples-silent",
+    ),
     pytest.param([BASE], [changed(BASE, inference_samples=None)], [], id="inference-samples-dropped-silent"),
     pytest.param([ck(1, 1)], [ck(1, 1.0)], [], id="same-number-int-vs-float"),
     pytest.param([BASE], [changed(BASE, some_new_hub_field={"x": 1})], [], id="unknown-extra-field-silent"),
@@ -359,9 +402,7 @@ def test_removed_then_back_changed_is_created_not_updated() -> None:
         pytest.param([0.5], [[0], [0.1]], [[True], [False]], id="integer-zero-loss"),
     ],
 )
-def test_is_best_loss(
-    known: list[float | None], polls: list[list[float | None]], expected: list[list[bool]]
-) -> None:
+def test_is_best_loss(known: list[float | None], polls: list[list[float | None]], expected: list[list[bool]]) -> None:
     known_cks = [ck(i + 1, loss) for i, loss in enumerate(known)]
     state = baselined(*known_cks)
     current = list(known_cks)
@@ -378,7 +419,7 @@ def test_is_best_loss(
 
 def test_best_loss_remembers_removed_checkpoints() -> None:
     state = baselined(ck(1, 0.2), ck(2, 0.5))
-    gone, new = run([ok(ck(2, 0.5)), ok(ck(2, 0.5), ck(3, 0.3))], state=state)
+    _gone, new = run([ok(ck(2, 0.5)), ok(ck(2, 0.5), ck(3, 0.3))], state=state)
     assert types(new) == [CREATED]
     assert new.events[0].data["is_best_loss"] is False  # 0.2 was seen
 
@@ -391,8 +432,10 @@ def test_best_loss_counts_a_silent_baseline() -> None:
 
 def test_best_loss_counts_an_updated_loss() -> None:
     state = baselined(ck(1, 0.5))
-    _, new = run([ok(changed(ck(1, 0.5), metrics={"loss": 0.1})), ok(changed(ck(1, 0.5), metrics={"loss": 0.1}), ck(2, 0.2))],
-                 state=state)
+    _, new = run(
+        [ok(changed(ck(1, 0.5), metrics={"loss": 0.1})), ok(changed(ck(1, 0.5), metrics={"loss": 0.1}), ck(2, 0.2))],
+        state=state,
+    )
     assert new.events[0].data["is_best_loss"] is False
 
 
@@ -409,10 +452,16 @@ def _not_found_data(event: EventDraft) -> dict[str, Any]:
         pytest.param([PollNotFound()], [[NOT_FOUND]], id="first-poll"),
         pytest.param([PollNotFound(), PollNotFound(), PollNotFound()], [[NOT_FOUND], [], []], id="only-on-transition"),
         pytest.param([ok(ck(1)), PollNotFound()], [[], [NOT_FOUND]], id="after-success"),
-        pytest.param([ok(ck(1)), PollNotFound(), ok(ck(1)), PollNotFound()], [[], [NOT_FOUND], [], [NOT_FOUND]],
-                     id="again-after-it-came-back"),
-        pytest.param([ok(ck(1)), PollNotFound(), PollUnchanged(body_hash="x"), PollNotFound()],
-                     [[], [NOT_FOUND], [], [NOT_FOUND]], id="again-after-unchanged-200"),
+        pytest.param(
+            [ok(ck(1)), PollNotFound(), ok(ck(1)), PollNotFound()],
+            [[], [NOT_FOUND], [], [NOT_FOUND]],
+            id="again-after-it-came-back",
+        ),
+        pytest.param(
+            [ok(ck(1)), PollNotFound(), PollUnchanged(body_hash="x"), PollNotFound()],
+            [[], [NOT_FOUND], [], [NOT_FOUND]],
+            id="again-after-unchanged-200",
+        ),
     ],
 )
 def test_not_found(results: list[PollResult], expected: list[list[str]]) -> None:
@@ -456,7 +505,9 @@ def test_poll_failing_once_at_threshold_then_recovered(threshold: int) -> None:
         [],
         *([[]] * (threshold - 1)),
         [FAILING],
-        [], [], [],
+        [],
+        [],
+        [],
         [RECOVERED],
         [],
     ]
@@ -476,8 +527,9 @@ def test_poll_failing_once_at_threshold_then_recovered(threshold: int) -> None:
 
 
 def test_poll_failing_counts_consecutive_failures() -> None:
-    transitions = run([failed(), failed(), ok(), failed(), failed(), ok(), failed(), failed(), failed()],
-                      failure_threshold=3)
+    transitions = run(
+        [failed(), failed(), ok(), failed(), failed(), ok(), failed(), failed(), failed()], failure_threshold=3
+    )
     assert [types(t) for t in transitions] == [[], [], [], [], [], [], [], [], [FAILING]]
     assert [t.state.consecutive_failures for t in transitions] == [1, 2, 0, 1, 2, 0, 1, 2, 3]
 
@@ -598,21 +650,27 @@ def test_small_event_data_is_untouched() -> None:
 
 
 OVERSIZED: list[Any] = [
-    pytest.param(_created(ck(1, inference_samples=[{"prompt": "p" * 5000, "response": "r" * 5000}] * 50)),
-                 id="huge-inference-samples"),
+    pytest.param(
+        _created(ck(1, inference_samples=[{"prompt": "p" * 5000, "response": "r" * 5000}] * 50)),
+        id="huge-inference-samples",
+    ),
     pytest.param(_created(ck(1, inference_samples=[{"prompt": "😀" * 2000}] * 100)), id="multibyte-samples"),
-    pytest.param(_created(ck(1, inference_samples=[{f"k{i}": "v" * 100 for i in range(500)}])),
-                 id="one-sample-many-keys"),
+    pytest.param(
+        _created(ck(1, inference_samples=[{f"k{i}": "v" * 100 for i in range(500)}])), id="one-sample-many-keys"
+    ),
     pytest.param(_created(ck(1, metrics={f"eval/metric_{i:05d}": i / 7 for i in range(5000)})), id="many-metrics"),
     pytest.param(_created(ck(1, metrics={f"m{i}_" + "x" * 3000: 1.0 for i in range(40)})), id="long-metric-names"),
     pytest.param(_created(ck(1, metrics={"notes": "z" * 100_000})), id="long-string-metric"),
     pytest.param(_created(ck(1, metrics={"confusion": _nested(40, 3)})), id="deeply-nested-metric"),
     pytest.param(_created(ck(1, path="p" * 50_000, model_name="n" * 50_000)), id="long-fields"),
     pytest.param(_created(ck(1, extra=[list(range(1000))] * 100)), id="long-extra-lists"),
-    pytest.param({"fine_tune": FINE_TUNE, "error": "e" * 100_000, "http_status": 500, "consecutive_failures": 3},
-                 id="long-error"),
-    pytest.param({"fine_tune": FINE_TUNE, "checkpoint": ck(1), "changed": [f"metrics.m{i}" for i in range(5000)]},
-                 id="long-changed-list"),
+    pytest.param(
+        {"fine_tune": FINE_TUNE, "error": "e" * 100_000, "http_status": 500, "consecutive_failures": 3}, id="long-error"
+    ),
+    pytest.param(
+        {"fine_tune": FINE_TUNE, "checkpoint": ck(1), "changed": [f"metrics.m{i}" for i in range(5000)]},
+        id="long-changed-list",
+    ),
     pytest.param(
         _created(ck(1, metrics={**{f"m{i}_" + "x" * 2000: 1.0 for i in range(16)}, "confusion": _nested(40, 3)})),
         id="nested-metric-plus-long-metric-names",

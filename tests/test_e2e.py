@@ -40,8 +40,10 @@ def test_daemon_announces_changes_after_a_silent_baseline(hub, tmp_path, daemons
     hub.add_checkpoint(KEY, 300, loss=1.2)
     hub.set_deployment_status(KEY, 200, "DEPLOYING")
     wanted = {"checkpoint.created", "checkpoint.deployment_changed"}
-    events = wait_for(lambda: (found := _events(config)) and wanted <= {e["type"] for e in found} and found,
-                      what="created + deployment events")
+    events = wait_for(
+        lambda: (found := _events(config)) and wanted <= {e["type"] for e in found} and found,
+        what="created + deployment events",
+    )
     by_type = {e["type"]: e for e in events}
     created = by_type["checkpoint.created"]
     assert created["data"]["checkpoint"]["step"] == 300
@@ -65,7 +67,7 @@ def test_daemon_announces_changes_after_a_silent_baseline(hub, tmp_path, daemons
     assert row["checkpoints"] == 2 and row["latest_step"] == 300 and row["latest_loss"] == 1.2
     assert row["deployments"] == {"200": "ACTIVE"}
     types = [e["type"] for e in _events(config)]
-    assert len(types) == len(set(e["id"] for e in _events(config)))
+    assert len(types) == len({e["id"] for e in _events(config)})
     newest_first = cli("events", "-c", str(config), "--json", "--limit", "1", "--type", "checkpoint.c*")
     assert [orjson.loads(line)["type"] for line in newest_first.stdout.splitlines()] == ["checkpoint.created"]
 
@@ -93,8 +95,13 @@ def test_kill_9_and_restart_loses_nothing_and_repeats_nothing(hub, tmp_path, dae
     wait_for(lambda: len(_events(config)) >= len(added), timeout=30, what="all events after restarts")
     assert daemon.terminate() == 0
     events = _events(config)
-    seen = Counter((f"{e['data']['fine_tune']['namespace']}/{e['data']['fine_tune']['repo']}/"
-                    f"{e['data']['fine_tune']['id']}", e["data"]["checkpoint"]["step"]) for e in events)
+    seen = Counter(
+        (
+            f"{e['data']['fine_tune']['namespace']}/{e['data']['fine_tune']['repo']}/{e['data']['fine_tune']['id']}",
+            e["data"]["checkpoint"]["step"],
+        )
+        for e in events
+    )
     assert {e["type"] for e in events} == {"checkpoint.created"}  # no re-baseline, nothing else
     assert sorted(seen) == sorted(added)
     assert all(count == 1 for count in seen.values()), seen
@@ -133,7 +140,10 @@ def test_once_dry_run_prints_events_and_writes_nothing(hub, tmp_path):
     committed = cli("once", "-c", str(config))
     assert committed.returncode == 0
     assert [e["type"] for e in _events(config)] == [
-        "checkpoint.created", "checkpoint.deployment_changed", "checkpoint.updated"]
+        "checkpoint.created",
+        "checkpoint.deployment_changed",
+        "checkpoint.updated",
+    ]
 
 
 def test_once_exit_status_and_404(hub, tmp_path):
@@ -144,7 +154,8 @@ def test_once_exit_status_and_404(hub, tmp_path):
     assert result.returncode == 1
     events = _events(config)
     assert [(e["type"], e["data"]["fine_tune"]["id"], e["data"]["http_status"]) for e in events] == [
-        ("fine_tune.not_found", "ft_gone", 404)]
+        ("fine_tune.not_found", "ft_gone", 404)
+    ]
     again = cli("once", "-c", str(config))
     assert again.returncode == 1
     assert len(_events(config)) == 1  # on the transition only
@@ -152,14 +163,20 @@ def test_once_exit_status_and_404(hub, tmp_path):
 
 def test_once_beside_run_creates_no_event_twice(hub, tmp_path, daemons):
     hub.add_fine_tune("acme", "bot", "ft_1")
-    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT],
-                                                           watch={"interval_s": 0.5}))
+    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT], watch={"interval_s": 0.5}))
     daemon = daemons(config)
     wait_for(lambda: _polled_ok(config), what="baseline")
     for step in range(1, 6):
         hub.add_checkpoint(KEY, step, loss=1 / step)
-        procs = [subprocess.Popen([sys.executable, "-m", "watcher", "once", "-c", str(config)], cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "watcher", "once", "-c", str(config)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(2)
+        ]
         for proc in procs:
             assert proc.wait(60) == 0
     wait_for(lambda: len(_events(config)) >= 5, what="five events")
@@ -169,11 +186,16 @@ def test_once_beside_run_creates_no_event_twice(hub, tmp_path, daemons):
 
 
 def test_check_config_names_a_misspelled_key(tmp_path):
-    config = write_config(tmp_path / "c.toml", {
-        "hub": {"url": "http://127.0.0.1:1", "token": "t"},
-        "fine_tunes": [{"namespace": "a", "repo": "b", "id": "c"}, {"namespace": "a", "repo": "b", "id": "d",
-                                                                    "intervall_s": 5}],
-    })
+    config = write_config(
+        tmp_path / "c.toml",
+        {
+            "hub": {"url": "http://127.0.0.1:1", "token": "t"},
+            "fine_tunes": [
+                {"namespace": "a", "repo": "b", "id": "c"},
+                {"namespace": "a", "repo": "b", "id": "d", "intervall_s": 5},
+            ],
+        },
+    )
     result = cli("check-config", "-c", str(config))
     assert result.returncode == 78
     assert result.stderr.strip().count("\n") == 0
@@ -193,8 +215,9 @@ def test_status_and_events_need_no_secrets(hub, tmp_path):
 
 
 def test_demo_prints_created_and_deployment_events_within_30s(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "watcher", "demo"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "demo"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     seen: list[str] = []
     try:
         import selectors

@@ -57,15 +57,25 @@ def promtool_lint(text: str) -> subprocess.CompletedProcess[str]:
 
 def test_metrics_health_and_restart(hub, tmp_path, daemons):
     hub.add_fine_tune("acme", "bot", "ft_1", name="bot-sft")
-    hub.add_checkpoint(KEY, 100, loss=2.0, metrics={"learning_rate": 3e-5, "grad_norm": 0.7, "epoch": 0.5},
-                       deployment_status="ACTIVE", created_at="2026-11-25T10:00:00Z")
+    hub.add_checkpoint(
+        KEY,
+        100,
+        loss=2.0,
+        metrics={"learning_rate": 3e-5, "grad_norm": 0.7, "epoch": 0.5},
+        deployment_status="ACTIVE",
+        created_at="2026-11-25T10:00:00Z",
+    )
     hub.add_checkpoint(KEY, 200, loss=1.5, created_at="2026-11-25T11:00:00Z")
     receiver = Receiver().start()
     down_url = receiver.url
     receiver.stop()
-    data = base_config(hub, tmp_path, fine_tunes=[FT, MISSING], watch={"interval_s": 0.5},
-                       notifiers=[{"name": "ci", "type": "webhook", "url": down_url,
-                                   "retry_schedule_s": [0, 0.2, 30]}])
+    data = base_config(
+        hub,
+        tmp_path,
+        fine_tunes=[FT, MISSING],
+        watch={"interval_s": 0.5},
+        notifiers=[{"name": "ci", "type": "webhook", "url": down_url, "retry_schedule_s": [0, 0.2, 30]}],
+    )
     config = write_config(tmp_path / "c.toml", data)
     daemon = daemons(config)
     port = listen_port(daemon)
@@ -73,11 +83,17 @@ def test_metrics_health_and_restart(hub, tmp_path, daemons):
     assert httpx.get(f"{base}/healthz").status_code == 200
     wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, what="ready")
 
-    hub.add_checkpoint(KEY, 300, loss=1.2, metrics={"mean_token_accuracy": 0.8},
-                       created_at="2026-11-25T12:00:00Z")
+    hub.add_checkpoint(KEY, 300, loss=1.2, metrics={"mean_token_accuracy": 0.8}, created_at="2026-11-25T12:00:00Z")
     hub.set_deployment_status(KEY, 200, "DEPLOY_FAILED")
-    text = wait_for(lambda: (t := scrape(port)) and value(t, "oxen_fine_tune_latest_step") == 300
-                    and value(t, "oxen_watcher_deliveries_total", outcome="retried") and t, what="step 300")
+    text = wait_for(
+        lambda: (
+            (t := scrape(port))
+            and value(t, "oxen_fine_tune_latest_step") == 300
+            and value(t, "oxen_watcher_deliveries_total", outcome="retried")
+            and t
+        ),
+        what="step 300",
+    )
     lint = promtool_lint(text)
     assert lint.returncode == 0 and lint.stdout == "" and lint.stderr == "", lint.stdout + lint.stderr
     assert "_created" not in text
@@ -99,18 +115,34 @@ def test_metrics_health_and_restart(hub, tmp_path, daemons):
     assert value(text, "oxen_fine_tune_epoch", **labels) == 0.3
     noon = datetime(2026, 11, 25, 12, tzinfo=UTC).timestamp()
     assert value(text, "oxen_fine_tune_latest_checkpoint_timestamp_seconds", **labels) == noon
-    deployments = {(dict(ls)["step"], dict(ls)["status"]): v for (n, ls), v in samples(text).items()
-                   if n == "oxen_checkpoint_deployment_status"}
+    deployments = {
+        (dict(ls)["step"], dict(ls)["status"]): v
+        for (n, ls), v in samples(text).items()
+        if n == "oxen_checkpoint_deployment_status"
+    }
     assert deployments == {("100", "ACTIVE"): 1.0, ("200", "DEPLOY_FAILED"): 1.0}
-    wait_for(lambda: value(t := scrape(port), "oxen_watcher_outbox_pending", notifier="ci") >= 1
-             and value(t, "oxen_watcher_outbox_oldest_pending_age_seconds", notifier="ci") > 0, what="pending")
+    wait_for(
+        lambda: (
+            value(t := scrape(port), "oxen_watcher_outbox_pending", notifier="ci") >= 1
+            and value(t, "oxen_watcher_outbox_oldest_pending_age_seconds", notifier="ci") > 0
+        ),
+        what="pending",
+    )
     assert value(text, "oxen_fine_tune_checkpoints", fine_tune_id="ft_gone") is None
 
     # the status of a deployment is a state set: only the current one is exported
     hub.set_deployment_status(KEY, 200, "ACTIVE")
-    wait_for(lambda: {(dict(ls)["step"], dict(ls)["status"]) for (n, ls), v in samples(scrape(port)).items()
-                      if n == "oxen_checkpoint_deployment_status"} == {("100", "ACTIVE"), ("200", "ACTIVE")},
-             what="ACTIVE replaces DEPLOY_FAILED")
+    wait_for(
+        lambda: (
+            {
+                (dict(ls)["step"], dict(ls)["status"])
+                for (n, ls), v in samples(scrape(port)).items()
+                if n == "oxen_checkpoint_deployment_status"
+            }
+            == {("100", "ACTIVE"), ("200", "ACTIVE")}
+        ),
+        what="ACTIVE replaces DEPLOY_FAILED",
+    )
 
     assert daemon.terminate() == 0
     # after a restart, with the Hub failing, the gauges still come from the persisted state
@@ -120,8 +152,10 @@ def test_metrics_health_and_restart(hub, tmp_path, daemons):
     text = scrape(port)
     assert value(text, "oxen_fine_tune_checkpoints", **labels) == 3
     assert value(text, "oxen_fine_tune_latest_step", **labels) == 300
-    wait_for(lambda: value(scrape(port), "oxen_watcher_polls_total", fine_tune_id="ft_1", outcome="error"),
-             what="failed polls counted")
+    wait_for(
+        lambda: value(scrape(port), "oxen_watcher_polls_total", fine_tune_id="ft_1", outcome="error"),
+        what="failed polls counted",
+    )
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
     assert value(scrape(port), "oxen_fine_tune_latest_step", **labels) == 300
     assert daemon.terminate() == 0
@@ -186,8 +220,10 @@ def test_sighup_adds_removes_and_rejects(hub, tmp_path, daemons):
     rejected = wait_for(lambda: [e for e in daemon.logs() if e.get("event") == "reload.rejected"], what="reject")
     assert str(config) in rejected[-1]["error"]
     hub.add_checkpoint("acme/bot/ft_2", 2, loss=0.5)
-    wait_for(lambda: value(scrape(port), "oxen_fine_tune_latest_step", fine_tune_id="ft_2") == 2,
-             what="still polling after the rejected reload")
+    wait_for(
+        lambda: value(scrape(port), "oxen_fine_tune_latest_step", fine_tune_id="ft_2") == 2,
+        what="still polling after the rejected reload",
+    )
     assert len(hub.requests(KEY)) == requests_before  # removed fine-tunes are no longer polled
     assert daemon.terminate() == 0
     assert daemon.proc.returncode == 0
@@ -203,10 +239,22 @@ def test_secrets_never_appear_in_any_output(hub, tmp_path, daemons):
     with Receiver(secret=secret) as receiver:
         url = receiver.url.replace("/hook", hook_path)
         receiver.script(Answer(status=503), Answer(status=410, body=f"gone {hook_path}"))
-        data = base_config(hub, tmp_path, fine_tunes=[FT], watch={"failure_threshold": 1},
-                           log={"level": "debug", "format": "json"},
-                           notifiers=[{"name": "ci", "type": "webhook", "url_env": "OW_TEST_HOOK_URL",
-                                       "secret_env": "OW_TEST_HOOK_SECRET", "retry_schedule_s": [0, 0.2]}])
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=[FT],
+            watch={"failure_threshold": 1},
+            log={"level": "debug", "format": "json"},
+            notifiers=[
+                {
+                    "name": "ci",
+                    "type": "webhook",
+                    "url_env": "OW_TEST_HOOK_URL",
+                    "secret_env": "OW_TEST_HOOK_SECRET",
+                    "retry_schedule_s": [0, 0.2],
+                }
+            ],
+        )
         data["hub"] = {**data["hub"], "token": None}
         data["hub"].pop("token")
         data["hub"]["token_env"] = "OW_TEST_HUB_TOKEN"
@@ -241,6 +289,7 @@ async def test_healthz_turns_503_when_a_loop_dies(hub, tmp_path):
     running = asyncio.create_task(app.run())
     try:
         async with httpx.AsyncClient() as client:
+
             async def status(path: str) -> int:
                 return (await client.get(f"http://127.0.0.1:{app.server.port}{path}")).status_code
 

@@ -20,36 +20,40 @@ ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
 SCRAPE = PROMETHEUS_DIR / "scrape.yml"
 
 # The metric names oxen-watcher exports: its public interface, which the alert rules may rely on.
-EXPORTED_METRICS = frozenset({
-    "oxen_watcher_build_info",
-    "oxen_watcher_polls_total",
-    "oxen_watcher_poll_duration_seconds",
-    "oxen_watcher_last_success_timestamp_seconds",
-    "oxen_watcher_events_total",
-    "oxen_watcher_deliveries_total",
-    "oxen_watcher_outbox_pending",
-    "oxen_watcher_outbox_oldest_pending_age_seconds",
-    "oxen_fine_tune_checkpoints",
-    "oxen_fine_tune_latest_step",
-    "oxen_fine_tune_loss",
-    "oxen_fine_tune_learning_rate",
-    "oxen_fine_tune_grad_norm",
-    "oxen_fine_tune_mean_token_accuracy",
-    "oxen_fine_tune_epoch",
-    "oxen_fine_tune_latest_checkpoint_timestamp_seconds",
-    "oxen_checkpoint_deployment_status",
-})
+EXPORTED_METRICS = frozenset(
+    {
+        "oxen_watcher_build_info",
+        "oxen_watcher_polls_total",
+        "oxen_watcher_poll_duration_seconds",
+        "oxen_watcher_last_success_timestamp_seconds",
+        "oxen_watcher_events_total",
+        "oxen_watcher_deliveries_total",
+        "oxen_watcher_outbox_pending",
+        "oxen_watcher_outbox_oldest_pending_age_seconds",
+        "oxen_fine_tune_checkpoints",
+        "oxen_fine_tune_latest_step",
+        "oxen_fine_tune_loss",
+        "oxen_fine_tune_learning_rate",
+        "oxen_fine_tune_grad_norm",
+        "oxen_fine_tune_mean_token_accuracy",
+        "oxen_fine_tune_epoch",
+        "oxen_fine_tune_latest_checkpoint_timestamp_seconds",
+        "oxen_checkpoint_deployment_status",
+    }
+)
 HISTOGRAMS = frozenset({"oxen_watcher_poll_duration_seconds"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
-EXPECTED_ALERTS = frozenset({
-    "OxenWatcherDown",
-    "OxenFineTunePollsFailing",
-    "OxenFineTuneTrainingStalled",
-    "OxenWatcherDeliveriesDead",
-    "OxenWatcherDeliveriesPendingTooLong",
-    "OxenCheckpointDeploymentFailed",
-})
+EXPECTED_ALERTS = frozenset(
+    {
+        "OxenWatcherDown",
+        "OxenFineTunePollsFailing",
+        "OxenFineTuneTrainingStalled",
+        "OxenWatcherDeliveriesDead",
+        "OxenWatcherDeliveriesPendingTooLong",
+        "OxenCheckpointDeploymentFailed",
+    }
+)
 
 
 def _promtool() -> str:
@@ -66,9 +70,7 @@ def _promtool() -> str:
 
 def _run_promtool(*args: str) -> str:
     """Run promtool from the project root; fail unless it exits 0 without warnings. Returns its output."""
-    result = subprocess.run(
-        [_promtool(), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
-    )
+    result = subprocess.run([_promtool(), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     output = f"{result.stdout}\n{result.stderr}"
     assert result.returncode == 0, f"promtool {' '.join(args)} exited {result.returncode}:\n{output}"
     assert "warn" not in output.lower(), f"promtool {' '.join(args)} warned:\n{output}"
@@ -117,7 +119,7 @@ def _rules(text: str) -> list[tuple[str, str, str]]:
         indent, value = len(m.group(1)), m.group(2)
         if _BLOCK_SCALAR.match(value):
             body = []
-            for following in lines[i + 1:]:
+            for following in lines[i + 1 :]:
                 if following.strip() and len(following) - len(following.lstrip()) <= indent:
                     break
                 body.append(following.strip())

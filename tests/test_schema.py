@@ -220,8 +220,9 @@ def test_missing_step_is_invalid() -> None:
     assert_invalid(orjson.dumps({"checkpoints": [{"path": "x"}]}))
 
 
-@pytest.mark.parametrize("raw", [b"1e2", b"100.0", b"9223372036854775808", b"-9223372036854775809",
-                                 b"18446744073709551616", b"1" * 40])
+@pytest.mark.parametrize(
+    "raw", [b"1e2", b"100.0", b"9223372036854775808", b"-9223372036854775809", b"18446744073709551616", b"1" * 40]
+)
 def test_steps_that_are_not_64_bit_integers_are_invalid(raw: bytes) -> None:
     assert_invalid(b'{"checkpoints": [{"step": ' + raw + b"}]}")
 
@@ -291,9 +292,13 @@ def test_one_bad_checkpoint_among_good_ones_is_invalid() -> None:
 
 # --- junk never escapes as anything but a PollError -----------------------------------------------------
 
-json_scalars = st.none() | st.booleans() | st.integers(INT64_MIN, 2**64 - 1) | st.floats(
-    allow_nan=False, allow_infinity=False
-) | st.text(max_size=20)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(INT64_MIN, 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
 json_values = st.recursive(
     json_scalars,
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
@@ -309,7 +314,7 @@ checkpoint_like = st.builds(
     lambda known, extra: {**extra, **known},
     st.fixed_dictionaries(
         {"step": st.integers(-(2**64), 2**64) | st.integers(0, 5) | json_scalars},
-        optional={**{name: plausible_value for name in FIELDS}, "metrics": metrics_like | json_values},
+        optional={**dict.fromkeys(FIELDS, plausible_value), "metrics": metrics_like | json_values},
     ),
     st.dictionaries(st.text(max_size=8), json_values, max_size=3),
 ) | st.dictionaries(st.text(max_size=8), json_values, max_size=5)

@@ -20,58 +20,101 @@ def _event(kind: str, **data: object) -> Event:
 
 
 def test_created_snapshot():
-    event = _event("checkpoint.created", checkpoint={
-        "step": 4000, "metrics": {"loss": 0.4321, "mean_token_accuracy": 0.91, "learning_rate": 2e-05,
-                                  "grad_norm": None}}, is_best_loss=True)
+    event = _event(
+        "checkpoint.created",
+        checkpoint={
+            "step": 4000,
+            "metrics": {"loss": 0.4321, "mean_token_accuracy": 0.91, "learning_rate": 2e-05, "grad_norm": None},
+        },
+        is_best_loss=True,
+    )
     assert message(event) == {
         "text": "bot &lt;sft&gt;: new checkpoint at step 4000 · loss 0.4321, mean_token_accuracy 0.91, "
-                "learning_rate 2e-05 · best loss so far",
+        "learning_rate 2e-05 · best loss so far",
         "blocks": [
-            {"type": "section",
-             "text": {"type": "mrkdwn", "text": "*bot &lt;sft&gt;*: new checkpoint at step *4000* :trophy: best loss so far"},
-             "fields": [
-                 {"type": "mrkdwn", "text": "*Loss*\n0.4321 (best so far)"},
-                 {"type": "mrkdwn", "text": "*Mean token accuracy*\n0.91"},
-                 {"type": "mrkdwn", "text": "*Learning rate*\n2e-05"},
-             ]},
-            {"type": "context", "elements": [
-                {"type": "mrkdwn", "text": "`acme/bot/ft_1` · checkpoint.created · evt_01TEST"}]},
+            {
+                "type": "section",
+                "text": {
+                    "type": "mrkdwn",
+                    "text": "*bot &lt;sft&gt;*: new checkpoint at step *4000* :trophy: best loss so far",
+                },
+                "fields": [
+                    {"type": "mrkdwn", "text": "*Loss*\n0.4321 (best so far)"},
+                    {"type": "mrkdwn", "text": "*Mean token accuracy*\n0.91"},
+                    {"type": "mrkdwn", "text": "*Learning rate*\n2e-05"},
+                ],
+            },
+            {
+                "type": "context",
+                "elements": [{"type": "mrkdwn", "text": "`acme/bot/ft_1` · checkpoint.created · evt_01TEST"}],
+            },
         ],
     }
 
 
 def test_deployment_change_snapshot():
-    event = _event("checkpoint.deployment_changed", checkpoint={"step": 300},
-                   previous_deployment_status="DEPLOYING", deployment_status="ACTIVE")
+    event = _event(
+        "checkpoint.deployment_changed",
+        checkpoint={"step": 300},
+        previous_deployment_status="DEPLOYING",
+        deployment_status="ACTIVE",
+    )
     assert message(event)["blocks"][0] == {
         "type": "section",
-        "text": {"type": "mrkdwn", "text": "*bot &lt;sft&gt;*: step *300* deployment `DEPLOYING` → `ACTIVE`"}}
+        "text": {"type": "mrkdwn", "text": "*bot &lt;sft&gt;*: step *300* deployment `DEPLOYING` → `ACTIVE`"},
+    }
     assert message(event)["text"] == "bot &lt;sft&gt;: step 300 deployment DEPLOYING -&gt; ACTIVE"
 
 
-@pytest.mark.parametrize(("kind", "extra", "needle"), [
-    ("fine_tune.poll_failing", {"error": "Hub answered 503", "http_status": 503, "consecutive_failures": 3},
-     ":warning: *bot &lt;sft&gt;*: polls failing, 3 in a row: Hub answered 503"),
-    ("fine_tune.poll_recovered", {"error": None, "http_status": 200, "consecutive_failures": 4},
-     ":white_check_mark: *bot &lt;sft&gt;*: polls recovered after 4 failures"),
-    ("fine_tune.not_found", {"error": "fine-tune not found", "http_status": 404, "consecutive_failures": 0},
-     "fine-tune not found on the Hub (404)"),
-    ("checkpoint.updated", {"checkpoint": {"step": 7}, "changed": ["metrics.loss"]},
-     "step *7* updated (metrics.loss)"),
-    ("checkpoint.removed", {"checkpoint": {"step": 7}}, "step *7* removed"),
-])
+@pytest.mark.parametrize(
+    ("kind", "extra", "needle"),
+    [
+        (
+            "fine_tune.poll_failing",
+            {"error": "Hub answered 503", "http_status": 503, "consecutive_failures": 3},
+            ":warning: *bot &lt;sft&gt;*: polls failing, 3 in a row: Hub answered 503",
+        ),
+        (
+            "fine_tune.poll_recovered",
+            {"error": None, "http_status": 200, "consecutive_failures": 4},
+            ":white_check_mark: *bot &lt;sft&gt;*: polls recovered after 4 failures",
+        ),
+        (
+            "fine_tune.not_found",
+            {"error": "fine-tune not found", "http_status": 404, "consecutive_failures": 0},
+            "fine-tune not found on the Hub (404)",
+        ),
+        (
+            "checkpoint.updated",
+            {"checkpoint": {"step": 7}, "changed": ["metrics.loss"]},
+            "step *7* updated (metrics.loss)",
+        ),
+        ("checkpoint.removed", {"checkpoint": {"step": 7}}, "step *7* removed"),
+    ],
+)
 def test_other_event_kinds(kind, extra, needle):
     assert needle in message(_event(kind, **extra))["blocks"][0]["text"]["text"]
 
 
 def test_size_bound_with_huge_metrics_and_samples():
     huge = "x" * 50_000
-    event = _event("checkpoint.created", checkpoint={
-        "step": 1, "metrics": {"loss": 0.1, **{f"metric_{i}_{huge[:200]}": i for i in range(200)}},
-        "inference_samples": [{"prompt": huge, "completion": huge}] * 10, "model_name": huge},
-        is_best_loss=False)
-    event = Event(event.id, event.type, event.timestamp,
-                  {**event.data, "fine_tune": {**FINE_TUNE, "name": huge}}, event.fine_tune_key)
+    event = _event(
+        "checkpoint.created",
+        checkpoint={
+            "step": 1,
+            "metrics": {"loss": 0.1, **{f"metric_{i}_{huge[:200]}": i for i in range(200)}},
+            "inference_samples": [{"prompt": huge, "completion": huge}] * 10,
+            "model_name": huge,
+        },
+        is_best_loss=False,
+    )
+    event = Event(
+        event.id,
+        event.type,
+        event.timestamp,
+        {**event.data, "fine_tune": {**FINE_TUNE, "name": huge}},
+        event.fine_tune_key,
+    )
     payload = message(event)
     assert len(orjson.dumps(payload)) <= MAX_PAYLOAD_BYTES < 4000
     assert payload["text"]
@@ -80,8 +123,10 @@ def test_size_bound_with_huge_metrics_and_samples():
 
 
 def test_digest_lists_the_burst():
-    events = [_event("checkpoint.created", checkpoint={"step": s, "metrics": {"loss": 1 / s}}, is_best_loss=True)
-              for s in range(1, 9)]
+    events = [
+        _event("checkpoint.created", checkpoint={"step": s, "metrics": {"loss": 1 / s}}, is_best_loss=True)
+        for s in range(1, 9)
+    ]
     payload = digest(events)
     assert payload["text"] == "bot &lt;sft&gt;: 8 changes in one poll"
     listing = payload["blocks"][1]["text"]["text"]
@@ -109,8 +154,10 @@ async def test_burst_becomes_one_digest_message(tmp_path: Path):
 
 async def test_one_message_per_second_and_429_retry_after(tmp_path: Path):
     with Receiver() as slack:
-        slack.script(Answer(status=429, headers={"Retry-After": "2"}, body="rate_limited"),
-                     Answer(status=200, body="ok", times=10))
+        slack.script(
+            Answer(status=429, headers={"Retry-After": "2"}, body="rate_limited"),
+            Answer(status=200, body="ok", times=10),
+        )
         rig = Rig(tmp_path, _slack(slack))
         ids = [i for s in (1, 2, 3) for i in rig.commit(REF, s)]
         await rig.run_until(lambda: sum(r.status == 200 for r in slack.deliveries()) == 3, timeout=20)
@@ -118,8 +165,10 @@ async def test_one_message_per_second_and_429_retry_after(tmp_path: Path):
         assert times[1] - times[0] >= 2.0  # Retry-After honoured
         assert all(b - a >= 0.95 for a, b in zip(times, times[1:], strict=False))  # about one per second
         assert [r.json["text"].split(" · ")[0] for r in slack.deliveries() if r.status == 200] == [
-            "bot-sft: new checkpoint at step 1", "bot-sft: new checkpoint at step 2",
-            "bot-sft: new checkpoint at step 3"]
+            "bot-sft: new checkpoint at step 1",
+            "bot-sft: new checkpoint at step 2",
+            "bot-sft: new checkpoint at step 3",
+        ]
         rows = rig.store.deliveries_of(ids)
         assert rows[ids[0]][0].attempts == 2
         await rig.close()

@@ -361,9 +361,7 @@ def test_event_id_clash_with_a_committed_event_rolls_back_the_state(
     assert types(again) == [CHECKPOINT_CREATED]
 
 
-def test_poll_unchanged_with_another_hash_returns_none_and_writes_nothing(
-    db_path: Path, store: SqliteStore
-) -> None:
+def test_poll_unchanged_with_another_hash_returns_none_and_writes_nothing(db_path: Path, store: SqliteStore) -> None:
     apply(store, success(cp(1)))
     before = snapshot(db_path)
     assert store.apply_poll(REF, PollUnchanged("not-the-stored-hash"), options=OPTIONS, now=T0 + 1) is None
@@ -445,7 +443,7 @@ def test_two_stores_on_one_file_announce_a_change_once(db_path: Path, stores: Ca
             barrier.wait()
             try:
                 results[name] = store.apply_poll(REF, poll, options=OPTIONS, now=T0 + round_number)
-            except BaseException as err:  # noqa: BLE001 - reported below
+            except BaseException as err:
                 results[name] = err
 
         threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
@@ -476,8 +474,13 @@ def build_history(store: SqliteStore) -> None:
 
 def test_recent_events_newest_first_with_limit_and_glob(store: SqliteStore) -> None:
     build_history(store)
-    all_types = [CHECKPOINT_CREATED, FINE_TUNE_NOT_FOUND, CHECKPOINT_REMOVED, CHECKPOINT_DEPLOYMENT_CHANGED,
-                 CHECKPOINT_CREATED]
+    all_types = [
+        CHECKPOINT_CREATED,
+        FINE_TUNE_NOT_FOUND,
+        CHECKPOINT_REMOVED,
+        CHECKPOINT_DEPLOYMENT_CHANGED,
+        CHECKPOINT_CREATED,
+    ]
     recent = store.recent_events()
     assert [e.type for e in recent] == all_types
     assert [e.timestamp for e in recent] == sorted((e.timestamp for e in recent), reverse=True)
@@ -524,7 +527,11 @@ def test_statuses(store: SqliteStore) -> None:
     ok, not_found, never = store.statuses([REF.key, OTHER.key, unknown])
     assert [s.key for s in store.statuses()] == sorted([REF.key, OTHER.key])
     assert (ok.key, ok.last_poll_at, ok.last_outcome, ok.last_http_status, ok.last_error) == (
-        REF.key, T0, "ok", 200, None
+        REF.key,
+        T0,
+        "ok",
+        200,
+        None,
     )
     assert (ok.baselined, ok.not_found, ok.failing, ok.consecutive_failures) == (True, False, False, 0)
     assert (ok.checkpoints, ok.latest_step, ok.latest_loss, ok.last_success_at) == (3, 5, 0.4, T0)
@@ -532,10 +539,17 @@ def test_statuses(store: SqliteStore) -> None:
     assert ok.deployments == {3: "deploying", 5: "ACTIVE"}
     assert ok.metrics["loss"] == 0.4 and ok.metrics["learning_rate"] == 1e-5
     assert (not_found.not_found, not_found.last_outcome, not_found.last_http_status, not_found.checkpoints) == (
-        True, "not_found", 404, 0
+        True,
+        "not_found",
+        404,
+        0,
     )
     assert (never.key, never.last_poll_at, never.baselined, never.checkpoints, never.latest_step) == (
-        unknown, None, False, 0, None
+        unknown,
+        None,
+        False,
+        0,
+        None,
     )
 
     first = apply(store, failed(502), now=T0 + 10, options=options)
@@ -544,18 +558,28 @@ def test_statuses(store: SqliteStore) -> None:
     assert (types(first), types(second), types(third)) == ([], [FINE_TUNE_POLL_FAILING], [])
     [status] = store.statuses([REF.key])
     assert (status.consecutive_failures, status.failing, status.last_outcome, status.last_http_status) == (
-        3, True, "error", 503
+        3,
+        True,
+        "error",
+        503,
     )
     assert status.last_error == "Hub answered 503"
     assert (status.last_poll_at, status.last_success_at) == (T0 + 30, T0)
     assert status.checkpoints == 3  # failures keep what is known
 
-    recovered = apply(store, success(cp(1, loss=0.9), cp(5, loss=0.4, status="ACTIVE"), cp(3, status="deploying")),
-                      now=T0 + 40, options=options)
+    recovered = apply(
+        store,
+        success(cp(1, loss=0.9), cp(5, loss=0.4, status="ACTIVE"), cp(3, status="deploying")),
+        now=T0 + 40,
+        options=options,
+    )
     assert types(recovered) == [FINE_TUNE_POLL_RECOVERED]
     [status] = store.statuses([REF.key])
     assert (status.consecutive_failures, status.failing, status.last_error, status.last_success_at) == (
-        0, False, None, T0 + 40
+        0,
+        False,
+        None,
+        T0 + 40,
     )
 
 

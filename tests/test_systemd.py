@@ -49,7 +49,8 @@ def _seconds(value: str) -> float:
 @pytest.fixture
 def systemd_analyze() -> str:
     found = shutil.which("systemd-analyze") or next(
-        (p for p in ("/usr/bin/systemd-analyze", "/bin/systemd-analyze") if Path(p).exists()), None)
+        (p for p in ("/usr/bin/systemd-analyze", "/bin/systemd-analyze") if Path(p).exists()), None
+    )
     if found is None:
         pytest.skip("systemd-analyze is not installed")
     return found
@@ -91,14 +92,26 @@ def test_systemd_analyze_verify_is_silent(systemd_analyze, local_unit):
     # Nothing is filtered: on a host with systemd installed, verify of this unit prints nothing at all. (The
     # shipped unit itself would print "Command /usr/local/bin/oxen-watcher is not executable" wherever it is
     # not installed yet, which is why ExecStart is pointed at this venv's console script.)
-    result = subprocess.run([systemd_analyze, "verify", str(local_unit)], check=False, capture_output=True,
-                            text=True, timeout=60, cwd=local_unit.parent)
+    result = subprocess.run(
+        [systemd_analyze, "verify", str(local_unit)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=local_unit.parent,
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_systemd_analyze_security_exposure(systemd_analyze, local_unit):
-    result = subprocess.run([systemd_analyze, "security", "--offline=yes", "--no-pager", str(local_unit)],
-                            check=False, capture_output=True, text=True, timeout=60, cwd=local_unit.parent)
+    result = subprocess.run(
+        [systemd_analyze, "security", "--offline=yes", "--no-pager", str(local_unit)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=local_unit.parent,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
     assert match, result.stdout + result.stderr
@@ -140,11 +153,15 @@ class NotifySocket:
             return index
         return None
 
-    def wait(self, key: str, value: str | None = None, *, prefix: str | None = None, after: int = 0,
-             timeout: float = 20) -> int:
+    def wait(
+        self, key: str, value: str | None = None, *, prefix: str | None = None, after: int = 0, timeout: float = 20
+    ) -> int:
         described = f"{key}={value if value is not None else (prefix or '') + '...'}"
-        found = wait_for(lambda: (i := self.find(key, value, prefix=prefix, after=after)) is not None and (i,),
-                         timeout=timeout, what=f"{described} on $NOTIFY_SOCKET; got {self.messages}")
+        found = wait_for(
+            lambda: (i := self.find(key, value, prefix=prefix, after=after)) is not None and (i,),
+            timeout=timeout,
+            what=f"{described} on $NOTIFY_SOCKET; got {self.messages}",
+        )
         return found[0]
 
     def close(self) -> None:
@@ -175,8 +192,12 @@ def test_daemon_notifies_systemd_under_the_units_layout(hub, tmp_path, daemons, 
     del data["hub"]["token"]
     data["hub"]["token_file"] = "oxen-token"
     config = write_config(config_dir / "config.toml", data)
-    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "2000000",
-           "STATE_DIRECTORY": str(state_dir), "CREDENTIALS_DIRECTORY": str(credentials)}
+    env = {
+        "NOTIFY_SOCKET": str(notify_socket.path),
+        "WATCHDOG_USEC": "2000000",
+        "STATE_DIRECTORY": str(state_dir),
+        "CREDENTIALS_DIRECTORY": str(credentials),
+    }
     daemon = daemons(config, env=env)
 
     ready = notify_socket.wait("READY", "1")

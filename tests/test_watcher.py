@@ -150,8 +150,9 @@ async def test_an_exception_inside_a_poll_does_not_stop_the_next(hub, tmp_path, 
 async def test_unauthorized_is_logged_once_for_the_hub(hub, tmp_path, clock):
     for fine_tune in ("ft_1", "ft_2", "ft_3"):
         hub.add_fine_tune("acme", "bot", fine_tune)
-    data = base_config(hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": f"ft_{i}"}
-                                                  for i in (1, 2, 3)])
+    data = base_config(
+        hub, tmp_path, fine_tunes=[{"namespace": "acme", "repo": "bot", "id": f"ft_{i}"} for i in (1, 2, 3)]
+    )
     config = parse_config(data, source="t.toml", directory=tmp_path)
     client = HubClient(base_url=hub.url, token="wrong-token", timeout_s=1.0, clock=clock)
     watcher = Watcher(config=config, store=SqliteStore(tmp_path / "w.db"), client=client, clock=clock)

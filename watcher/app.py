@@ -227,21 +227,36 @@ class Watcher:
         if isinstance(result, PollUnchanged) and self.commit and self.store.quiet(key, result.body_hash):
             # nothing changed and nothing was failing: no transaction now, the poll time is written in a batch
             self._touches[key] = (result.body_hash, now)
-            committed = Committed((), self.store.load_cached(key))
+            committed: Committed | None = Committed((), self.store.load_cached(key))
         else:
             # a batched poll time must not land after (and over) this poll's outcome
             self._touches.pop(key, None)
             try:
-                committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options, now=now,
-                                                commit=self.commit, route=self.route)
+                committed = await self.in_store(
+                    self.store.apply_poll,
+                    ref,
+                    result,
+                    options=self.options,
+                    now=now,
+                    commit=self.commit,
+                    route=self.route,
+                )
                 if committed is None and isinstance(fetched, FetchedBody):
                     # another process moved the state on since we last looked: diff the body for real
                     try:
-                        result = PollSuccess(parse_checkpoint_list(fetched.body), result.body_hash)
+                        digest = result.body_hash if isinstance(result, PollUnchanged) else body_hash(fetched.body)
+                        result = PollSuccess(parse_checkpoint_list(fetched.body), digest)
                     except PollError as err:
                         result = _failure(err)
-                    committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options,
-                                                    now=now, commit=self.commit, route=self.route)
+                    committed = await self.in_store(
+                        self.store.apply_poll,
+                        ref,
+                        result,
+                        options=self.options,
+                        now=now,
+                        commit=self.commit,
+                        route=self.route,
+                    )
             except StoreError as err:
                 health = self.health.setdefault(key, PollHealth())
                 if not health.store_failing:
@@ -259,9 +274,16 @@ class Watcher:
         # body the watcher cannot handle ends in fine_tune.poll_failing rather than in silence
         result = PollFailed(f"internal error: {type(err).__name__}", None)
         try:
-            committed = await self.in_store(self.store.apply_poll, ref, result, options=self.options,
-                                            now=self.clock(), commit=self.commit, route=self.route)
-        except Exception as again:
+            committed = await self.in_store(
+                self.store.apply_poll,
+                ref,
+                result,
+                options=self.options,
+                now=self.clock(),
+                commit=self.commit,
+                route=self.route,
+            )
+        except Exception as again:  # noqa: BLE001 - top of the job: the next poll must still happen
             log.warning("poll.crash_unrecorded", fine_tune=ref.key, error=type(again).__name__)
             return
         for event in committed.events if committed else ():
@@ -270,8 +292,11 @@ class Watcher:
     async def _refresh_status(self, ref: FineTuneRef, result: PollResult, committed: Committed, now: float) -> None:
         assert self.metrics is not None
         status = self._statuses.get(ref.key)
-        if status is None or committed.checkpoints_changed or committed.events or (
-            status.baselined != committed.state.baselined
+        if (
+            status is None
+            or committed.checkpoints_changed
+            or committed.events
+            or (status.baselined != committed.state.baselined)
         ):
             (status,) = await self.in_store(self.store.statuses, [ref.key])
             self._statuses[ref.key] = status
@@ -297,12 +322,18 @@ class Watcher:
             if result.outcome == "unauthorized":
                 # one line for the Hub as a whole, however many fine-tunes it refuses
                 if not self._unauthorized:
-                    log.error("hub.unauthorized", http_status=result.http_status,
-                              hint="check [hub] token: the Hub refused it")
+                    log.error(
+                        "hub.unauthorized", http_status=result.http_status, hint="check [hub] token: the Hub refused it"
+                    )
                 self._unauthorized.add(key)
             elif previous != "error":
-                log.warning("poll.failed", fine_tune=key, error=result.error, http_status=result.http_status,
-                            retry_after_s=result.retry_after_s)
+                log.warning(
+                    "poll.failed",
+                    fine_tune=key,
+                    error=result.error,
+                    http_status=result.http_status,
+                    retry_after_s=result.retry_after_s,
+                )
             if health.failing_since is None:
                 health.failing_since = now
         else:
@@ -429,8 +460,9 @@ def schedule(scheduler: AsyncIOScheduler, watcher: Watcher, *, rng: random.Rando
 
 def on_poll_retry(ref: FineTuneRef, err: PollError, wait_s: float) -> None:
     """Log a quick retry inside a poll."""
-    log.debug("poll.retry_scheduled", fine_tune=ref.key, error=err.message, http_status=err.http_status,
-              wait_s=wait_s or None)
+    log.debug(
+        "poll.retry_scheduled", fine_tune=ref.key, error=err.message, http_status=err.http_status, wait_s=wait_s or None
+    )
 
 
 def build_runtime(
@@ -446,10 +478,17 @@ def build_runtime(
 ) -> tuple[Watcher, Dispatcher]:
     """The watcher and the dispatcher over one store (read-only and silent for a dry run)."""
     store = open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
-    client = HubClient(base_url=config.hub.url, token=token, timeout_s=config.hub.timeout_s,
-                       max_concurrency=config.hub.max_concurrency, on_retry=on_poll_retry, transport=hub_transport)
-    watcher = Watcher(config=config, store=store, client=client, sinks=list(sinks), commit=not readonly,
-                      metrics=metrics)
+    client = HubClient(
+        base_url=config.hub.url,
+        token=token,
+        timeout_s=config.hub.timeout_s,
+        max_concurrency=config.hub.max_concurrency,
+        on_retry=on_poll_retry,
+        transport=hub_transport,
+    )
+    watcher = Watcher(
+        config=config, store=store, client=client, sinks=list(sinks), commit=not readonly, metrics=metrics
+    )
     dispatcher = Dispatcher(
         store=store,
         notifiers={} if readonly else build_notifiers(config, secrets, transport=notifier_transport),
@@ -517,12 +556,21 @@ class App:
         self._notifier_transport = notifier_transport
         REDACTOR.add(secrets.values())
         self.watcher, self.dispatcher = build_runtime(
-            config, token=secrets.hub_token, secrets=secrets.notifiers, metrics=self.metrics, sinks=sinks,
-            hub_transport=hub_transport, notifier_transport=notifier_transport,
+            config,
+            token=secrets.hub_token,
+            secrets=secrets.notifiers,
+            metrics=self.metrics,
+            sinks=sinks,
+            hub_transport=hub_transport,
+            notifier_transport=notifier_transport,
         )
         self.server = HttpServer(
-            host=config.http.host, port=config.http.port, registry=self.metrics.registry,
-            liveness=self.liveness, readiness=self.readiness, token=secrets.metrics_token,
+            host=config.http.host,
+            port=config.http.port,
+            registry=self.metrics.registry,
+            liveness=self.liveness,
+            readiness=self.readiness,
+            token=secrets.metrics_token,
         )
         self.scheduler: AsyncIOScheduler | None = None
         self.stop = asyncio.Event()
@@ -555,8 +603,9 @@ class App:
             return Verdict(False, "opening the state database")
         waiting = [key for key, health in self.watcher.health.items() if health.polls == 0 and not health.deferred]
         if waiting:
-            return Verdict(False, f"waiting for the first poll of {len(waiting)} fine-tunes",
-                           {"waiting": sorted(waiting)[:20]})
+            return Verdict(
+                False, f"waiting for the first poll of {len(waiting)} fine-tunes", {"waiting": sorted(waiting)[:20]}
+            )
         return Verdict(True)
 
     def status_line(self) -> str:
@@ -586,8 +635,13 @@ class App:
             dispatching = asyncio.Event()
             self._dispatch_task = asyncio.create_task(self.dispatcher.run(dispatching), name="dispatcher")
             ticker = asyncio.create_task(self._tick(), name="ticker")
-            log.info("watcher.started", fine_tunes=len(self.watcher.refs), notifiers=len(self.dispatcher.notifiers),
-                     hub=self.config.hub.url, listen=f"{self.config.http.host}:{self.server.port}")
+            log.info(
+                "watcher.started",
+                fine_tunes=len(self.watcher.refs),
+                notifiers=len(self.dispatcher.notifiers),
+                hub=self.config.hub.url,
+                listen=f"{self.config.http.host}:{self.server.port}",
+            )
             self.sd.send(ready="1", status=self.status_line())
             await self.stop.wait()
             log.info("watcher.stopping")
@@ -658,12 +712,20 @@ class App:
         if config.http.listen != old.http.listen:
             log.warning("reload.restart_required", key="http.listen", hint="still listening where it started")
         if (config.hub.url, config.hub.timeout_s, config.hub.max_concurrency, secrets.hub_token) != (
-            old.hub.url, old.hub.timeout_s, old.hub.max_concurrency, self.secrets.hub_token
+            old.hub.url,
+            old.hub.timeout_s,
+            old.hub.max_concurrency,
+            self.secrets.hub_token,
         ):
             self._retired.append(self.watcher.client)
-            self.watcher.client = HubClient(base_url=config.hub.url, token=secrets.hub_token,
-                                            timeout_s=config.hub.timeout_s, max_concurrency=config.hub.max_concurrency,
-                                            on_retry=on_poll_retry, transport=self._hub_transport)
+            self.watcher.client = HubClient(
+                base_url=config.hub.url,
+                token=secrets.hub_token,
+                timeout_s=config.hub.timeout_s,
+                max_concurrency=config.hub.max_concurrency,
+                on_retry=on_poll_retry,
+                transport=self._hub_transport,
+            )
         if (config.log.level, config.log.format) != (old.log.level, old.log.format):
             configure_logging(level=config.log.level, fmt=config.log.format)
         before = set(self.watcher.refs)
@@ -672,10 +734,16 @@ class App:
         if self.scheduler is not None:
             schedule(self.scheduler, self.watcher)
         self._retired.extend(self.dispatcher.notifiers.values())
-        self.dispatcher.configure(build_notifiers(config, secrets.notifiers, transport=self._notifier_transport),
-                                  config.notifiers)
+        self.dispatcher.configure(
+            build_notifiers(config, secrets.notifiers, transport=self._notifier_transport), config.notifiers
+        )
         self.server.set_token(secrets.metrics_token)
         self.config = config
         self.secrets = secrets
-        log.info("reload.applied", fine_tunes=len(after), added=sorted(after - before),
-                 removed=sorted(before - after), notifiers=len(config.notifiers))
+        log.info(
+            "reload.applied",
+            fine_tunes=len(after),
+            added=sorted(after - before),
+            removed=sorted(before - after),
+            notifiers=len(config.notifiers),
+        )

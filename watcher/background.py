@@ -50,7 +50,7 @@ class BackgroundServer:
             runner = web.AppRunner(self._make_app(), access_log=None, handle_signals=False)
             loop.run_until_complete(runner.setup())
             loop.run_until_complete(web.SockSite(runner, sock, backlog=1024).start())
-        except BaseException as err:  # reported to start()
+        except BaseException as err:  # noqa: BLE001 - reported to start(), which re-raises it
             self._startup_error = err
             self._started.set()
             return

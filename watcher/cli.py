@@ -109,8 +109,9 @@ def _make_runtime(config: Config, secrets: Any, *, readonly: bool = False, sinks
     from .app import build_runtime
 
     try:
-        return build_runtime(config, token=secrets.hub_token, secrets=secrets.notifiers, readonly=readonly,
-                             sinks=sinks or [])
+        return build_runtime(
+            config, token=secrets.hub_token, secrets=secrets.notifiers, readonly=readonly, sinks=sinks or []
+        )
     except StoreError as err:
         _fail(str(err), 1)
 
@@ -204,8 +205,9 @@ def test_notify(config_path: str, only: str | None) -> None:
                     "notifier": name,
                     "message": "This is a test event from oxen-watcher test-notify; no fine-tune changed.",
                 }
-                event = Event(new_event_id(), WATCHER_TEST, rfc3339(time.time()), data,
-                              fine_tune.key if fine_tune else "")
+                event = Event(
+                    new_event_id(), WATCHER_TEST, rfc3339(time.time()), data, fine_tune.key if fine_tune else ""
+                )
                 result = await notifier.send([event])
                 if result.outcome == "delivered":
                     click.echo(f"{name}: OK")
@@ -246,8 +248,7 @@ def redeliver(config_path: str, event_ids: tuple[str, ...], dead: bool, notifier
         _fail(str(err), 1)
     router = Dispatcher(store=store, notifiers={}, configs=config.notifiers).route
     try:
-        count = store.redeliver(now=time.time(), event_ids=list(event_ids), dead=dead, notifier=notifier,
-                                route=router)
+        count = store.redeliver(now=time.time(), event_ids=list(event_ids), dead=dead, notifier=notifier, route=router)
     except StoreError as err:
         _fail(str(err), 1)
     click.echo(f"queued {count} deliveries")
@@ -318,8 +319,7 @@ def status(config_path: str, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "fine-tune", "last poll", "outcome", "fails", "ckpts", "latest step", "loss",
-                   "deployments"):
+    for column in ("name", "fine-tune", "last poll", "outcome", "fails", "ckpts", "latest step", "loss", "deployments"):
         table.add_column(column)
     for row in rows:
         loss = row["latest_loss"]

@@ -475,9 +475,7 @@ def resolve_notifier_secrets(config: Config, environ: Mapping[str, str] | None =
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError("URL must be http:// or https://", path=config.source, key=f"{key}.url")
         secrets = resolve_secrets(notifier, "secret", key=key, config=config, environ=environ)
-        keys = tuple(
-            signing_key(secret, where=f"{key}.secret", config=config) for secret in secrets
-        )
+        keys = tuple(signing_key(secret, where=f"{key}.secret", config=config) for secret in secrets)
         resolved[notifier.name] = NotifierSecrets(url, tuple(secrets), keys)
     return resolved
 

@@ -56,9 +56,14 @@ class DemoTrainer:
             steps = [c["step"] for c in self.hub.checkpoints(TRAINING)]
             step = max(steps) + 100
             loss = round(1.9 * 0.86 ** (step / 100 - 1), 4)
-            self.hub.add_checkpoint(TRAINING, step, loss=loss, inference_samples=[
-                {"prompt": "How do I reset my password?", "completion": f"(step {step}) Go to Settings > Security."}
-            ])
+            self.hub.add_checkpoint(
+                TRAINING,
+                step,
+                loss=loss,
+                inference_samples=[
+                    {"prompt": "How do I reset my password?", "completion": f"(step {step}) Go to Settings > Security."}
+                ],
+            )
         if n == 6:
             # deploy the newest checkpoint the watcher already knows
             self._deploy_step = max(c["step"] for c in self.hub.checkpoints(TRAINING))
@@ -81,13 +86,23 @@ def demo_config(hub: SimHub, state_dir: Path) -> dict[str, Any]:
         "http": {"listen": "127.0.0.1:0"},
         "notifiers": [
             {"name": "console", "type": "log"},
-            {"name": "demo-webhook", "type": "webhook", "url": DEMO_WEBHOOK_URL, "secret": DEMO_WEBHOOK_SECRET,
-             "timeout_s": 5},
+            {
+                "name": "demo-webhook",
+                "type": "webhook",
+                "url": DEMO_WEBHOOK_URL,
+                "secret": DEMO_WEBHOOK_SECRET,
+                "timeout_s": 5,
+            },
         ],
         "fine_tunes": [
             {"namespace": "acme", "repo": "support-bot", "id": "ft_support", "name": "support-bot-sft"},
-            {"namespace": "acme", "repo": "summarizer", "id": "ft_summarize", "name": "summarizer-lora",
-             "interval_s": 3},
+            {
+                "namespace": "acme",
+                "repo": "summarizer",
+                "id": "ft_summarize",
+                "name": "summarizer-lora",
+                "interval_s": 3,
+            },
             {"namespace": "acme", "repo": "ghost", "id": "ft_missing", "name": "ghost-run"},
         ],
     }

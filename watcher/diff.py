@@ -58,11 +58,15 @@ def _same_status(a: str | None, b: str | None) -> bool:
     return a.casefold() == b.casefold()
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The tracked fields that differ between two versions of a checkpoint (metrics dotted: metrics.loss)."""
     changed = [name for name in TRACKED_FIELDS if not _same_value(old.get(name), new.get(name))]
-    old_metrics = old.get("metrics") if isinstance(old.get("metrics"), Mapping) else {}
-    new_metrics = new.get("metrics") if isinstance(new.get("metrics"), Mapping) else {}
+    old_metrics = _mapping(old.get("metrics"))
+    new_metrics = _mapping(new.get("metrics"))
     for name in sorted(set(old_metrics) | set(new_metrics)):
         if not _same_value(old_metrics.get(name), new_metrics.get(name)):
             changed.append(f"metrics.{name}")

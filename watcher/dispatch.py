@@ -4,6 +4,7 @@ persisted retries. A failing notifier delays only its own lanes, never polling o
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -164,7 +165,7 @@ class Dispatcher:
                 continue
             task = asyncio.create_task(self._deliver(head), name=f"deliver {head.notifier}")
             self._lanes[lane] = task
-            task.add_done_callback(lambda _t, lane=lane: self._lane_done(lane))
+            task.add_done_callback(functools.partial(self._lane_done_cb, lane))
             started += 1
         return started
 
@@ -179,6 +180,9 @@ class Dispatcher:
         except StoreError:
             return
         self._on_outbox(stats, list(self.configs))
+
+    def _lane_done_cb(self, lane: tuple[str, str], _task: asyncio.Task[None]) -> None:
+        self._lane_done(lane)
 
     def _lane_done(self, lane: tuple[str, str]) -> None:
         self._lanes.pop(lane, None)
@@ -244,8 +248,13 @@ class Dispatcher:
     def _hold(self, head: Delivery, err: StoreError) -> None:
         pause = min(30.0, 0.5 * 2**self._unrecorded)
         if not self._unrecorded:
-            log.error("delivery.unrecorded", notifier=head.notifier, event_id=head.event_id, error=str(err),
-                      hint="the outcome could not be written; the event will be sent again (at least once)")
+            log.error(
+                "delivery.unrecorded",
+                notifier=head.notifier,
+                event_id=head.event_id,
+                error=str(err),
+                hint="the outcome could not be written; the event will be sent again (at least once)",
+            )
         self._unrecorded += 1
         self._held[(head.notifier, head.fine_tune_key)] = time.monotonic() + pause
 
@@ -260,15 +269,24 @@ class Dispatcher:
         if state == "retry":
             policy = self.policies.get(name) or RetryPolicy(schedule_s=(60.0,), max_age_s=86400)
             next_at = policy.next_attempt_at(
-                attempts=head.attempts + 1, now=now, queued_at=head.queued_at,
-                retry_after_s=result.retry_after_s, rng=self._rng,
+                attempts=head.attempts + 1,
+                now=now,
+                queued_at=head.queued_at,
+                retry_after_s=result.retry_after_s,
+                rng=self._rng,
             )
             if next_at is None:
                 state = "dead"
                 error = f"gave up after {head.attempts + 1} attempts (max_age_s): {error}"
         await self._in_store(
-            self._store.record_delivery, name, ids, state="pending" if state == "retry" else state, now=now,
-            next_attempt_at=next_at, error=error, http_status=result.http_status,
+            self._store.record_delivery,
+            name,
+            ids,
+            state="pending" if state == "retry" else state,
+            now=now,
+            next_attempt_at=next_at,
+            error=error,
+            http_status=result.http_status,
         )
         outcome = {"delivered": "delivered", "retry": "retried", "dead": "dead"}[state]
         if self._on_outcome is not None:
@@ -284,14 +302,24 @@ class Dispatcher:
             self._failing.add(name)
             log.warning("delivery.failing", notifier=name, error=error, http_status=result.http_status)
         if state == "retry":
-            log.info("delivery.retry_scheduled", notifier=name, event_id=head.event_id, attempt=head.attempts + 1,
-                     wait_s=round((next_at or now) - now, 1), error=error)
+            log.info(
+                "delivery.retry_scheduled",
+                notifier=name,
+                event_id=head.event_id,
+                attempt=head.attempts + 1,
+                wait_s=round((next_at or now) - now, 1),
+                error=error,
+            )
         else:
             log.warning("delivery.dead", notifier=name, event_ids=ids, attempts=head.attempts + 1, error=error)
         if result.disable:
             self.disabled.add(name)
-            log.error("notifier.disabled", notifier=name, http_status=result.http_status,
-                      reason="the receiver answered 410 Gone; its pending events wait until a reload or restart")
+            log.error(
+                "notifier.disabled",
+                notifier=name,
+                http_status=result.http_status,
+                reason="the receiver answered 410 Gone; its pending events wait until a reload or restart",
+            )
 
     async def aclose(self) -> None:
         """Close every notifier."""

@@ -30,9 +30,7 @@ class PollError(WatcherError):
     outcome = "error"
     retryable = False
 
-    def __init__(
-        self, message: str, *, http_status: int | None = None, retry_after_s: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, http_status: int | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.http_status = http_status

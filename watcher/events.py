@@ -74,13 +74,17 @@ def fit_data(data: JSON) -> JSON:
             return data
         data = _shorten(data, max_chars=max_chars, max_items=max_items)
     if isinstance(checkpoint, dict) and _size(data) > MAX_EVENT_BYTES:
-        metrics = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}
+        metrics = _dict(checkpoint.get("metrics"))
         data["checkpoint"] = {
             **{key: _shorten(checkpoint.get(key), max_chars=64, max_items=1) for key in _ESSENTIAL},
             "metrics": {k[:64]: v for k, v in list(metrics.items())[:16] if isinstance(v, int | float) or v is None},
             "inference_samples": [],
         }
     return data
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _number(value: Any) -> str:
@@ -92,14 +96,17 @@ def _number(value: Any) -> str:
 def describe(event: Event) -> str:
     """A one-line human summary of an event (demo output, CLI tables, chat fallbacks)."""
     data = event.data
-    name = (data.get("fine_tune") or {}).get("name", "?")
-    checkpoint = data.get("checkpoint") if isinstance(data.get("checkpoint"), dict) else {}
+    name = _dict(data.get("fine_tune")).get("name", "?")
+    checkpoint = _dict(data.get("checkpoint"))
     step = checkpoint.get("step")
-    metrics = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}
+    metrics = _dict(checkpoint.get("metrics"))
     if event.type == "checkpoint.created":
         parts = [f"{name}: new checkpoint at step {step}"]
-        shown = [f"{m} {_number(metrics[m])}" for m in ("loss", "mean_token_accuracy", "learning_rate")
-                 if metrics.get(m) is not None]
+        shown = [
+            f"{m} {_number(metrics[m])}"
+            for m in ("loss", "mean_token_accuracy", "learning_rate")
+            if metrics.get(m) is not None
+        ]
         if shown:
             parts.append(", ".join(shown))
         if data.get("is_best_loss"):
@@ -116,8 +123,7 @@ def describe(event: Event) -> str:
     if event.type == "fine_tune.not_found":
         return f"{name}: fine-tune not found on the Hub (404)"
     if event.type == "fine_tune.poll_failing":
-        return (f"{name}: polls failing ({data.get('consecutive_failures')} in a row): "
-                f"{data.get('error')}")
+        return f"{name}: polls failing ({data.get('consecutive_failures')} in a row): {data.get('error')}"
     if event.type == "fine_tune.poll_recovered":
         return f"{name}: polls recovered after {data.get('consecutive_failures')} failures"
     if event.type == "watcher.test":

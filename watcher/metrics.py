@@ -143,10 +143,11 @@ class StateCollector(Collector):
             created = _timestamp_of(status.latest_created_at)
             if created is not None:
                 latest_at.add_metric(labels, created)
-            for step, value in sorted(status.deployments.items()):
-                deployment.add_metric([*ids, str(step), value], 1)
+            for step, deployment_status in sorted(status.deployments.items()):
+                deployment.add_metric([*ids, str(step), deployment_status], 1)
         pending = GaugeMetricFamily(
-            "oxen_watcher_outbox_pending", "Deliveries waiting to be sent (or retried), per notifier.",
+            "oxen_watcher_outbox_pending",
+            "Deliveries waiting to be sent (or retried), per notifier.",
             labels=("notifier",),
         )
         oldest = GaugeMetricFamily(
@@ -159,7 +160,16 @@ class StateCollector(Collector):
             pending.add_metric([notifier], stats.pending if stats else 0)
             age = max(0.0, now - stats.oldest_pending_at) if stats and stats.oldest_pending_at else 0.0
             oldest.add_metric([notifier], age)
-        yield from (last_success_family, checkpoints, latest_step, *training.values(), latest_at, deployment, pending, oldest)
+        yield from (
+            last_success_family,
+            checkpoints,
+            latest_step,
+            *training.values(),
+            latest_at,
+            deployment,
+            pending,
+            oldest,
+        )
 
 
 class Metrics:
@@ -170,21 +180,30 @@ class Metrics:
         disable_created_metrics()
         self.registry = registry
         self.build_info = Gauge(
-            "oxen_watcher_build_info", "Build information; always 1.", ("version", "python_version"),
+            "oxen_watcher_build_info",
+            "Build information; always 1.",
+            ("version", "python_version"),
             registry=registry,
         )
         self.build_info.labels(version, platform.python_version()).set(1)
         self.polls = Counter(
-            "oxen_watcher_polls", "Polls of a fine-tune's checkpoints, by outcome.",
-            ("namespace", "repo", "fine_tune_id", "outcome"), registry=registry,
+            "oxen_watcher_polls",
+            "Polls of a fine-tune's checkpoints, by outcome.",
+            ("namespace", "repo", "fine_tune_id", "outcome"),
+            registry=registry,
         )
         self.poll_duration = Histogram(
-            "oxen_watcher_poll_duration_seconds", "Time of one poll, HTTP through commit, by outcome.", ("outcome",),
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry,
+            "oxen_watcher_poll_duration_seconds",
+            "Time of one poll, HTTP through commit, by outcome.",
+            ("outcome",),
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
         )
         self.events = Counter("oxen_watcher_events", "Events committed, by type.", ("type",), registry=registry)
         self.deliveries = Counter(
-            "oxen_watcher_deliveries", "Delivery attempts by notifier and outcome.", ("notifier", "outcome"),
+            "oxen_watcher_deliveries",
+            "Delivery attempts by notifier and outcome.",
+            ("notifier", "outcome"),
             registry=registry,
         )
         self._poll_children: dict[tuple[str, str], tuple[Any, Any]] = {}

@@ -57,8 +57,9 @@ class Received:
 class Receiver:
     """A webhook receiver on 127.0.0.1 in its own thread; answers 200 unless scripted otherwise."""
 
-    def __init__(self, *, secret: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                 echo: bool = False) -> None:
+    def __init__(
+        self, *, secret: str | None = None, host: str = "127.0.0.1", port: int = 0, echo: bool = False
+    ) -> None:
         self._verifier = Webhook(secret) if secret else None
         self._host = host
         self._echo = echo
@@ -124,8 +125,9 @@ class Receiver:
                 if answer.times <= 1:
                     self._script.popleft()
                 else:
-                    self._script[0] = Answer(answer.status, answer.headers, answer.body, answer.times - 1,
-                                             answer.delay_s)
+                    self._script[0] = Answer(
+                        answer.status, answer.headers, answer.body, answer.times - 1, answer.delay_s
+                    )
             if self._verifier is not None and not verified:
                 answer = Answer(status=401, body="signature did not verify")
             self.received.append(Received(time.time(), request.path, headers, body, verified, answer.status))

@@ -83,8 +83,9 @@ class HttpServer:
             payload["reason"] = verdict.reason
         if verdict.detail:
             payload.update(verdict.detail)  # type: ignore[arg-type]
-        return web.Response(status=200 if verdict.ok else 503, body=orjson.dumps(payload),
-                            content_type="application/json")
+        return web.Response(
+            status=200 if verdict.ok else 503, body=orjson.dumps(payload), content_type="application/json"
+        )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return self._verdict(self._liveness())

@@ -282,11 +282,15 @@ class SimHub:
         if fault is not None:
             return await self._answer_fault(request, fault)
         if status == 401:
-            return web.Response(status=401, body=_error_body("unauthenticated", "Unauthenticated"),
-                                content_type="application/json")
+            return web.Response(
+                status=401, body=_error_body("unauthenticated", "Unauthenticated"), content_type="application/json"
+            )
         if status == 404:
-            return web.Response(status=404, body=_error_body("resource_not_found", "Fine-tune not found"),
-                                content_type="application/json")
+            return web.Response(
+                status=404,
+                body=_error_body("resource_not_found", "Fine-tune not found"),
+                content_type="application/json",
+            )
         response = web.Response(body=body, content_type="application/json")
         if self.gzip:
             response.enable_compression(web.ContentCoding.gzip)
@@ -338,8 +342,9 @@ def _stats_route(hub: SimHub) -> web.RouteDef:
         per_key: dict[str, list[float]] = {}
         for record in records:
             per_key.setdefault(record.key, []).append(record.at)
-        return web.Response(body=orjson.dumps({"requests": len(records), "times": per_key}),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"requests": len(records), "times": per_key}), content_type="application/json"
+        )
 
     return web.get("/_sim/stats", stats)
 

@@ -373,8 +373,9 @@ class SqliteStore:
     ) -> Committed | None:
         """Diff a poll result against the stored state and commit state, events and outbox in one transaction.
 
-        `route` names the notifiers each event goes to; an outbox row is created for each. Returns None when `result` is PollUnchanged but another writer has moved the state on since this
-        process last saw it: the caller parses the body and applies a PollSuccess instead.
+        `route` names the notifiers each event goes to; an outbox row is created for each. Returns None when
+        `result` is PollUnchanged but another writer has moved the state on since this process last saw it:
+        the caller parses the body and applies a PollSuccess instead.
         With commit=False (a dry run) nothing is written.
         """
         key = ref.key
@@ -441,13 +442,11 @@ class SqliteStore:
                     (seq, event.id, notifier, event.fine_tune_key, batch_id, now, now),
                 )
 
-    def _write(
-        self, key: str, new: bool, revision: int, result: PollResult, state: FineTuneState, now: float
-    ) -> None:
-        failed = isinstance(result, PollFailed)
+    def _write(self, key: str, new: bool, revision: int, result: PollResult, state: FineTuneState, now: float) -> None:
         answered_200 = isinstance(result, PollSuccess | PollUnchanged)  # last_success_at: the last 200
-        error = result.error if failed else None
-        not_before = now + result.retry_after_s if failed and result.retry_after_s else None
+        error = result.error if isinstance(result, PollFailed) else None
+        retry_after_s = result.retry_after_s if isinstance(result, PollFailed) else None
+        not_before = now + retry_after_s if retry_after_s else None
         values = (
             int(state.baselined),
             int(state.not_found),
@@ -691,8 +690,10 @@ class SqliteStore:
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
                 "last_status = ?, delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
                 "WHERE event_id = ? AND notifier = ? AND state = 'pending'",
-                [(state, next_attempt_at, error, http_status, state, now, event_id, notifier)
-                 for event_id in event_ids],
+                [
+                    (state, next_attempt_at, error, http_status, state, now, event_id, notifier)
+                    for event_id in event_ids
+                ],
             )
 
         self._write_tx(write)
@@ -725,7 +726,8 @@ class SqliteStore:
         def write() -> int:
             count = 0
             if dead:
-                where, args = "state = 'dead'", [now, now]
+                where = "state = 'dead'"
+                args: list[Any] = [now, now]
                 if notifier is not None:
                     where += " AND notifier = ?"
                     args.append(notifier)
@@ -735,8 +737,9 @@ class SqliteStore:
                     args,
                 ).rowcount
             for event_id in event_ids:
-                row = self._db.execute("SELECT seq, envelope, fine_tune_key FROM events WHERE id = ?",
-                                       (event_id,)).fetchone()
+                row = self._db.execute(
+                    "SELECT seq, envelope, fine_tune_key FROM events WHERE id = ?", (event_id,)
+                ).fetchone()
                 if row is None:
                     raise StoreError(f"no event with id {event_id}")
                 seq, envelope, key = row

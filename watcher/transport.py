@@ -30,8 +30,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # created lazily, inside the running event loop
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive_s, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
-                                                  cookie_jar=aiohttp.DummyCookieJar())
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=True, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -39,7 +40,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout", {})
         # a total deadline per request: a body that trickles in must not hold a poll (and a slot) forever
         timeout = aiohttp.ClientTimeout(
-            total=timeouts.get("read"), connect=timeouts.get("pool"), sock_connect=timeouts.get("connect"),
+            total=timeouts.get("read"),
+            connect=timeouts.get("pool"),
+            sock_connect=timeouts.get("connect"),
         )
         content = request.content if request.method not in ("GET", "HEAD") else None
         try:
@@ -53,8 +56,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             ) as response:
                 body = await self._read(response)
                 # aiohttp has decoded the body: httpx must not decode it again, nor trust the wire length
-                headers = [(k, v) for k, v in response.raw_headers
-                           if k.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")]
+                headers = [
+                    (k, v)
+                    for k, v in response.raw_headers
+                    if k.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")
+                ]
                 return httpx.Response(
                     status_code=response.status,
                     headers=headers,

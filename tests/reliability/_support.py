@@ -81,8 +81,9 @@ def change_of(envelope: dict[str, Any]) -> tuple[Any, ...]:
 
 def listen_port(daemon: Daemon) -> int:
     """The port of the daemon's /metrics and health endpoints ([http] listen = "127.0.0.1:0")."""
-    started = wait_for(lambda: [e for e in daemon.logs() if e.get("event") == "watcher.started"], timeout=30,
-                       what="watcher.started")
+    started = wait_for(
+        lambda: [e for e in daemon.logs() if e.get("event") == "watcher.started"], timeout=30, what="watcher.started"
+    )
     return int(started[-1]["listen"].rsplit(":", 1)[1])
 
 

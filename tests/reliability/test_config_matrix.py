@@ -78,7 +78,7 @@ def _constrained_annotation(annotation: Any) -> bool:
 
 def has_range(key: str) -> bool:
     """Whether a key takes only some values of its type: bounds, lengths, a pattern, an enum or a validator."""
-    if key.endswith("[]") or "." not in key and _model_in(ConfigModel.model_fields[key].annotation):
+    if key.endswith("[]") or ("." not in key and _model_in(ConfigModel.model_fields[key].annotation)):
         return False  # a section: only a type
     info = _field_of(key)
     model_name = key.replace("[]", "").rsplit(".", 1)[0]
@@ -157,8 +157,13 @@ MATRIX: dict[str, list[Bad]] = {
     ],
     "notifiers[].secret_env": [wrong(True), out("")],
     "notifiers[].secret_file": [wrong(1.5), out(["f", ""], where="[1]")],
-    "notifiers[].events": [wrong("checkpoint.*"), wrong([5], where="[0]"), out([]), out([""], where="[0]"),
-                           out([TOO_LONG], where="[0]")],
+    "notifiers[].events": [
+        wrong("checkpoint.*"),
+        wrong([5], where="[0]"),
+        out([]),
+        out([""], where="[0]"),
+        out([TOO_LONG], where="[0]"),
+    ],
     "notifiers[].fine_tunes": [wrong("acme/*"), out([]), out(["acme/*", ""], where="[1]")],
     "notifiers[].timeout_s": [wrong("15"), out(0), out(301)],
     "notifiers[].max_age_s": [wrong("1d"), out(0), out(30 * 86400 + 1)],
@@ -181,8 +186,12 @@ INDEX = 1
 
 def base_document(folder: Path, key: str) -> dict[str, Any]:
     """A valid config whose item 1 of [[fine_tunes]] / [[notifiers]] suits the key under test."""
-    notifier: dict[str, Any] = {"name": "hook", "type": "webhook", "url": "https://example.com/hook",
-                                "secret": VALID_SECRET}
+    notifier: dict[str, Any] = {
+        "name": "hook",
+        "type": "webhook",
+        "url": "https://example.com/hook",
+        "secret": VALID_SECRET,
+    }
     name = key.rsplit(".", 1)[-1]
     if key.startswith("notifiers[].") and name == "digest_over":
         notifier = {"name": "chat", "type": "slack", "url": "https://hooks.example.com/services/T0/B0/x"}
@@ -256,8 +265,7 @@ def cases(folder: Path) -> list[Case]:
             document = base_document(folder, key)
             concrete = apply(document, key, bad.value)
             found.append(Case(f"{key}-{bad.kind}-{number}", key, bad, concrete + bad.where, to_toml(document)))
-    return [Case(c.id, c.key, c.bad, c.expected_key, c.toml, folder / f"case{i:03d}.toml")
-            for i, c in enumerate(found)]
+    return [Case(c.id, c.key, c.bad, c.expected_key, c.toml, folder / f"case{i:03d}.toml") for i, c in enumerate(found)]
 
 
 ALL_CASES = cases(Path("/nonexistent-state-folder"))
@@ -269,8 +277,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Case, s
     folder = tmp_path_factory.mktemp("config-matrix")
     home = folder / "home"
     home.mkdir()
-    env = {"HOME": str(home), "CREDENTIALS_DIRECTORY": "", "STATE_DIRECTORY": "", "OXEN_CONFIG_DIR": str(home),
-           "OXEN_WATCHER_CONFIG": ""}
+    env = {
+        "HOME": str(home),
+        "CREDENTIALS_DIRECTORY": "",
+        "STATE_DIRECTORY": "",
+        "OXEN_CONFIG_DIR": str(home),
+        "OXEN_WATCHER_CONFIG": "",
+    }
     prepared = []
     for case in cases(folder):
         case.file.write_text(case.toml)
@@ -316,8 +329,15 @@ def test_check_config(case_id: str, results: dict[str, tuple[Case, subprocess.Co
 def test_the_matrix_covers_every_key() -> None:
     keys = config_keys()
     # the brief's list of keys, as a floor: the models may grow, never shrink silently
-    assert {"hub.token_file", "watch.shutdown_grace_s", "http.token_env", "fine_tunes[].interval_s",
-            "notifiers[].retry_schedule_s", "notifiers[].digest_over", "notifiers[].format"} <= set(keys)
+    assert {
+        "hub.token_file",
+        "watch.shutdown_grace_s",
+        "http.token_env",
+        "fine_tunes[].interval_s",
+        "notifiers[].retry_schedule_s",
+        "notifiers[].digest_over",
+        "notifiers[].format",
+    } <= set(keys)
     assert sorted(MATRIX) == sorted(keys), {
         "keys without a matrix entry": sorted(set(keys) - set(MATRIX)),
         "matrix entries for no key": sorted(set(MATRIX) - set(keys)),

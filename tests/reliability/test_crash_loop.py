@@ -68,7 +68,7 @@ class Producer(threading.Thread):
         self.pending: dict[Change, tuple[str, int]] = {}  # made, not yet seen committed
         self.created: dict[tuple[str, int], dict[str, Any]] = {}  # the checkpoint as the Hub first served it
         self.steps = {key: [100, 200] for key in KEYS}  # present on the Hub
-        self.next_step = {key: 300 for key in KEYS}
+        self.next_step = dict.fromkeys(KEYS, 300)
         self.stage: dict[tuple[str, int], int] = defaultdict(int)
         self.eval_loss: dict[tuple[str, int], float] = {}
         self.updates = 0
@@ -157,16 +157,29 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
         everything.script(*random_answers(rng, 600))
         created_only.script(*random_answers(rng, 300))
         fast = {"secret": SECRET, "retry_schedule_s": [0, 0.2, 0.5], "timeout_s": 3}
-        data = base_config(hub, tmp_path, fine_tunes=FINE_TUNES, notifiers=[
-            {"name": "all", "type": "webhook", "url": everything.url, **fast},
-            {"name": "created", "type": "webhook", "url": created_only.url, "events": ["checkpoint.created"],
-             **fast},
-        ])
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=FINE_TUNES,
+            notifiers=[
+                {"name": "all", "type": "webhook", "url": everything.url, **fast},
+                {
+                    "name": "created",
+                    "type": "webhook",
+                    "url": created_only.url,
+                    "events": ["checkpoint.created"],
+                    **fast,
+                },
+            ],
+        )
         config = write_config(tmp_path / "c.toml", data)
 
         daemon = daemons(config)
-        wait_for(lambda: (found := statuses(db, KEYS)) and all(s.last_outcome == "ok" for s in found.values()),
-                 timeout=30, what="the silent baseline of every fine-tune")
+        wait_for(
+            lambda: (found := statuses(db, KEYS)) and all(s.last_outcome == "ok" for s in found.values()),
+            timeout=30,
+            what="the silent baseline of every fine-tune",
+        )
         producer = Producer(hub, db, random.Random(SEED + 1))
         producer.start()
         crash_rng = random.Random(SEED + 2)
@@ -175,8 +188,11 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
             during_start_up = crash_rng.random() < 0.2
             after = crash_rng.uniform(0.0, 0.6) if during_start_up else crash_rng.uniform(0.0, 1.6)
             if not during_start_up:  # the moment is drawn from the start, so a slow machine still polls
-                wait_for(lambda: any(e.get("event") == "watcher.started" for e in daemon.logs()), timeout=30,
-                         what="watcher.started")
+                wait_for(
+                    lambda: any(e.get("event") == "watcher.started" for e in daemon.logs()),
+                    timeout=30,
+                    what="watcher.started",
+                )
             pause.wait(after)
             daemon.kill9()
             pause.wait(crash_rng.uniform(0.0, 0.5))  # down: changes pile up unobserved
@@ -197,8 +213,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
             if producer.pending:
                 return None
             events = events_json(config, check=False)
-            if events is not None and all(
-                    d["state"] == "delivered" for event in events for d in event["deliveries"]):
+            if events is not None and all(d["state"] == "delivered" for event in events for d in event["deliveries"]):
                 return events
             return None
 
@@ -212,8 +227,10 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
     events = events_json(config)
     ids = [event["id"] for event in events]
     by_id = {event["id"]: event for event in events}
-    print(f"\n{len(producer.made)} changes, {len(events)} events, "
-          f"{len(everything.deliveries())} + {len(created_only.deliveries())} webhook requests")
+    print(
+        f"\n{len(producer.made)} changes, {len(events)} events, "
+        f"{len(everything.deliveries())} + {len(created_only.deliveries())} webhook requests"
+    )
 
     # every change produced exactly one event, nothing else was announced
     made = Counter(producer.made)
@@ -252,7 +269,12 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
 
     # at least once: duplicates are allowed (a kill between the 2xx and its record), and reported
     for name, receiver in (("all", everything), ("created", created_only)):
-        twice = {i: n for i, n in Counter(got.webhook_id for got in receiver.deliveries()
-                                          if 200 <= got.status < 300).items() if n > 1}
-        print(f"notifier {name}: {len(twice)} duplicate deliveries"
-              + "".join(f"\n  {i} ({by_id[i]['type']}) x{n}" for i, n in sorted(twice.items())))
+        twice = {
+            i: n
+            for i, n in Counter(got.webhook_id for got in receiver.deliveries() if 200 <= got.status < 300).items()
+            if n > 1
+        }
+        print(
+            f"notifier {name}: {len(twice)} duplicate deliveries"
+            + "".join(f"\n  {i} ({by_id[i]['type']}) x{n}" for i, n in sorted(twice.items()))
+        )

@@ -47,8 +47,15 @@ def _key(ft: dict[str, str]) -> str:
 def _body(hub: SimHub, key: str, **top: Any) -> dict[str, Any]:
     """The document the Hub serves for a fine-tune now (as the simulated Hub builds it), with overrides."""
     checkpoints = hub.checkpoints(key)
-    return {"branch": "x-model", "checkpoints": checkpoints, "fine_tune_id": key.rsplit("/", 1)[1],
-            "status": "success", "status_message": "resource_found", "total_checkpoints": len(checkpoints), **top}
+    return {
+        "branch": "x-model",
+        "checkpoints": checkpoints,
+        "fine_tune_id": key.rsplit("/", 1)[1],
+        "status": "success",
+        "status_message": "resource_found",
+        "total_checkpoints": len(checkpoints),
+        **top,
+    }
 
 
 def _with_checkpoint(hub: SimHub, key: str, index: int, **fields: Any) -> bytes:
@@ -84,37 +91,80 @@ FAULTS: dict[str, tuple[FaultMaker, bool, str, int | None]] = {
     "504": (lambda hub, key: Fault(status=504, times=None), True, "error", 504),
     "429": (lambda hub, key: Fault(status=429, times=None), True, "error", 429),
     "slower_than_timeout": (
-        lambda hub, key: Fault(status=200, body=orjson.dumps(_body(hub, key)), delay_s=HUB_TIMEOUT_S * 3,
-                               times=None), True, "error", None),
+        lambda hub, key: Fault(status=200, body=orjson.dumps(_body(hub, key)), delay_s=HUB_TIMEOUT_S * 3, times=None),
+        True,
+        "error",
+        None,
+    ),
     "truncated_200": (
         lambda hub, key: Fault(status=200, body=orjson.dumps(_body(hub, key)), truncate=True, times=None),
-        True, "error", None),
-    "invalid_json": (lambda hub, key: Fault(status=200, body=b'{"checkpoints": [{"step": 1', times=FAILED_POLLS),
-                     False, "error", 200),
-    "html_200": (lambda hub, key: Fault(status=200, body=HTML, content_type="text/html", times=FAILED_POLLS),
-                 False, "error", 200),
-    "html_500": (lambda hub, key: Fault(status=500, body=HTML, content_type="text/html", times=FAILED_POLLS),
-                 False, "error", 500),
+        True,
+        "error",
+        None,
+    ),
+    "invalid_json": (
+        lambda hub, key: Fault(status=200, body=b'{"checkpoints": [{"step": 1', times=FAILED_POLLS),
+        False,
+        "error",
+        200,
+    ),
+    "html_200": (
+        lambda hub, key: Fault(status=200, body=HTML, content_type="text/html", times=FAILED_POLLS),
+        False,
+        "error",
+        200,
+    ),
+    "html_500": (
+        lambda hub, key: Fault(status=500, body=HTML, content_type="text/html", times=FAILED_POLLS),
+        False,
+        "error",
+        500,
+    ),
     "schema_not_an_object": (lambda hub, key: Fault(status=200, body=b"[]", times=FAILED_POLLS), False, "error", 200),
     "schema_no_checkpoints": (
         lambda hub, key: Fault(status=200, body=orjson.dumps({"status": "success"}), times=FAILED_POLLS),
-        False, "error", 200),
+        False,
+        "error",
+        200,
+    ),
     "schema_checkpoints_null": (
         lambda hub, key: Fault(status=200, body=orjson.dumps(_body(hub, key, checkpoints=None)), times=FAILED_POLLS),
-        False, "error", 200),
+        False,
+        "error",
+        200,
+    ),
     "schema_step_is_a_string": (
         lambda hub, key: Fault(status=200, body=_with_checkpoint(hub, key, 1, step="200"), times=FAILED_POLLS),
-        False, "error", 200),
+        False,
+        "error",
+        200,
+    ),
     "schema_step_is_a_float": (
         lambda hub, key: Fault(status=200, body=_with_checkpoint(hub, key, 1, step=200.5), times=FAILED_POLLS),
-        False, "error", 200),
-    "schema_step_missing": (lambda hub, key: Fault(status=200, body=_without_step(hub, key), times=FAILED_POLLS),
-                            False, "error", 200),
-    "schema_step_twice": (lambda hub, key: Fault(status=200, body=_duplicated_step(hub, key), times=FAILED_POLLS),
-                          False, "error", 200),
+        False,
+        "error",
+        200,
+    ),
+    "schema_step_missing": (
+        lambda hub, key: Fault(status=200, body=_without_step(hub, key), times=FAILED_POLLS),
+        False,
+        "error",
+        200,
+    ),
+    "schema_step_twice": (
+        lambda hub, key: Fault(status=200, body=_duplicated_step(hub, key), times=FAILED_POLLS),
+        False,
+        "error",
+        200,
+    ),
     "schema_loss_is_a_string": (
-        lambda hub, key: Fault(status=200, body=_with_checkpoint(hub, key, 0, metrics={"loss": "2.0"}),
-                               times=FAILED_POLLS), False, "error", 200),
+        lambda hub, key: Fault(
+            status=200, body=_with_checkpoint(hub, key, 0, metrics={"loss": "2.0"}), times=FAILED_POLLS
+        ),
+        False,
+        "error",
+        200,
+    ),
     "401": (lambda hub, key: Fault(status=401, times=FAILED_POLLS), False, "unauthorized", 401),
     "403": (lambda hub, key: Fault(status=403, times=FAILED_POLLS), False, "unauthorized", 403),
 }
@@ -126,20 +176,35 @@ def _setup(hub: SimHub, fine_tunes: list[dict[str, str]]) -> None:
     for ft in fine_tunes:
         key = hub.add_fine_tune(ft["namespace"], ft["repo"], ft["id"])
         hub.add_checkpoint(key, 100, loss=2.0, created_at="2026-01-01T00:00:00Z")
-        hub.add_checkpoint(key, 200, loss=1.5, created_at="2026-01-01T01:00:00Z", deployment_status="ACTIVE",
-                           model_id=f"model_{ft['id']}_200")
+        hub.add_checkpoint(
+            key,
+            200,
+            loss=1.5,
+            created_at="2026-01-01T01:00:00Z",
+            deployment_status="ACTIVE",
+            model_id=f"model_{ft['id']}_200",
+        )
 
 
-def _write(tmp_path: Path, simhub: SimHub, fine_tunes: list[dict[str, str]], *,
-           hub_options: dict[str, Any] | None = None, **sections: Any) -> Path:
+def _write(
+    tmp_path: Path,
+    simhub: SimHub,
+    fine_tunes: list[dict[str, str]],
+    *,
+    hub_options: dict[str, Any] | None = None,
+    **sections: Any,
+) -> Path:
     data = base_config(simhub, tmp_path, fine_tunes=fine_tunes, **sections)
     data["hub"].update(hub_options or {})
     return write_config(tmp_path / "c.toml", data)
 
 
 def _wait_baseline(db: Path, keys: list[str]) -> None:
-    wait_for(lambda: (found := statuses(db, keys)) and all(s.last_outcome == "ok" for s in found.values()),
-             timeout=30, what="the silent baseline of every fine-tune")
+    wait_for(
+        lambda: (found := statuses(db, keys)) and all(s.last_outcome == "ok" for s in found.values()),
+        timeout=30,
+        what="the silent baseline of every fine-tune",
+    )
 
 
 def _max_gap(hub: SimHub, key: str, start: float, end: float) -> float:
@@ -160,8 +225,13 @@ def test_each_fault_fails_only_its_own_polls_and_recovery_announces_exactly_what
     keys = [_key(ft) for ft in fine_tunes]
     _setup(hub, fine_tunes)
     db = tmp_path / "watcher.db"
-    config = _write(tmp_path, hub, fine_tunes, hub_options={"timeout_s": HUB_TIMEOUT_S, "max_concurrency": 64},
-                    watch={"failure_threshold": THRESHOLD})
+    config = _write(
+        tmp_path,
+        hub,
+        fine_tunes,
+        hub_options={"timeout_s": HUB_TIMEOUT_S, "max_concurrency": 64},
+        watch={"failure_threshold": THRESHOLD},
+    )
     daemon = daemons(config)
     port = listen_port(daemon)
     _wait_baseline(db, keys)
@@ -175,18 +245,34 @@ def test_each_fault_fails_only_its_own_polls_and_recovery_announces_exactly_what
     for key in keys:
         hub.add_checkpoint(key, 300, loss=1.0, created_at="2026-01-01T02:00:00Z")
     # the bystanders announce theirs during the window: their polls go on normally
-    wait_for(lambda: {(_key(ft), 300) for ft in BYSTANDERS} <= {
-        (fine_tune_key(e), e["data"]["checkpoint"]["step"]) for e in events_json(config)
-        if e["type"] == "checkpoint.created"}, what="the bystanders' new checkpoints")
+    wait_for(
+        lambda: (
+            {(_key(ft), 300) for ft in BYSTANDERS}
+            <= {
+                (fine_tune_key(e), e["data"]["checkpoint"]["step"])
+                for e in events_json(config)
+                if e["type"] == "checkpoint.created"
+            }
+        ),
+        what="the bystanders' new checkpoints",
+    )
     retried = [name for name, (_, again, _, _) in FAULTS.items() if again]
-    wait_for(lambda: (found := statuses(db, keys)) and all(
-        found[_key(VICTIMS[name])].consecutive_failures >= THRESHOLD + 1 for name in retried),
-        timeout=60, what=f"{THRESHOLD + 1} failed polls of each victim of a retried fault")
+    wait_for(
+        lambda: (
+            (found := statuses(db, keys))
+            and all(found[_key(VICTIMS[name])].consecutive_failures >= THRESHOLD + 1 for name in retried)
+        ),
+        timeout=60,
+        what=f"{THRESHOLD + 1} failed polls of each victim of a retried fault",
+    )
     assert daemon.proc is not None and daemon.proc.poll() is None
     assert healthz(port) == 200
     still_failing = {_key(VICTIMS[name]) for name in retried}
-    during = [change_of(e) for e in events_json(config)
-              if fine_tune_key(e) in still_failing and e["type"] != "fine_tune.poll_failing"]
+    during = [
+        change_of(e)
+        for e in events_json(config)
+        if fine_tune_key(e) in still_failing and e["type"] != "fine_tune.poll_failing"
+    ]
     assert during == [], "a fine-tune announced something while its polls failed"
     for name in retried:
         hub.clear_faults(_key(VICTIMS[name]))
@@ -225,11 +311,20 @@ def test_each_fault_fails_only_its_own_polls_and_recovery_announces_exactly_what
             problems.append(f"{name}: polls counted as {other!r}")
         if len(answered) < failed:
             problems.append(f"{name}: more failed polls ({failed}) than requests ({len(answered)})")
-        got = [(e["type"], e["data"].get("checkpoint", {}).get("step"), e["data"].get("http_status"),
-                e["data"].get("consecutive_failures")) for e in events.get(key, [])]
-        want = [("fine_tune.poll_failing", None, http_status, THRESHOLD),
-                ("fine_tune.poll_recovered", None, 200, failed),
-                ("checkpoint.created", 300, None, None)]
+        got = [
+            (
+                e["type"],
+                e["data"].get("checkpoint", {}).get("step"),
+                e["data"].get("http_status"),
+                e["data"].get("consecutive_failures"),
+            )
+            for e in events.get(key, [])
+        ]
+        want = [
+            ("fine_tune.poll_failing", None, http_status, THRESHOLD),
+            ("fine_tune.poll_recovered", None, 200, failed),
+            ("checkpoint.created", 300, None, None),
+        ]
         if got != want:
             problems.append(f"{name}: events {got}, want {want}")
     for ft in BYSTANDERS:
@@ -259,8 +354,10 @@ def test_retry_after_holds_the_fine_tune_back_even_across_a_kill_9(hub, tmp_path
     hub.add_checkpoint(keys[0], 300, loss=1.0)
     hub.add_checkpoint(keys[1], 300, loss=1.0)
     limited = wait_for(lambda: [r for r in hub.requests(keys[0]) if r.status == 429], what="the 429")[0]
-    held = wait_for(lambda: (found := statuses(db, keys)) and found[keys[0]].not_before and found[keys[0]],
-                    what="the failed poll and its hold committed")
+    held = wait_for(
+        lambda: (found := statuses(db, keys)) and found[keys[0]].not_before and found[keys[0]],
+        what="the failed poll and its hold committed",
+    )
     assert held.last_outcome == "error" and held.consecutive_failures == 1
     assert held.not_before >= limited.at + hold_s
     port = listen_port(daemon)
@@ -268,22 +365,29 @@ def test_retry_after_holds_the_fine_tune_back_even_across_a_kill_9(hub, tmp_path
     daemon.kill9()
     daemon = daemons(config)
     port = listen_port(daemon)
-    wait_for(lambda: any(r.at > limited.at for r in hub.requests(keys[0])), timeout=hold_s + 10,
-             what="the next request after the hold")
+    wait_for(
+        lambda: any(r.at > limited.at for r in hub.requests(keys[0])),
+        timeout=hold_s + 10,
+        what="the next request after the hold",
+    )
     after = [r for r in hub.requests(keys[0]) if r.at > limited.at]
     assert after[0].at >= limited.at + hold_s, f"polled {after[0].at - limited.at:.2f}s after a {hold_s}s Retry-After"
     calm = [r for r in hub.requests(keys[1]) if limited.at < r.at < limited.at + hold_s]
     assert len(calm) >= 5 and all(r.status == 200 for r in calm), "the other fine-tune was held back too"
-    wait_for(lambda: (found := statuses(db, keys)) and found[keys[0]].last_outcome == "ok"
-             and found[keys[0]].checkpoints == 3, what="recovery")
+    wait_for(
+        lambda: (
+            (found := statuses(db, keys)) and found[keys[0]].last_outcome == "ok" and found[keys[0]].checkpoints == 3
+        ),
+        what="recovery",
+    )
     assert healthz(port) == 200
     assert daemon.terminate() == 0
     assert sorted(change_of(e) for e in events_json(config)) == sorted(
-        [(keys[0], 300, "checkpoint.created", None), (keys[1], 300, "checkpoint.created", None)])
+        [(keys[0], 300, "checkpoint.created", None), (keys[1], 300, "checkpoint.created", None)]
+    )
 
 
-def _clone(source: SimHub, fine_tunes: list[dict[str, str]], *, port: int,
-           then: Callable[[SimHub], None]) -> SimHub:
+def _clone(source: SimHub, fine_tunes: list[dict[str, str]], *, port: int, then: Callable[[SimHub], None]) -> SimHub:
     """A new simulated Hub serving the same fine-tunes and checkpoints, changed by `then`, started on the same
     port."""
 
@@ -311,14 +415,18 @@ def test_connection_refused_while_the_hub_is_down(tmp_path, daemons):
     with SimHub(token=TOKEN) as first:
         _setup(first, fine_tunes)
         port = first.port
-        config = _write(tmp_path, first, fine_tunes, hub_options={"timeout_s": 1},
-                        watch={"failure_threshold": THRESHOLD})
+        config = _write(
+            tmp_path, first, fine_tunes, hub_options={"timeout_s": 1}, watch={"failure_threshold": THRESHOLD}
+        )
         daemon = daemons(config)
         http_port = listen_port(daemon)
         _wait_baseline(db, keys)
     # the Hub is gone: nothing listens on its port
-    wait_for(lambda: (found := statuses(db, keys)) and all(
-        s.consecutive_failures >= THRESHOLD + 1 for s in found.values()), timeout=60, what="failed polls")
+    wait_for(
+        lambda: (found := statuses(db, keys)) and all(s.consecutive_failures >= THRESHOLD + 1 for s in found.values()),
+        timeout=60,
+        what="failed polls",
+    )
     down = statuses(db, keys)
     assert down is not None
     assert all(s.last_outcome == "error" and s.last_error and s.last_http_status is None for s in down.values())
@@ -333,8 +441,14 @@ def test_connection_refused_while_the_hub_is_down(tmp_path, daemons):
 
     back = _clone(first, fine_tunes, port=port, then=meanwhile)
     try:
-        wait_for(lambda: (found := statuses(db, keys)) and all(
-            s.last_outcome == "ok" and s.checkpoints == 3 for s in found.values()), timeout=30, what="recovery")
+        wait_for(
+            lambda: (
+                (found := statuses(db, keys))
+                and all(s.last_outcome == "ok" and s.checkpoints == 3 for s in found.values())
+            ),
+            timeout=30,
+            what="recovery",
+        )
         polled = {key: len(back.requests(key)) for key in keys}
         wait_for(lambda: all(len(back.requests(key)) >= polled[key] + 2 for key in keys), what="two more polls")
         totals = polls_total(http_port)
@@ -344,8 +458,10 @@ def test_connection_refused_while_the_hub_is_down(tmp_path, daemons):
     events = _by_key(events_json(config))
     for key in keys:
         got = [(e["type"], e["data"].get("consecutive_failures")) for e in events[key]]
-        assert got[:2] == [("fine_tune.poll_failing", THRESHOLD),
-                           ("fine_tune.poll_recovered", totals.get((key, "error"), 0))], key
+        assert got[:2] == [
+            ("fine_tune.poll_failing", THRESHOLD),
+            ("fine_tune.poll_recovered", totals.get((key, "error"), 0)),
+        ], key
         assert totals.get((key, "error"), 0) >= failed[key]
         want = [(key, 300, "checkpoint.created", None)]  # all from the first poll after the outage, in step order
         if key == keys[0]:

@@ -211,7 +211,9 @@ def _diff_chain(sequence: Sequence[tuple[Any, ...]], *, baseline: bool) -> FineT
 
 @FAST
 @given(from_schema(bounded(CHECKPOINT_LIST_SCHEMA)), st.booleans())
-def test_spec_bodies_only_ever_raise_poll_error_and_accepted_ones_diff(document: dict[str, Any], baseline: bool) -> None:
+def test_spec_bodies_only_ever_raise_poll_error_and_accepted_ones_diff(
+    document: dict[str, Any], baseline: bool
+) -> None:
     jsonschema.validate(document, CHECKPOINT_LIST_SCHEMA)
     try:
         checkpoints = parse_checkpoint_list(_encode(document))
@@ -395,8 +397,15 @@ def known(state: FineTuneState) -> dict[int, tuple[str, Any]]:
 
 
 def comparable(state: FineTuneState) -> tuple[Any, ...]:
-    return (state.baselined, state.not_found, state.consecutive_failures, state.failing, state.best_loss,
-            state.body_hash, known(state))
+    return (
+        state.baselined,
+        state.not_found,
+        state.consecutive_failures,
+        state.failing,
+        state.best_loss,
+        state.body_hash,
+        known(state),
+    )
 
 
 def min_loss(listings: Sequence[Sequence[dict[str, Any]]]) -> float | None:
@@ -494,9 +503,11 @@ def test_step_by_step_reaches_the_state_of_first_against_last(sequence: Any, opt
 
     direct_transitions = [baseline, diff(REF, baseline.state, to_result(last, None), options=options)]
     assert net([t for _, _, t in threaded]) == net(direct_transitions)
-    expected = {c["step"] for c in last} if not options.baseline else {c["step"] for c in last} - {c["step"] for c in first}
+    expected = (
+        {c["step"] for c in last} if not options.baseline else {c["step"] for c in last} - {c["step"] for c in first}
+    )
     gone = set() if not options.baseline else {c["step"] for c in first} - {c["step"] for c in last}
-    assert net(direct_transitions) == {**{s: 1 for s in expected}, **{s: -1 for s in gone}}
+    assert net(direct_transitions) == {**dict.fromkeys(expected, 1), **dict.fromkeys(gone, -1)}
 
 
 @FAST

@@ -119,14 +119,16 @@ def _run_fault_scenario(
         assert _changes(_events(config)) == Counter({("checkpoint.created", 2): 1}), "nothing committed yet"
         release()
 
-    wanted = Counter({
-        ("checkpoint.created", 2): 1,
-        ("checkpoint.created", 3): 1,
-        ("checkpoint.created", 4): 1,
-        ("checkpoint.deployment_changed", 2): 1,
-        ("checkpoint.updated", 2): 1,  # the simulated Hub sets model_id along with the deployment status
-        ("checkpoint.removed", 1): 1,
-    })
+    wanted = Counter(
+        {
+            ("checkpoint.created", 2): 1,
+            ("checkpoint.created", 3): 1,
+            ("checkpoint.created", 4): 1,
+            ("checkpoint.deployment_changed", 2): 1,
+            ("checkpoint.updated", 2): 1,  # the simulated Hub sets model_id along with the deployment status
+            ("checkpoint.removed", 1): 1,
+        }
+    )
     wait_for(lambda: _changes(_events(config)) == wanted, timeout=30, what="every change once")
     wait_for(lambda: "store.recovered" in _names(daemon.logs()), what="store.recovered")
     events = _wait_delivered(daemon, config, sum(wanted.values()))
@@ -153,9 +155,7 @@ def _run_fault_scenario(
 def test_a_database_locked_by_another_process(hub: SimHub, tmp_path: Path, daemons: Any) -> None:
     hub.add_fine_tune("acme", "bot", "ft_1")
     hub.add_checkpoint(KEY, 1, loss=2.0)
-    config = write_config(
-        tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT], notifiers=[LOG_NOTIFIER])
-    )
+    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT], notifiers=[LOG_NOTIFIER]))
     daemon = daemons(config)
     lockers: list[sqlite3.Connection] = []
 
@@ -184,8 +184,12 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mountpoint = tmp_path / "state"
     mountpoint.mkdir()
     try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mountpoint)],
-                                 capture_output=True, timeout=10, check=False)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mountpoint)],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         pytest.skip(f"cannot mount a tmpfs here: {err}")
     if mounted.returncode != 0:
@@ -218,7 +222,9 @@ def test_a_full_disk(hub: SimHub, tmp_path: Path, daemons: Any, small_tmpfs: Pat
     hub.add_checkpoint(KEY, 1, loss=2.0)
     config = write_config(
         tmp_path / "c.toml",
-        base_config(hub, tmp_path, fine_tunes=[FT], notifiers=[LOG_NOTIFIER], state={"path": str(small_tmpfs / "w.db")}),
+        base_config(
+            hub, tmp_path, fine_tunes=[FT], notifiers=[LOG_NOTIFIER], state={"path": str(small_tmpfs / "w.db")}
+        ),
     )
     daemon = daemons(config)
     filler: list[Path] = []
@@ -234,8 +240,15 @@ def test_a_full_disk(hub: SimHub, tmp_path: Path, daemons: Any, small_tmpfs: Pat
 
     # 3 MB of inference samples: more than the write-ahead log can have kept from earlier commits
     samples = [{"prompt": f"p{i}", "completion": "x" * 100_000} for i in range(30)]
-    _run_fault_scenario(hub, daemon, config, fault=full, release=lambda: [p.unlink() for p in filler],
-                        problem="database or disk is full", big={"inference_samples": samples})
+    _run_fault_scenario(
+        hub,
+        daemon,
+        config,
+        fault=full,
+        release=lambda: [p.unlink() for p in filler],
+        problem="database or disk is full",
+        big={"inference_samples": samples},
+    )
 
 
 # --- a read-only database at start: a clear one-line error, exit 1 ---------------------------------------------
@@ -250,8 +263,9 @@ def test_a_read_only_database_at_start_is_one_clear_line(hub: SimHub, tmp_path: 
     folder = tmp_path / "state"
     folder.mkdir()
     if how == "read-only mount":
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
-                                 capture_output=True, check=False)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True, check=False
+        )
         if mounted.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
     try:
@@ -265,9 +279,7 @@ def test_a_read_only_database_at_start_is_one_clear_line(hub: SimHub, tmp_path: 
             folder.chmod(0o555)
         else:
             subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
-        config = write_config(
-            tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT], state={"path": str(db)})
-        )
+        config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT], state={"path": str(db)}))
         result = cli("run", "-c", str(config), timeout=30)
         assert result.returncode == 1, (result.returncode, result.stderr)
         lines = result.stderr.strip().splitlines()
@@ -447,8 +459,10 @@ async def test_a_delivery_the_store_cannot_record_is_not_resent_in_a_hot_loop(tm
         with structlog.testing.capture_logs() as logs:
             task = asyncio.create_task(dispatcher.run(stop))
             deadline = time.monotonic() + 15
-            while store.deliveries_of([e.id for e in store.recent_events()])[store.recent_events()[0].id][0].state \
-                    != "delivered":
+            while (
+                store.deliveries_of([e.id for e in store.recent_events()])[store.recent_events()[0].id][0].state
+                != "delivered"
+            ):
                 assert time.monotonic() < deadline, "not delivered after the outage"
                 await asyncio.sleep(0.05)
             stop.set()

@@ -42,8 +42,9 @@ class Notifier(Protocol):
         ...
 
 
-def classify(status: int, *, body: str = "", headers: Mapping[str, str] | None = None,
-             now: float | None = None) -> DeliveryResult:
+def classify(
+    status: int, *, body: str = "", headers: Mapping[str, str] | None = None, now: float | None = None
+) -> DeliveryResult:
     """The outcome of an HTTP answer: 2xx delivered; 408/429/5xx retry; 410 dead and disable; else dead."""
     retry_after = parse_retry_after((headers or {}).get("retry-after"), now=now if now is not None else time.time())
     detail = " ".join(body.split())  # the caller redacts, then clips: clipping first could split a secret

@@ -17,7 +17,7 @@ from .base import DeliveryResult
 class LogNotifier:
     """Writes events to a stream, one line each."""
 
-    digest_over = None
+    digest_over: int | None = None
 
     def __init__(self, *, name: str, fmt: Literal["text", "json"] = "text", stream: TextIO | None = None) -> None:
         self.name = name

@@ -16,8 +16,13 @@ from .base import DeliveryResult, new_http_client, post
 
 MAX_PAYLOAD_BYTES = 3900  # Slack's limit is 4,000; leave room for a proxy's additions
 DEFAULT_DIGEST_OVER = 5
-_METRICS = (("loss", "Loss"), ("mean_token_accuracy", "Mean token accuracy"), ("learning_rate", "Learning rate"),
-            ("grad_norm", "Grad norm"), ("epoch", "Epoch"))
+_METRICS = (
+    ("loss", "Loss"),
+    ("mean_token_accuracy", "Mean token accuracy"),
+    ("learning_rate", "Learning rate"),
+    ("grad_norm", "Grad norm"),
+    ("epoch", "Epoch"),
+)
 
 
 class RateLimiter:
@@ -56,8 +61,10 @@ def _number(value: float) -> str:
 
 def _headline(event: Event) -> str:
     data = event.data
-    name = _escape((data.get("fine_tune") or {}).get("name", "?"))
-    checkpoint = data.get("checkpoint") if isinstance(data.get("checkpoint"), dict) else {}
+    fine_tune = data.get("fine_tune")
+    name = _escape(fine_tune.get("name", "?") if isinstance(fine_tune, dict) else "?")
+    raw_checkpoint = data.get("checkpoint")
+    checkpoint: dict[str, Any] = raw_checkpoint if isinstance(raw_checkpoint, dict) else {}
     step = _escape(checkpoint.get("step"))
     if event.type == "checkpoint.created":
         best = " :trophy: best loss so far" if data.get("is_best_loss") else ""
@@ -99,8 +106,10 @@ def _fields(event: Event) -> list[dict[str, str]]:
 def _context(event: Event) -> dict[str, Any]:
     fine_tune = event.data.get("fine_tune") or {}
     where = "/".join(_escape(fine_tune.get(k, "?")) for k in ("namespace", "repo", "id"))
-    return {"type": "context", "elements": [{"type": "mrkdwn", "text": _clip(
-        f"`{where}` · {_escape(event.type)} · {event.id}", 600)}]}
+    return {
+        "type": "context",
+        "elements": [{"type": "mrkdwn", "text": _clip(f"`{where}` · {_escape(event.type)} · {event.id}", 600)}],
+    }
 
 
 def _fit(payload: dict[str, Any]) -> dict[str, Any]:
@@ -149,8 +158,10 @@ def digest(events: Sequence[Event]) -> dict[str, Any]:
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": title}},
             {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": _clip(
-                f"`{where}` · digest · {first.id} … {last.id}", 600)}]},
+            {
+                "type": "context",
+                "elements": [{"type": "mrkdwn", "text": _clip(f"`{where}` · digest · {first.id} … {last.id}", 600)}],
+            },
         ],
     }
     return _fit(payload)

@@ -18,15 +18,13 @@ from .base import DeliveryResult, new_http_client, post
 def sign(keys: Sequence[bytes], *, msg_id: str, timestamp: int, body: bytes) -> str:
     """The webhook-signature header: one "v1,<base64 HMAC-SHA256 of id.timestamp.body>" per key."""
     signed = f"{msg_id}.{timestamp}.".encode() + body
-    return " ".join(
-        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in keys
-    )
+    return " ".join("v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in keys)
 
 
 class WebhookNotifier:
     """POSTs each event's envelope as JSON, signed with every configured key (a rotation signs twice)."""
 
-    digest_over = None
+    digest_over: int | None = None
 
     def __init__(
         self,
