@@ -1,4 +1,4 @@
-"""Durable state: a `Store` protocol and its SQLite implementation (WAL, versioned schema, portable SQL).
+"""The SQLite store: WAL, versioned schema, portable SQL.
 
 State and the events it yields commit in one transaction: an event exists exactly when the state that
 produced it does, whatever crashes in between.
@@ -10,16 +10,15 @@ import fnmatch
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
-from .diff import DiffOptions, diff
-from .errors import StoreError
-from .events import stamp
-from .models import (
+from ..diff import DiffOptions, diff
+from ..errors import StoreError
+from ..events import stamp
+from ..models import (
     Delivery,
     Event,
     FineTuneRef,
@@ -34,185 +33,10 @@ from .models import (
     metric_of,
     outcome_of,
 )
+from .protocols import Committed, Router
+from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
 
 T = TypeVar("T")
-
-# Each entry upgrades the schema by one version; never edit a released one, append a new one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE fine_tunes (
-            fine_tune_key TEXT PRIMARY KEY,
-            baselined INTEGER NOT NULL DEFAULT 0,
-            not_found INTEGER NOT NULL DEFAULT 0,
-            consecutive_failures INTEGER NOT NULL DEFAULT 0,
-            failing INTEGER NOT NULL DEFAULT 0,
-            best_loss DOUBLE PRECISION,
-            body_hash TEXT,
-            not_before DOUBLE PRECISION,
-            last_poll_at DOUBLE PRECISION,
-            last_outcome TEXT,
-            last_error TEXT,
-            last_http_status INTEGER,
-            last_success_at DOUBLE PRECISION,
-            revision BIGINT NOT NULL DEFAULT 0
-        )""",
-        """CREATE TABLE checkpoints (
-            fine_tune_key TEXT NOT NULL,
-            step BIGINT NOT NULL,
-            fingerprint TEXT NOT NULL,
-            data TEXT NOT NULL,
-            PRIMARY KEY (fine_tune_key, step)
-        )""",
-        """CREATE TABLE events (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            id TEXT NOT NULL UNIQUE,
-            type TEXT NOT NULL,
-            fine_tune_key TEXT NOT NULL,
-            created_at DOUBLE PRECISION NOT NULL,
-            envelope TEXT NOT NULL
-        )""",
-        "CREATE INDEX events_fine_tune ON events (fine_tune_key, seq)",
-    ),
-    (
-        # The outbox: one row per (event, notifier) whose filters match, created with the event.
-        """CREATE TABLE deliveries (
-            event_seq BIGINT NOT NULL,
-            event_id TEXT NOT NULL,
-            notifier TEXT NOT NULL,
-            fine_tune_key TEXT NOT NULL,
-            batch_id TEXT NOT NULL,
-            state TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at DOUBLE PRECISION,
-            queued_at DOUBLE PRECISION NOT NULL,
-            last_error TEXT,
-            last_status INTEGER,
-            delivered_at DOUBLE PRECISION,
-            PRIMARY KEY (event_id, notifier)
-        )""",
-        "CREATE INDEX deliveries_lane ON deliveries (notifier, state, fine_tune_key, event_seq)",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-@dataclass(frozen=True, slots=True)
-class Committed:
-    """What one applied poll committed: its events (in order) and the state after it."""
-
-    events: tuple[Event, ...]
-    state: FineTuneState
-    checkpoints_changed: bool = False
-
-
-Router = Callable[[Event], Sequence[str]]
-
-
-class Store(Protocol):
-    """Durable state of the watcher; SQLite now, PostgreSQL later."""
-
-    def apply_poll(
-        self,
-        ref: FineTuneRef,
-        result: PollResult,
-        *,
-        options: DiffOptions,
-        now: float,
-        commit: bool = True,
-        route: Router | None = None,
-    ) -> Committed | None:
-        """Diff a poll result against the stored state; commit state, events and outbox rows in one transaction."""
-        ...
-
-    def load_cached(self, key: str) -> FineTuneState:
-        """The state of a fine-tune as this process last saw it (no I/O)."""
-        ...
-
-    def quiet(self, key: str, body_hash: str) -> bool:
-        """Whether a 200 with this body would change nothing but the poll times."""
-        ...
-
-    def touch(self, polls: Sequence[tuple[str, str, float]]) -> list[str]:
-        """Record unchanged 200 polls (key, body hash, time); returns the keys another writer moved on."""
-        ...
-
-    def forget(self, key: str) -> None:
-        """Drop the cached state of a fine-tune."""
-        ...
-
-    def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
-        """The due head of each (notifier, fine-tune) lane."""
-        ...
-
-    def next_due_at(self, notifiers: Sequence[str]) -> float | None:
-        """The earliest next attempt among pending rows of these notifiers."""
-        ...
-
-    def lane_batch(self, head: Delivery, *, limit: int = 1000) -> list[Delivery]:
-        """The pending rows of the head's lane that came from the same poll."""
-        ...
-
-    def events_by_id(self, event_ids: Sequence[str]) -> dict[str, Event]:
-        """Committed events by id."""
-        ...
-
-    def record_delivery(
-        self,
-        notifier: str,
-        event_ids: Sequence[str],
-        *,
-        state: str,
-        now: float,
-        next_attempt_at: float | None = None,
-        error: str | None = None,
-        http_status: int | None = None,
-    ) -> None:
-        """Record the outcome of one delivery attempt."""
-        ...
-
-    def deliveries_of(self, event_ids: Sequence[str]) -> dict[str, list[Delivery]]:
-        """The outbox rows of these events."""
-        ...
-
-    def redeliver(
-        self,
-        *,
-        now: float,
-        event_ids: Sequence[str] = (),
-        dead: bool = False,
-        notifier: str | None = None,
-        route: Router | None = None,
-    ) -> int:
-        """Queue dead rows or named events again."""
-        ...
-
-    def outbox_stats(self) -> list[OutboxStats]:
-        """Pending rows per notifier."""
-        ...
-
-    def body_hash(self, key: str) -> str | None:
-        """The hash of the last committed 200 body of a fine-tune."""
-        ...
-
-    def not_before(self, key: str) -> float | None:
-        """The Unix time before which the Hub asked not to be polled for this fine-tune."""
-        ...
-
-    def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
-        """Per fine-tune status, for `status` and metrics."""
-        ...
-
-    def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
-        """Committed events, newest first."""
-        ...
-
-    def events_after(self, seq: int, *, limit: int = 1000) -> list[tuple[int, Event]]:
-        """Committed events with a sequence number above `seq`, oldest first."""
-        ...
-
-    def close(self) -> None:
-        """Release the database."""
-        ...
 
 
 def _event_from_row(envelope: str, fine_tune_key: str) -> Event:
@@ -780,37 +604,3 @@ def open_store(path: str | Path, *, readonly: bool = False) -> SqliteStore:
 def wall_clock() -> float:
     """The default clock: Unix seconds."""
     return time.time()
-
-
-class DispatchLock:
-    """An exclusive lock file beside the database, held by the daemon's dispatcher.
-
-    `once` delivers only when it can take the lock: beside a running daemon it leaves delivery to it, so no
-    delivery is sent by two processes at once.
-    """
-
-    def __init__(self, database: str | Path) -> None:
-        self.path = None if str(database) == ":memory:" else Path(f"{database}.dispatch.lock")
-        self._file: Any = None
-
-    def acquire(self) -> bool:
-        """Take the lock without waiting; False when another process holds it."""
-        if self.path is None:
-            return True
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = self.path.open("a+")
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            file.close()
-            return False
-        self._file = file
-        return True
-
-    def release(self) -> None:
-        """Let go of the lock."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None

@@ -1,0 +1,18 @@
+"""Durable state: protocols per concern, the SQLite implementation, the dispatch lock."""
+
+from .lock import DispatchLock
+from .protocols import Committed, Router, Store
+from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
+from .sqlite import SqliteStore, open_store, wall_clock
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Committed",
+    "DispatchLock",
+    "Router",
+    "SqliteStore",
+    "Store",
+    "open_store",
+    "wall_clock",
+]

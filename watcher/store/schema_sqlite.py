@@ -1,0 +1,59 @@
+"""The SQLite schema: versioned migrations, applied in order."""
+
+# Each entry upgrades the schema by one version; never edit a released one, append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE fine_tunes (
+            fine_tune_key TEXT PRIMARY KEY,
+            baselined INTEGER NOT NULL DEFAULT 0,
+            not_found INTEGER NOT NULL DEFAULT 0,
+            consecutive_failures INTEGER NOT NULL DEFAULT 0,
+            failing INTEGER NOT NULL DEFAULT 0,
+            best_loss DOUBLE PRECISION,
+            body_hash TEXT,
+            not_before DOUBLE PRECISION,
+            last_poll_at DOUBLE PRECISION,
+            last_outcome TEXT,
+            last_error TEXT,
+            last_http_status INTEGER,
+            last_success_at DOUBLE PRECISION,
+            revision BIGINT NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE checkpoints (
+            fine_tune_key TEXT NOT NULL,
+            step BIGINT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (fine_tune_key, step)
+        )""",
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            fine_tune_key TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            envelope TEXT NOT NULL
+        )""",
+        "CREATE INDEX events_fine_tune ON events (fine_tune_key, seq)",
+    ),
+    (
+        # The outbox: one row per (event, notifier) whose filters match, created with the event.
+        """CREATE TABLE deliveries (
+            event_seq BIGINT NOT NULL,
+            event_id TEXT NOT NULL,
+            notifier TEXT NOT NULL,
+            fine_tune_key TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at DOUBLE PRECISION,
+            queued_at DOUBLE PRECISION NOT NULL,
+            last_error TEXT,
+            last_status INTEGER,
+            delivered_at DOUBLE PRECISION,
+            PRIMARY KEY (event_id, notifier)
+        )""",
+        "CREATE INDEX deliveries_lane ON deliveries (notifier, state, fine_tune_key, event_seq)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
