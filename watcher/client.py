@@ -15,7 +15,8 @@ import httpx
 import stamina
 
 from .errors import HubUnauthorized, HubUnavailable, PollError
-from .models import FineTuneRef
+from .models import FineTuneRef, HubFineTune
+from .schema import parse_fine_tune, parse_fine_tune_list
 from .transport import AiohttpTransport, BodyTooLarge
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -208,3 +209,111 @@ class HubClient:
                 raise PollError(f"body is over the {MAX_BODY_BYTES} byte limit", http_status=200)
             chunks.append(chunk)
         return b"".join(chunks)
+
+    # --- fine-tune endpoints (lifecycle and discovery) ------------------------------------------------
+    # The same error wrapping and quick retries as fetch(); a follow-up can route fetch() through
+    # _get_with_retries() too, so that every endpoint shares one retry and back-off path.
+
+    # called once per HTTP attempt with (endpoint, outcome): endpoint in list, fine_tune (fetch() does not call
+    # it yet); outcome in ok, not_found, unauthorized, error. Set it to Metrics.observe_hub_request.
+    on_request: Callable[[str, str], None] | None = None
+
+    async def list_fine_tunes(
+        self,
+        namespace: str,
+        repo: str,
+        *,
+        page: int,
+        page_size: int,
+        created_by: str | None = None,
+        status: str | None = None,
+    ) -> tuple[HubFineTune, ...] | FetchedNotFound:
+        """One page (1-based) of a repository's fine-tunes, newest first; FetchedNotFound when the Hub says 404."""
+        params: dict[str, str | int] = {"page": page, "page_size": page_size, "sort": "newest"}
+        if created_by:
+            params["created_by"] = created_by
+        if status:
+            params["status"] = status
+        path = f"/api/repos/{quote(namespace, safe='')}/{quote(repo, safe='')}/fine_tunes"
+        request = self._http.build_request("GET", path, params=params)
+        ref = FineTuneRef(namespace=namespace, repo=repo, id="", name=f"{namespace}/{repo}")
+        body = await self._get_with_retries(request, ref=ref, endpoint="list")
+        return body if isinstance(body, FetchedNotFound) else parse_fine_tune_list(body)
+
+    async def get_fine_tune(self, namespace: str, repo: str, fine_tune_id: str) -> HubFineTune | FetchedNotFound:
+        """One fine-tune's current object (status, error, times); FetchedNotFound when the Hub says 404."""
+        parts = (quote(part, safe="") for part in (namespace, repo, fine_tune_id))
+        path = "/api/repos/{}/{}/fine_tunes/{}".format(*parts)
+        ref = FineTuneRef(namespace=namespace, repo=repo, id=fine_tune_id, name=fine_tune_id)
+        body = await self._get_with_retries(self._http.build_request("GET", path), ref=ref, endpoint="fine_tune")
+        return body if isinstance(body, FetchedNotFound) else parse_fine_tune(body)
+
+    async def _get_with_retries(
+        self, request: httpx.Request, *, ref: FineTuneRef, endpoint: str
+    ) -> bytes | FetchedNotFound:
+        """One GET with fetch()'s quick retries of transient failures, within the same budget."""
+        started = time.monotonic()
+        tries = 0
+
+        def backoff(exc: Exception) -> bool | float:
+            nonlocal tries
+            tries += 1
+            if not isinstance(exc, HubUnavailable) or tries >= self._attempts:
+                return False
+            remaining = self._retry_budget_s - (time.monotonic() - started)
+            wait = exc.retry_after_s
+            if remaining <= 0 or (wait is not None and wait > remaining):
+                return False
+            if self._on_retry is not None:
+                self._on_retry(ref, exc, wait if wait is not None else 0.0)
+            return wait if wait is not None else True
+
+        while True:
+            try:
+                return await self._get_once(request, endpoint=endpoint)
+            except HubUnavailable as err:
+                wait = backoff(err)
+                if wait is False:
+                    raise
+            delay = wait if not isinstance(wait, bool) else min(2.0, 0.2 * 2 ** (tries - 1)) + random.uniform(0, 0.3)
+            await asyncio.sleep(delay)
+
+    async def _get_once(self, request: httpx.Request, *, endpoint: str) -> bytes | FetchedNotFound:
+        outcome = "error"
+        try:
+            try:
+                async with self._slots:
+                    response = await self._transport.handle_async_request(request)
+                try:
+                    status = response.status_code
+                    if status == 200:
+                        body = await self._read_capped(response)
+                        outcome = "ok"
+                        return body
+                    await response.aread()
+                finally:
+                    await response.aclose()
+            except BodyTooLarge as err:
+                raise PollError(str(err), http_status=200) from err
+            except httpx.TimeoutException as err:
+                raise HubUnavailable(f"timed out ({type(err).__name__})") from err
+            except httpx.TransportError as err:
+                raise HubUnavailable(f"connection failed ({type(err).__name__})") from err
+            except asyncio.CancelledError:
+                outcome = ""
+                raise
+            except httpx.HTTPError as err:
+                raise PollError(f"HTTP error ({type(err).__name__})") from err
+            if status == 404:
+                outcome = "not_found"
+                return FetchedNotFound()
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
+            if status in RETRYABLE_STATUSES:
+                raise HubUnavailable(f"Hub answered {status}", http_status=status, retry_after_s=retry_after)
+            if status in (401, 403):
+                outcome = "unauthorized"
+                raise HubUnauthorized(f"Hub refused the token ({status})", http_status=status)
+            raise PollError(f"Hub answered {status}", http_status=status, retry_after_s=retry_after)
+        finally:
+            if self.on_request is not None and outcome:
+                self.on_request(endpoint, outcome)

@@ -1,7 +1,9 @@
-"""A simulated Oxen Hub: the checkpoints endpoint exactly as the reference documents it, on 127.0.0.1.
+"""A simulated Oxen Hub: the checkpoints and fine-tune endpoints as the reference documents them, on 127.0.0.1.
 
 A real HTTP server (aiohttp, in its own thread and event loop) with a thread-safe programmatic API to add
-checkpoints, change deployment statuses and inject faults. Tests, `demo` and the benchmark use it.
+fine-tunes and checkpoints, change deployment statuses, script fine-tune status transitions (created ->
+tokenizing -> enqueued -> running -> completed / errored / stopped), make fine-tunes appear later, and inject
+faults into any endpoint. Tests, `demo` and the benchmark use it.
 """
 
 from __future__ import annotations
@@ -11,18 +13,25 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 
+from . import simhub_runs as runs
 from .background import BackgroundServer
+from .simhub_runs import RunInfo, StatusStep
+
+__all__ = ["DEFAULT_TOKEN", "Fault", "RequestRecord", "SimHub", "StatusStep", "keys_of"]
 
 DEFAULT_TOKEN = "simhub-token"
 PATH = "/api/repos/{namespace}/{repo}/fine_tunes/{id}/checkpoints"
+LIST_PATH = "/api/repos/{namespace}/{repo}/fine_tunes"
+FINE_TUNE_PATH = "/api/repos/{namespace}/{repo}/fine_tunes/{id}"
+Endpoint = Literal["checkpoints", "fine_tune", "list"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,6 +46,7 @@ class Fault:
     truncate: bool = False  # announce a longer body than is sent, then close the connection
     trickle_s: float = 0.0  # send the body a byte at a time, spread over this many seconds
     times: int | None = 1  # how many requests it answers; None: until cleared
+    endpoint: Endpoint | None = None  # only requests to this endpoint (checkpoints, fine_tune, list); None: any
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +54,10 @@ class RequestRecord:
     """One request the simulated Hub received."""
 
     at: float
-    key: str
+    key: str  # "namespace/repo/id", or "namespace/repo" for a list
     status: int
     authorized: bool
+    endpoint: Endpoint = "checkpoints"
 
 
 @dataclass
@@ -58,6 +69,7 @@ class _FineTune:
     checkpoints: dict[int, dict[str, Any]] = field(default_factory=dict)
     faults: deque[Fault] = field(default_factory=deque)
     body: bytes | None = None  # cached serialized answer, dropped on every change
+    run: RunInfo = field(default_factory=lambda: RunInfo(created_at=time.time(), seq=0))
 
 
 def _key(namespace: str, repo: str, fine_tune_id: str) -> str:
@@ -75,8 +87,22 @@ def _now_iso() -> str:
 class SimHub:
     """The simulated Hub; use as a context manager or call start() and stop()."""
 
-    def __init__(self, *, token: str | None = DEFAULT_TOKEN, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        token: str | None = DEFAULT_TOKEN,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.token = token
+        self._clock = clock  # drives created_at, scripted transitions and appearances
+        self._seq = 0
+        self._repo_faults: dict[str, deque[Fault]] = {}
+        self.list_form: Literal["full", "simple"] = "full"  # list entries: every documented field, or the few
+        # called with (repo key "namespace/repo", page) before a list page is answered, outside the lock:
+        # a test adds or removes fine-tunes there to shift the list while it is being read
+        self.on_list: Callable[[str, int], None] | None = None
         self._host = host
         self._lock = threading.Lock()
         self._fine_tunes: dict[str, _FineTune] = {}
@@ -117,16 +143,79 @@ class SimHub:
         """The aiohttp application (also usable on its own, e.g. in another process)."""
         app = web.Application()
         app.router.add_get(PATH, self._handle)
+        app.router.add_get(FINE_TUNE_PATH, self._handle_fine_tune)
+        app.router.add_get(LIST_PATH, self._handle_list)
         return app
 
     # --- programmatic API --------------------------------------------------------------------------
 
-    def add_fine_tune(self, namespace: str, repo: str, fine_tune_id: str, *, name: str | None = None) -> str:
-        """Make a fine-tune exist (with no checkpoints yet); returns its key."""
+    def add_fine_tune(
+        self,
+        namespace: str,
+        repo: str,
+        fine_tune_id: str,
+        *,
+        name: str | None = None,
+        status: str = "running",
+        error: str | None = None,
+        base_model: str = "Qwen/Qwen3-0.6B",
+        created_by: str | None = "simuser",
+        created_at: float | None = None,
+        finished_at: float | None = None,
+        appear_after_s: float = 0.0,
+    ) -> str:
+        """Make a fine-tune exist (with no checkpoints yet) in a status; returns its key.
+
+        `created_at` / `finished_at` (Unix seconds) backdate it; `appear_after_s` makes it appear that much
+        later (until then it answers 404 and is not listed), and its created_at is then the appearance time.
+        """
         key = _key(namespace, repo, fine_tune_id)
+        now = self._clock()
         with self._lock:
-            self._fine_tunes.setdefault(key, _FineTune(namespace, repo, fine_tune_id, name or fine_tune_id))
+            if key in self._fine_tunes:
+                return key
+            self._seq += 1
+            visible_at = now + appear_after_s
+            run = RunInfo(
+                created_at=created_at if created_at is not None else visible_at,
+                seq=self._seq,
+                base_model=base_model,
+                created_by=created_by,
+                visible_at=visible_at,
+            )
+            run.status = status
+            run.updated_at = run.created_at
+            if status not in ("created", "tokenizing", "enqueued"):
+                run.started_at = run.created_at
+            runs.set_status(run, status, now=finished_at if finished_at is not None else run.created_at, error=error)
+            run.updated_at = max(run.created_at, run.finished_at or 0.0)
+            self._fine_tunes[key] = _FineTune(namespace, repo, fine_tune_id, name or fine_tune_id, run=run)
         return key
+
+    def set_status(self, key: str, status: str, *, error: str | None = None) -> None:
+        """Move a fine-tune to a status now (started_at on running, finished_at and error when it ends)."""
+        with self._lock:
+            run = self._fine_tunes[key].run
+            run.script.clear()
+            runs.set_status(run, status, now=self._clock(), error=error)
+
+    def script(self, key: str, *steps: StatusStep) -> None:
+        """Schedule status transitions (each `at_s` seconds from now); they apply as time passes."""
+        with self._lock:
+            runs.script(self._fine_tunes[key].run, steps, now=self._clock())
+
+    def script_run(
+        self, key: str, *, step_s: float = 1.0, run_s: float = 5.0, outcome: str = "completed", error: str | None = None
+    ) -> None:
+        """Script a whole run from now: created, tokenizing, enqueued, running (run_s), then the outcome."""
+        self.script(key, *runs.run_steps(step_s=step_s, run_s=run_s, outcome=outcome, error=error))
+
+    def fine_tune(self, key: str) -> dict[str, Any]:
+        """The fine-tune's current FineTune object (as GET .../fine_tunes/{id} answers it)."""
+        with self._lock:
+            fine_tune = self._fine_tunes[key]
+            runs.apply_due(fine_tune.run, self._clock())
+            return self._object_of(fine_tune, "full")
 
     def remove_fine_tune(self, key: str) -> None:
         """Make a fine-tune disappear: it answers 404 from now on."""
@@ -206,20 +295,28 @@ class SimHub:
             return [dict(fine_tune.checkpoints[s]) for s in sorted(fine_tune.checkpoints)]
 
     def inject(self, key: str | None, *faults: Fault) -> None:
-        """Queue faults for one fine-tune (or for every request when key is None), answered in order."""
+        """Queue faults for one fine-tune ("namespace/repo/id": its checkpoints and fine_tune endpoints), one
+        repository's list ("namespace/repo"), or every request (None); answered in order per endpoint."""
         with self._lock:
-            queue = self._global_faults if key is None else self._fine_tunes[key].faults
-            queue.extend(faults)
+            self._queue_of(key).extend(faults)
+
+    def _queue_of(self, key: str | None) -> deque[Fault]:
+        if key is None:
+            return self._global_faults
+        if key.count("/") == 1:
+            return self._repo_faults.setdefault(key, deque())
+        return self._fine_tunes[key].faults
 
     def clear_faults(self, key: str | None = None) -> None:
         """Drop queued faults of one fine-tune, or all faults when key is None."""
         with self._lock:
             if key is None:
                 self._global_faults.clear()
+                self._repo_faults.clear()
                 for fine_tune in self._fine_tunes.values():
                     fine_tune.faults.clear()
             else:
-                self._fine_tunes[key].faults.clear()
+                self._queue_of(key).clear()
 
     def requests(self, key: str | None = None) -> list[RequestRecord]:
         """The requests received so far (for one fine-tune when key is given)."""
@@ -232,17 +329,32 @@ class SimHub:
 
     # --- serving -------------------------------------------------------------------------------------
 
-    def _next_fault(self, fine_tune: _FineTune | None) -> Fault | None:
-        for queue in (self._global_faults, fine_tune.faults if fine_tune else None):
-            if queue:
-                fault = queue[0]
+    def _next_fault(self, queue: deque[Fault] | None, endpoint: Endpoint = "checkpoints") -> Fault | None:
+        for faults in (self._global_faults, queue):
+            if not faults:
+                continue
+            for index, fault in enumerate(faults):
+                if fault.endpoint is not None and fault.endpoint != endpoint:
+                    continue
                 if fault.times is not None:
                     if fault.times <= 1:
-                        queue.popleft()
+                        del faults[index]
                     else:
-                        queue[0] = Fault(**{**_fault_fields(fault), "times": fault.times - 1})
+                        faults[index] = Fault(**{**_fault_fields(fault), "times": fault.times - 1})
                 return fault
         return None
+
+    def _visible(self, key: str) -> _FineTune | None:
+        fine_tune = self._fine_tunes.get(key)
+        if fine_tune is None or fine_tune.run.visible_at > self._clock():
+            return None
+        return fine_tune
+
+    def _object_of(self, fine_tune: _FineTune, form: Literal["full", "simple"]) -> dict[str, Any]:
+        repository_id = f"repo_{fine_tune.namespace}_{fine_tune.repo}"
+        return runs.fine_tune_object(
+            fine_tune.id, fine_tune.name, fine_tune.run, repository_id=repository_id, form=form
+        )
 
     def _body_of(self, fine_tune: _FineTune) -> bytes:
         if fine_tune.body is None:
@@ -265,8 +377,9 @@ class SimHub:
         key = _key(info["namespace"], info["repo"], info["id"])
         authorized = self.token is None or request.headers.get("Authorization") == f"Bearer {self.token}"
         with self._lock:
-            fine_tune = self._fine_tunes.get(key)
-            fault = self._next_fault(fine_tune)
+            known = self._fine_tunes.get(key)
+            fault = self._next_fault(known.faults if known else None)
+            fine_tune = self._visible(key)
             body = self._body_of(fine_tune) if fine_tune is not None and fault is None and authorized else None
         if fault is not None:
             status = fault.status
@@ -284,6 +397,100 @@ class SimHub:
         if status == 401:
             return web.Response(
                 status=401, body=_error_body("unauthenticated", "Unauthenticated"), content_type="application/json"
+            )
+        if status == 404:
+            return web.Response(
+                status=404,
+                body=_error_body("resource_not_found", "Fine-tune not found"),
+                content_type="application/json",
+            )
+        response = web.Response(body=body, content_type="application/json")
+        if self.gzip:
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    async def _handle_fine_tune(self, request: web.Request) -> web.StreamResponse:
+        info = request.match_info
+        key = _key(info["namespace"], info["repo"], info["id"])
+
+        def answer() -> bytes | None:
+            fine_tune = self._visible(key)
+            if fine_tune is None:
+                return None
+            runs.apply_due(fine_tune.run, self._clock())
+            document = {
+                "fine_tune": self._object_of(fine_tune, "full"),
+                "status": "success",
+                "status_message": "resource_found",
+            }
+            return orjson.dumps(document)
+
+        known = self._fine_tunes.get(key)
+        return await self._serve(request, key, "fine_tune", known.faults if known else None, answer)
+
+    async def _handle_list(self, request: web.Request) -> web.StreamResponse:
+        info = request.match_info
+        repo_key = f"{info['namespace']}/{info['repo']}"
+        if self.on_list is not None:
+            page = request.query.get("page", "1")
+            self.on_list(repo_key, int(page) if page.isascii() and page.isdigit() else 0)
+
+        def answer() -> bytes | None:
+            now = self._clock()
+            prefix = repo_key + "/"
+            entries = []
+            by_id: dict[str, _FineTune] = {}
+            for key, fine_tune in self._fine_tunes.items():
+                if key.startswith(prefix) and fine_tune.run.visible_at <= now:
+                    runs.apply_due(fine_tune.run, now)
+                    entries.append((fine_tune.id, fine_tune.name, fine_tune.run))
+                    by_id[fine_tune.id] = fine_tune
+            chosen = runs.select_page(entries, request.query)  # BadQuery: 400
+            objects = [self._object_of(by_id[fine_tune_id], self.list_form) for fine_tune_id, _, _ in chosen]
+            return orjson.dumps({"fine_tunes": objects, "status": "success", "status_message": "resource_found"})
+
+        # an unknown repository lists nothing (the Hub's answer for a repo without fine-tunes)
+        return await self._serve(request, repo_key, "list", self._repo_faults.get(repo_key), answer)
+
+    async def _serve(
+        self,
+        request: web.Request,
+        key: str,
+        endpoint: Endpoint,
+        faults: deque[Fault] | None,
+        answer: Callable[[], bytes | None],
+    ) -> web.StreamResponse:
+        """Faults first, then 401, then the answer (None: 404), recorded like the checkpoints endpoint's."""
+        authorized = self.token is None or request.headers.get("Authorization") == f"Bearer {self.token}"
+        body: bytes | None = None
+        bad_query: str | None = None
+        with self._lock:
+            fault = self._next_fault(faults, endpoint)
+            if fault is None and authorized:
+                try:
+                    body = answer()
+                except runs.BadQuery as err:
+                    bad_query = str(err)
+        if fault is not None:
+            status = fault.status
+        elif not authorized:
+            status = 401
+        elif bad_query is not None:
+            status = 400
+        else:
+            status = 404 if body is None else 200
+        if self._record_requests:
+            with self._lock:
+                self._requests.append(RequestRecord(time.time(), key, status, authorized, endpoint))
+        if fault is not None:
+            return await self._answer_fault(request, fault)
+        if status == 401:
+            return web.Response(
+                status=401, body=_error_body("unauthenticated", "Unauthenticated"), content_type="application/json"
+            )
+        if status == 400:
+            return web.Response(
+                status=400, body=_error_body("invalid_params", bad_query or ""), content_type="application/json"
             )
         if status == 404:
             return web.Response(
