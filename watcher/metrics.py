@@ -27,6 +27,7 @@ from .models import FineTuneRef, FineTuneStatus, OutboxStats
 
 POLL_OUTCOMES = ("ok", "not_found", "unauthorized", "error")
 DELIVERY_OUTCOMES = ("delivered", "retried", "dead")
+HUB_ENDPOINTS = ("checkpoints", "fine_tune", "list")
 FINE_TUNE_LABELS = ("namespace", "repo", "fine_tune_id", "name")
 _TRAINING_METRICS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "epoch")
 
@@ -172,6 +173,60 @@ class StateCollector(Collector):
         )
 
 
+class LifecycleCollector(Collector):
+    """Fine-tune statuses and watched counts per source, set by the daemon, turned into gauges at scrape time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._statuses: dict[str, tuple[FineTuneRef, str]] = {}
+        self._watched: dict[str, int] = {}
+
+    def set_status(self, ref: FineTuneRef, status: str | None) -> None:
+        """Show this Hub status (verbatim) for a fine-tune from now on; None: no status known."""
+        with self._lock:
+            if status is None:
+                self._statuses.pop(ref.key, None)
+            else:
+                self._statuses[ref.key] = (ref, status)
+
+    def retain(self, keys: Iterable[str]) -> None:
+        """Forget the statuses of fine-tunes no longer watched."""
+        wanted = set(keys)
+        with self._lock:
+            for key in [k for k in self._statuses if k not in wanted]:
+                del self._statuses[key]
+
+    def set_watched(self, counts: dict[str, int]) -> None:
+        """Watched fine-tunes per source ("config" or a [[discover]] name); sources not given vanish."""
+        with self._lock:
+            self._watched = dict(counts)
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing at registration time: the families depend on what is set."""
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        """The lifecycle gauges."""
+        with self._lock:
+            statuses = list(self._statuses.values())
+            watched = dict(self._watched)
+        status_family = GaugeMetricFamily(
+            "oxen_fine_tune_status",
+            "1 for the current Hub status of each watched fine-tune (status verbatim from the Hub).",
+            labels=(*FINE_TUNE_LABELS, "status"),
+        )
+        for ref, status in statuses:
+            status_family.add_metric([ref.namespace, ref.repo, ref.id, ref.name, status], 1)
+        watched_family = GaugeMetricFamily(
+            "oxen_watcher_watched_fine_tunes",
+            "Fine-tunes watched, per source: config ([[fine_tunes]]) or a [[discover]] name.",
+            labels=("source",),
+        )
+        for source, count in sorted(watched.items()):
+            watched_family.add_metric([source], count)
+        yield from (status_family, watched_family)
+
+
 class Metrics:
     """The watcher's metrics on one registry (a fresh CollectorRegistry in tests)."""
 
@@ -209,6 +264,14 @@ class Metrics:
         self._poll_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.state = StateCollector(clock)
         registry.register(self.state)
+        self.hub_requests = Counter(
+            "oxen_watcher_hub_requests",
+            "HTTP requests to the Hub by endpoint (checkpoints, fine_tune, list) and outcome.",
+            ("endpoint", "outcome"),
+            registry=registry,
+        )
+        self.lifecycle = LifecycleCollector()
+        registry.register(self.lifecycle)
 
     def observe_poll(self, ref: FineTuneRef, outcome: str, duration_s: float) -> None:
         """Count one poll."""
@@ -221,6 +284,10 @@ class Metrics:
             )
         children[0].inc()
         children[1].observe(duration_s)
+
+    def observe_hub_request(self, endpoint: str, outcome: str) -> None:
+        """Count one HTTP request to the Hub (HubClient.on_request)."""
+        self.hub_requests.labels(endpoint, outcome).inc()
 
     def observe_event(self, event_type: str) -> None:
         """Count one committed event."""
