@@ -63,6 +63,7 @@ def test_every_key() -> None:
         ({"discover": [{"namespace": "a", "repo": "b", "exclude": [""]}]}, "discover[0].exclude[0]"),
         ({"discover": [{"namespace": "a", "repo": "b", "created_by": " bob"}]}, "discover[0].created_by"),
         ({"discover": [{"namespace": "a", "repo": "b", "name": ""}]}, "discover[0].name"),
+        ({"discover": [{"namespace": "a", "repo": "b", "name": "config"}]}, "discover[0].name"),
         ({"discover": [{"namespace": "a", "repo": "b", "name": "bad\nname"}]}, "discover[0].name"),
         ({"discover": [{"namespace": "a/b", "repo": "b"}]}, "discover[0].namespace"),
         ({"discover": [{"namespace": "a"}]}, "discover[0].repo"),

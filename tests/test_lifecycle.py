@@ -14,6 +14,7 @@ from watcher.lifecycle import (
     checkpoint_interval,
     is_terminal,
     is_transitional_deployment,
+    status_due,
     summary,
     wants_final_poll,
 )
@@ -345,3 +346,9 @@ def test_a_transitional_deployment_brings_back_the_interval(deployment: str) -> 
 )
 def test_settled_deployments_are_not_transitional(deployment: str | None) -> None:
     assert not is_transitional_deployment(deployment)
+
+
+def test_status_due() -> None:
+    assert status_due(None, now=T0, status_interval_s=60)
+    assert not status_due(T0 - 59, now=T0, status_interval_s=60)
+    assert status_due(T0 - 60, now=T0, status_interval_s=60)

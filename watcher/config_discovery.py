@@ -36,6 +36,13 @@ class DiscoverConfig(_Section):
                 return {**data, "name": f"{namespace}/{repo}"}
         return data
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == "config":
+            raise ValueError('"config" is reserved: it labels the fine-tunes listed in [[fine_tunes]]')
+        return value
+
     @field_validator("namespace", "repo")
     @classmethod
     def _path_segment(cls, value: str) -> str:

@@ -90,6 +90,11 @@ def checkpoint_interval(
     return interval_s
 
 
+def status_due(last_status_at: float | None, *, now: float, status_interval_s: float) -> bool:
+    """Whether a fine-tune's status (from a list page or a single read, whichever came last) needs a new read."""
+    return last_status_at is None or now - last_status_at >= status_interval_s
+
+
 def wants_final_poll(old: LifecycleState, fine_tune: HubFineTune) -> bool:
     """Whether this status read is the transition to a terminal status (poll checkpoints once, before advance())."""
     if old.status is None or fine_tune.status is None:

@@ -286,9 +286,10 @@ class LifecycleState:
     """What must persist per fine-tune for lifecycle events: its last status and the stall clock.
 
     `status` is None until the first status read (which is recorded silently). `first_seen_at` is when the
-    watcher first read a status of it; `newest_step` / `newest_seen_at` are the newest checkpoint known and when
-    it was first seen (the stall clock when the Hub gives no created_at); `stalled` is set once a
-    fine_tune.stalled was emitted for the current stall and cleared by a new checkpoint.
+    watcher first saw the fine-tune; `newest_step` is the newest checkpoint known, and `newest_seen_at` when it
+    was first seen (or, with no checkpoint yet, when the fine-tune was first seen running): the stall clock
+    when the Hub gives no created_at or started_at. `stalled` is set once a fine_tune.stalled was emitted for
+    the current stall and cleared by a new checkpoint (or by leaving running).
     """
 
     status: str | None = None
