@@ -1,15 +1,19 @@
-"""The simulated Hub's fine-tune lifecycle: statuses with scripted transitions, FineTune objects, list queries.
+"""The simulated Hub's records: fine-tunes with checkpoints and a lifecycle (statuses, scripted transitions),
+FineTune objects, list queries.
 
-Pure helpers over plain records; watcher/simhub.py holds them under its lock and serves them.
+Plain records and pure helpers; the SimHub holds them under its lock and serves them.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+from .faults import Fault
 
 TERMINAL = frozenset({"completed", "stopped", "errored"})
 DEFAULT_PAGE_SIZE = 20
@@ -41,6 +45,25 @@ class RunInfo:
     finished_at: float | None = None
     visible_at: float = 0.0  # a fine-tune "created" later is invisible (404, not listed) until then
     script: deque[tuple[float, StatusStep]] = field(default_factory=deque)
+
+
+@dataclass
+class FineTuneRecord:
+    """One fine-tune of the simulated Hub: its checkpoints by step, queued faults, and its lifecycle."""
+
+    namespace: str
+    repo: str
+    id: str
+    name: str
+    checkpoints: dict[int, dict[str, Any]] = field(default_factory=dict)
+    faults: deque[Fault] = field(default_factory=deque)
+    body: bytes | None = None  # cached serialized checkpoints answer, dropped on every change
+    run: RunInfo = field(default_factory=lambda: RunInfo(created_at=time.time(), seq=0))
+
+
+def key_of(namespace: str, repo: str, fine_tune_id: str) -> str:
+    """The key "namespace/repo/id" of a fine-tune."""
+    return f"{namespace}/{repo}/{fine_tune_id}"
 
 
 def iso(epoch_s: float | None) -> str | None:
