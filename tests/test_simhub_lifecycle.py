@@ -9,6 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from watcher.client import HubClient
+from watcher.lifecycle import advance, wants_final_poll
+from watcher.models import EventDraft, FineTuneRef, HubFineTune, LifecycleState
 from watcher.simhub import Fault, SimHub, StatusStep
 
 TOKEN = "simhub-token"
@@ -282,3 +285,41 @@ def test_the_list_hook_can_shift_the_list_between_pages(sim: SimHub, http: httpx
     assert [f["id"] for f in first] == ["ft_03", "ft_02"]
     assert [f["id"] for f in second] == ["ft_02", "ft_01"]  # shifted by the new one at the top
     assert pages == [("acme/bot", 1), ("acme/bot", 2)]
+
+
+# --- the whole chain: simulated Hub -> HubClient -> lifecycle rules --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error"), [("completed", None), ("errored", "NaN loss at step 300"), ("stopped", None)]
+)
+async def test_a_scripted_run_read_through_the_client_yields_every_transition(
+    sim: SimHub, clock: Clock, outcome: str, error: str | None
+) -> None:
+    key = sim.add_fine_tune("acme", "bot", "ft_1", status="created")
+    sim.script_run(key, step_s=60, run_s=3600, outcome=outcome, error=error)
+    ref = FineTuneRef("acme", "bot", "ft_1", "ft_1")
+    state = LifecycleState()
+    events: list[EventDraft] = []
+    final_polls: list[bool] = []
+    async with HubClient(base_url=sim.url, token=TOKEN) as client:
+        for minute in range(0, 70):
+            clock.now = T0 + minute * 60
+            fine_tune = await client.get_fine_tune("acme", "bot", "ft_1")
+            assert isinstance(fine_tune, HubFineTune)
+            final_polls.append(wants_final_poll(state, fine_tune))
+            result = advance(ref, state, fine_tune, checkpoints={}, now=clock.now)
+            state = result.state
+            events.extend(result.events)
+    assert [(e.data["previous_status"], e.data["status"]) for e in events] == [
+        ("created", "tokenizing"),
+        ("tokenizing", "enqueued"),
+        ("enqueued", "running"),
+        ("running", outcome),
+    ]
+    assert final_polls.count(True) == 1
+    last = events[-1].data
+    assert last["duration_s"] == 3600.0
+    assert last["started_at"] == "2027-01-15T08:03:00Z"
+    assert last["error"] == error
+    assert last["checkpoints"] == 0
