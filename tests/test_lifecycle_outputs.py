@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from watcher.events import describe, duration_text
 from watcher.metrics import Metrics
-from watcher.models import EVENT_TYPES, Event, FineTuneRef
+from watcher.models import EVENT_TYPES, LIFECYCLE_EVENT_TYPES, Event, FineTuneRef
 from watcher.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
 
 FINE_TUNE = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot <sft>"}
@@ -177,3 +177,10 @@ def test_status_watched_and_hub_request_metrics() -> None:
     text = generate_latest(registry).decode()
     assert "oxen_fine_tune_status{" not in text
     assert 'source="support"' not in text
+
+
+@pytest.mark.parametrize("kind", LIFECYCLE_EVENT_TYPES)
+def test_every_lifecycle_type_has_its_own_line_and_headline(kind: str) -> None:
+    generic = f"bot <sft>: {kind}"
+    assert describe(event(kind, status="running")) != generic
+    assert section_text(message(event(kind, status="running"))) != f"*bot &lt;sft&gt;*: {kind}"

@@ -37,6 +37,8 @@ EVENT_TYPES = (
     FINE_TUNE_STALLED,
     WATCHER_TEST,
 )
+# the types the lifecycle and discovery rules produce (diff.py produces the others but watcher.test)
+LIFECYCLE_EVENT_TYPES = (FINE_TUNE_DISCOVERED, FINE_TUNE_STATUS_CHANGED, FINE_TUNE_STALLED)
 
 
 @dataclass(frozen=True, slots=True)
