@@ -8,7 +8,6 @@ import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 import httpx
@@ -19,47 +18,15 @@ from .errors import StoreError
 from .models import Delivery, Event, OutboxStats
 from .notifiers import NotifierSet
 from .notifiers.base import DeliveryResult, Notifier, Paced
+from .retry import FALLBACK_POLICY, RetryPolicy, clip, policy_of, settle
 from .store import Store
 from .tasks import finish_or_cancel
 
+__all__ = ["Dispatcher", "RetryPolicy", "policy_of"]
 log = structlog.get_logger("watcher.dispatch")
 T = TypeVar("T")
 InStore = Callable[..., Awaitable[Any]]
 IDLE_RECHECK_S = 1.0  # rows queued by another process (`redeliver`, `once`) are seen within this
-
-
-MAX_ERROR_CHARS = 300
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    """When to try again: the schedule (then its last step, repeated), +-20 % jitter, Retry-After, max age."""
-
-    schedule_s: tuple[float, ...]
-    max_age_s: float
-    jitter: float = 0.2
-
-    def next_attempt_at(
-        self, *, attempts: int, now: float, queued_at: float, retry_after_s: float | None, rng: random.Random
-    ) -> float | None:
-        """The time of the next attempt after `attempts` failed ones, or None when the row is too old."""
-        base = self.schedule_s[attempts] if attempts < len(self.schedule_s) else self.schedule_s[-1]
-        delay = base * rng.uniform(1 - self.jitter, 1 + self.jitter)
-        if retry_after_s is not None:
-            delay = max(delay, retry_after_s)
-        when = now + delay
-        if when - queued_at > self.max_age_s:
-            return None
-        return when
-
-
-def policy_of(entry: NotifierConfig) -> RetryPolicy:
-    """The retry policy of a [[notifiers]] entry."""
-    return RetryPolicy(schedule_s=tuple(entry.retry_schedule_s), max_age_s=entry.max_age_s)
 
 
 async def _direct(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -219,10 +186,10 @@ class Dispatcher:
                 continue
             policy = self.policies.get(head.notifier)
             if policy is not None and head.attempts == 0:  # retries were checked against max_age_s when scheduled
-                if now - head.queued_at > policy.max_age_s:  # e.g. queued while the daemon was down
+                if policy.expired(queued_at=head.queued_at, now=now):  # e.g. queued while the daemon was down
                     expired.setdefault(head.notifier, []).append(head)
                     continue
-                first_at = head.queued_at + policy.schedule_s[0]  # retry_schedule_s[0]: the first attempt's delay
+                first_at = policy.first_attempt_at(head.queued_at)
                 if first_at > now:
                     self._deferred_until = min(first_at, self._deferred_until or first_at)
                     continue
@@ -358,22 +325,11 @@ class Dispatcher:
         now = self._clock()
         head = rows[0]
         ids = [row.event_id for row in rows]
-        next_at: float | None = None
-        state = result.outcome
         # redact first, then clip: a secret cut in half would no longer match
-        error = _clip(self._redact(result.error)) if result.error else None
-        if state == "retry":
-            policy = self.policies.get(name) or RetryPolicy(schedule_s=(60.0,), max_age_s=86400)
-            next_at = policy.next_attempt_at(
-                attempts=head.attempts + 1,
-                now=now,
-                queued_at=head.queued_at,
-                retry_after_s=result.retry_after_s,
-                rng=self._rng,
-            )
-            if next_at is None:
-                state = "dead"
-                error = f"gave up after {head.attempts + 1} attempts (max_age_s): {error}"
+        error = clip(self._redact(result.error)) if result.error else None
+        policy = self.policies.get(name) or FALLBACK_POLICY
+        settled = settle(result, head=head, policy=policy, now=now, rng=self._rng, error=error)
+        state, next_at, error = settled.state, settled.next_attempt_at, settled.error
         await self._in_store(
             self._store.record_delivery,
             name,
