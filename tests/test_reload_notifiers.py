@@ -18,6 +18,7 @@ from watcher.app import App, resolve_all
 from watcher.config import load_config, resolve_notifier_secrets
 from watcher.diff import DiffOptions
 from watcher.models import FineTuneRef, PollFailed, PollSuccess
+from watcher.notifiers import NotifierSet
 from watcher.receiver import Answer, Receiver
 from watcher.store import SqliteStore
 
@@ -180,14 +181,32 @@ async def test_an_unchanged_notifier_is_kept_and_a_replaced_one_closed_after_its
             dispatcher.reconfigure(rotated, resolve_notifier_secrets(rotated))
             replaced = first["ci"]
             assert dispatcher.notifiers["ci"] is not replaced
-            assert not replaced._http.is_closed  # type: ignore[attr-defined]  # its delivery is still in flight
+            assert not replaced._http.is_closed  # its delivery is still in flight
             await until(lambda: ("ci", "delivered") in rig.states(ids)[ids[0]], what="the delivery")
-            await until(lambda: replaced._http.is_closed, what="the replaced client to close")  # type: ignore[attr-defined]
+            await until(lambda: replaced._http.is_closed, what="the replaced client to close")
             (row,) = [d for d in rig.store.deliveries_of(ids)[ids[0]] if d.notifier == "ci"]
             assert row.attempts == 1 and row.last_error is None
-            assert not dispatcher.notifiers["ci"]._http.is_closed  # type: ignore[attr-defined]
+            assert not dispatcher.notifiers["ci"]._http.is_closed
         finally:
             stop.set()
             await task
         await rig.close()
-        assert dispatcher.notifiers["ci"]._http.is_closed  # type: ignore[attr-defined]
+        assert dispatcher.notifiers["ci"]._http.is_closed
+
+
+async def test_notifier_set_keeps_unchanged_ones_shares_limiters_by_url_and_closes_the_rest(tmp_path: Path) -> None:
+    slack_a = {"name": "a", "type": "slack", "url": "http://127.0.0.1:9/services/T1/B1/x"}
+    slack_b = {"name": "b", "type": "slack", "url": "http://127.0.0.1:9/services/T1/B1/x"}
+    hook = {"name": "h", "type": "webhook", "url": "http://127.0.0.1:9/h", "secret": SECRET}
+    one = _config(tmp_path, slack_a, slack_b, hook)
+    notifiers = NotifierSet()
+    first = notifiers.update(one, resolve_notifier_secrets(one))
+    assert first["a"]._limiter is first["b"]._limiter  # one URL, one rate limit
+    two = _config(tmp_path, {**slack_a, "timeout_s": 5}, {**slack_b, "max_age_s": 60})  # "a" changed, "h" removed
+    second = notifiers.update(two, resolve_notifier_secrets(two))
+    assert second["b"] is first["b"]  # max_age_s is the dispatcher's, not the object's
+    assert second["a"] is not first["a"] and second["a"]._limiter is first["a"]._limiter
+    await until(lambda: first["a"]._http.is_closed and first["h"]._http.is_closed, what="the replaced to close")
+    assert not second["a"]._http.is_closed and not second["b"]._http.is_closed
+    await notifiers.aclose()
+    assert second["a"]._http.is_closed and second["b"]._http.is_closed

@@ -100,9 +100,10 @@ class Dispatcher:
         replaced or removed one is closed once its in-flight deliveries finish."""
         before = self.notifiers
         current = self._set.update(config, secrets, transport=transport)
-        kept = sorted(name for name, notifier in current.items() if before.get(name) is notifier)
         self.configure(current, config.notifiers)
-        log.info("notifiers.updated", kept=kept, built=sorted(set(current) - set(kept)))
+        if before:  # a reload: say what it kept and what it built anew
+            kept = sorted(name for name, notifier in current.items() if before.get(name) is notifier)
+            log.info("notifiers.updated", kept=kept, built=sorted(set(current) - set(kept)))
 
     def route(self, event: Event) -> list[str]:
         """The notifiers whose filters want this event (disabled ones too: their rows wait)."""

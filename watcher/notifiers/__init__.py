@@ -95,14 +95,21 @@ class NotifierSet:
     ) -> dict[str, Notifier]:
         """Adopt a config's notifiers, keeping unchanged ones and retiring the others; returns those in force."""
         built: dict[str, tuple[str, Notifier]] = {}
-        for entry in config.notifiers:
-            resolved = secrets[entry.name]
-            mark = fingerprint(entry, resolved)
-            kept = self._built.get(entry.name)
-            if kept is not None and kept[0] == mark:
-                built[entry.name] = kept
-            else:
-                built[entry.name] = (mark, _build(entry, resolved, self._limiters, transport))
+        try:
+            for entry in config.notifiers:
+                resolved = secrets[entry.name]
+                mark = fingerprint(entry, resolved)
+                kept = self._built.get(entry.name)
+                if kept is not None and kept[0] == mark:
+                    built[entry.name] = kept
+                else:
+                    built[entry.name] = (mark, _build(entry, resolved, self._limiters, transport))
+        except BaseException:  # all or nothing: the notifiers in force stay, the ones just built are closed
+            old = {id(notifier) for _, notifier in self._built.values()}
+            for _, notifier in built.values():
+                if id(notifier) not in old:
+                    self._close_soon(notifier)
+            raise
         in_use = {secrets[entry.name].url for entry in config.notifiers if entry.type == "slack"}
         self._limiters = {url: limiter for url, limiter in self._limiters.items() if url in in_use}
         kept_ids = {id(notifier) for _, notifier in built.values()}
