@@ -18,6 +18,7 @@ from .errors import StoreError
 from .models import Delivery, Event, OutboxStats
 from .notifiers import NotifierSet
 from .notifiers.base import DeliveryResult, Notifier, Paced
+from .outcomes import OutcomeLog
 from .retry import FALLBACK_POLICY, RetryPolicy, clip, policy_of, settle
 from .store import Store
 from .tasks import finish_or_cancel
@@ -64,7 +65,7 @@ class Dispatcher:
         self._outbox_at = 0.0
         self._wake = asyncio.Event()
         self._lanes: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._failing: set[str] = set()
+        self._outcomes = OutcomeLog()
         # lanes whose last outcome could not be recorded (the store failed): held back, with a growing pause,
         # so a store outage re-sends an event a few times rather than in a hot loop
         self._held: dict[tuple[str, str], float] = {}
@@ -75,7 +76,6 @@ class Dispatcher:
         self._set = NotifierSet()
         self._retire_due = True  # rows of notifiers no longer configured: retired by the loop at start, reload
         self._deferred_until: float | None = None  # the earliest first attempt held back by retry_schedule_s[0]
-        self._expiring: set[str] = set()
         self.configure(notifiers, configs)
 
     def configure(self, notifiers: Mapping[str, Notifier], configs: Sequence[NotifierConfig]) -> None:
@@ -151,7 +151,9 @@ class Dispatcher:
         try:
             count = await self._in_store(store.retire_notifiers, list(self.configs), now=self._clock())
         except StoreError as err:
-            log.error("dispatch.retire_failed", error=str(err))
+            if not self._store_failing:  # an outage is logged once, by pass_once
+                log.error("dispatch.store_failed", error=str(err))
+            self._store_failing = True
             self._retire_due = True  # tried again on the next turn of the loop
             return
         if count:
@@ -198,8 +200,7 @@ class Dispatcher:
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done_cb, lane))
             started += 1
-        for name in set(self._expiring) - set(expired):
-            self._expiring.discard(name)
+        self._outcomes.expiring_only(expired)
         for name, stale in expired.items():
             started += await self._expire(name, stale, now=now)
         return started
@@ -216,9 +217,7 @@ class Dispatcher:
         if self._on_outcome is not None:
             for _ in ids:
                 self._on_outcome(name, "dead")
-        if name not in self._expiring:  # a backlog expires lane head by lane head: one line when it starts
-            self._expiring.add(name)
-            log.warning("delivery.expired", notifier=name, event_ids=ids[:10], rows=len(ids), max_age_s=max_age_s)
+        self._outcomes.expired(name, ids, max_age_s=max_age_s)
         self.wake()  # the next rows of these lanes are heads now
         return len(ids)
 
@@ -330,49 +329,24 @@ class Dispatcher:
         error = clip(self._redact(result.error)) if result.error else None
         policy = self.policies.get(name) or FALLBACK_POLICY
         settled = settle(result, head=head, policy=policy, now=now, rng=self._rng, error=error)
-        state, next_at, error = settled.state, settled.next_attempt_at, settled.error
         await self._in_store(
             self._store.record_delivery,
             name,
             ids,
-            state="pending" if state == "retry" else state,
+            state="pending" if settled.state == "retry" else settled.state,
             now=now,
-            next_attempt_at=next_at,
-            error=error,
+            next_attempt_at=settled.next_attempt_at,
+            error=settled.error,
             http_status=result.http_status,
         )
-        outcome = {"delivered": "delivered", "retry": "retried", "dead": "dead"}[state]
+        outcome = {"delivered": "delivered", "retry": "retried", "dead": "dead"}[settled.state]
         if self._on_outcome is not None:
             for _ in ids:
                 self._on_outcome(name, outcome)
-        if state == "delivered":
-            if name in self._failing:
-                self._failing.discard(name)
-                log.info("delivery.recovered", notifier=name)
-            log.debug("delivery.delivered", notifier=name, event_ids=ids)
-            return
-        if name not in self._failing:
-            self._failing.add(name)
-            log.warning("delivery.failing", notifier=name, error=error, http_status=result.http_status)
-        if state == "retry":
-            log.info(
-                "delivery.retry_scheduled",
-                notifier=name,
-                event_id=head.event_id,
-                attempt=head.attempts + 1,
-                wait_s=round((next_at or now) - now, 1),
-                error=error,
-            )
-        else:
-            log.warning("delivery.dead", notifier=name, event_ids=ids, attempts=head.attempts + 1, error=error)
+        self._outcomes.settled(name, head, ids, settled, now=now, http_status=result.http_status)
         if result.disable:
             self.disabled.add(name)
-            log.error(
-                "notifier.disabled",
-                notifier=name,
-                http_status=result.http_status,
-                reason="the receiver answered 410 Gone; its pending events wait until a reload or restart",
-            )
+            self._outcomes.disabled(name, result.http_status)
 
     async def aclose(self) -> None:
         """Close every notifier, those in force and those replaced by reloads (after draining deliveries)."""
