@@ -47,7 +47,6 @@ from .models import (
     PollUnchanged,
     outcome_of,
 )
-from .notifiers import build_notifiers
 from .schema import body_hash, parse_checkpoint_list
 from .server import HttpServer, Verdict
 from .store import Committed, DispatchLock, Router, SqliteStore, Store, open_store
@@ -491,13 +490,15 @@ def build_runtime(
     )
     dispatcher = Dispatcher(
         store=store,
-        notifiers={} if readonly else build_notifiers(config, secrets, transport=notifier_transport),
+        notifiers={},
         configs=config.notifiers,
         in_store=watcher.in_store,
         on_outcome=metrics.observe_delivery if metrics is not None else None,
         redact=REDACTOR.redact,
         on_outbox=metrics.state.set_outbox if metrics is not None else None,
     )
+    if not readonly:
+        dispatcher.reconfigure(config, secrets, transport=notifier_transport)
     watcher.route = dispatcher.route
     watcher.sinks.append(lambda _event: dispatcher.wake())
     return watcher, dispatcher
@@ -733,10 +734,7 @@ class App:
         after = set(self.watcher.refs)
         if self.scheduler is not None:
             schedule(self.scheduler, self.watcher)
-        self._retired.extend(self.dispatcher.notifiers.values())
-        self.dispatcher.configure(
-            build_notifiers(config, secrets.notifiers, transport=self._notifier_transport), config.notifiers
-        )
+        self.dispatcher.reconfigure(config, secrets.notifiers, transport=self._notifier_transport)
         self.server.set_token(secrets.metrics_token)
         self.config = config
         self.secrets = secrets

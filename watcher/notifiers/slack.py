@@ -37,9 +37,11 @@ class RateLimiter:
     async def acquire(self) -> None:
         """Wait for the next free slot and take it."""
         async with self._lock:
+            # a loop, not one sleep: a 429 that arrives while we sleep pushes the slot further back
             wait = self._next_at - self._clock()
-            if wait > 0:
+            while wait > 0:
                 await asyncio.sleep(wait)
+                wait = self._next_at - self._clock()
             self._next_at = self._clock() + self._interval_s
 
     def back_off(self, seconds: float) -> None:
@@ -242,9 +244,17 @@ class SlackNotifier:
         return message(events[0]) if len(events) == 1 else digest(events)
 
     async def send(self, events: Sequence[Event]) -> DeliveryResult:
-        """Post one message (a digest when given several events)."""
-        body = orjson.dumps(self.payload(events))
+        """Post one message (a digest when given several events), waiting for the URL's next slot."""
+        await self.wait_turn()
+        return await self.send_now(events)
+
+    async def wait_turn(self) -> None:
+        """Wait for this URL's next free slot (one a second, later after a 429) and take it."""
         await self._limiter.acquire()
+
+    async def send_now(self, events: Sequence[Event]) -> DeliveryResult:
+        """Post in the slot just taken; a 429 pushes every message to this URL back."""
+        body = orjson.dumps(self.payload(events))
         result = await post(self._http, self._url, content=body, headers={"Content-Type": "application/json"})
         if result.http_status == 429:
             self._limiter.back_off(result.retry_after_s or 1.0)
