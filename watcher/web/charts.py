@@ -46,23 +46,21 @@ def ema(values: Sequence[float], weight: float = SMOOTHING) -> list[float]:
     return smoothed
 
 
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def robust_range(values: Sequence[float]) -> tuple[float, float]:
-    """A y-range that a few outliers cannot stretch: the 2nd-98th percentile band widened by a quarter of it,
-    never beyond the data. Points outside it are drawn at the edge and marked, never hidden."""
+    """A y-range that a few outliers cannot stretch: the 5th-95th percentile band (inner ranks, so a lone spike
+    in a short run is not averaged in) widened by half of it on each side, never beyond the data. Points
+    outside it are drawn at the edge and marked, never hidden."""
     ordered = sorted(v for v in values if math.isfinite(v))
     if not ordered:
         return 0.0, 1.0
-    low_q, high_q = _quantile(ordered, 0.02), _quantile(ordered, 0.98)
+    last = len(ordered) - 1
+    if last < 4:  # too few points to call any of them an outlier
+        low_q, high_q = ordered[0], ordered[-1]
+    else:
+        low_q, high_q = ordered[math.ceil(0.05 * last)], ordered[math.floor(0.95 * last)]
     spread = high_q - low_q
-    low = max(ordered[0], low_q - spread / 4)
-    high = min(ordered[-1], high_q + spread / 4)
+    low = max(ordered[0], low_q - spread / 2)
+    high = min(ordered[-1], high_q + spread / 2)
     if high - low < 1e-12:
         pad = abs(high) * 0.05 or 0.5
         low, high = low - pad, high + pad
