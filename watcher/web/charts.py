@@ -212,7 +212,7 @@ def loss_chart(
         where = space(value)
         x = frame.x(step)
         if where is not None and low <= where <= high:
-            raw.append(f'<circle class="raw" cx="{x:.1f}" cy="{frame.y(where):.1f}" r="1.8"/>')
+            raw.append(f'<circle class="raw" cx="{x:.1f}" cy="{frame.y(where):.1f}" r="2.2"/>')
             continue
         clipped += 1
         above = where is not None and where > high
@@ -222,6 +222,8 @@ def loss_chart(
             f'<path class="clipped" d="M{x:.1f},{tip} L{x - 4:.1f},{base} L{x + 4:.1f},{base} Z">'
             f"<title>step {step:,}: loss {escape(fmt(value))}, off the chart</title></path>"
         )
+    # the raw curve, faint, under its points (clamped to the plot area like them)
+    body.append(_polyline(frame, [(s, w) for s, v in points if (w := space(v)) is not None], "raw-line"))
     body += raw
     line = [(s, w) for (s, _), v in zip(points, smoothed) if (w := space(v)) is not None]
     body.append(_polyline(frame, line, "smoothed"))
