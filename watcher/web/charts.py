@@ -6,6 +6,7 @@ table beside it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -283,16 +284,18 @@ def metric_chart(
     return Chart(_svg(ident, frame, title, desc, body), title, desc)
 
 
-def sparkline(points: Sequence[Point], *, label: str = "loss") -> Markup:
-    """A tiny loss curve for a table cell (its numbers are in the cells beside it)."""
-    points = [(s, v) for s, v in points if math.isfinite(v)]
-    if len(points) < 2:
+@functools.lru_cache(maxsize=4096)
+def sparkline(points: tuple[Point, ...], *, label: str = "loss") -> Markup:
+    """A tiny loss curve for a table cell (its numbers are in the cells beside it); memoized, since the overview
+    shows the same curves on every request until a poll changes them."""
+    finite = [(s, v) for s, v in points if math.isfinite(v)]
+    if len(finite) < 2:
         return Markup("")
-    values = [v for _, v in points]
+    values = [v for _, v in finite]
     low, high = robust_range(values)
-    frame = Frame(100, 24, 1, 1, 2, 2, points[0][0], points[-1][0], low, high)
-    coords = " ".join(f"{frame.x(s):.1f},{frame.y(v):.1f}" for s, v in points)
-    text = f"{label} from {fmt(values[0])} to {fmt(values[-1])} over {len(points)} points"
+    frame = Frame(100, 24, 1, 1, 2, 2, finite[0][0], finite[-1][0], low, high)
+    coords = " ".join(f"{frame.x(s):.1f},{frame.y(v):.1f}" for s, v in finite)
+    text = f"{label} from {fmt(values[0])} to {fmt(values[-1])} over {len(finite)} points"
     return Markup(
         f'<svg class="spark" viewBox="0 0 100 24" role="img" aria-label="{escape(text)}" '
         f'xmlns="http://www.w3.org/2000/svg"><polyline points="{coords}"/></svg>'

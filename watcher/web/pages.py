@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -115,30 +115,48 @@ def run_html(reports: Reports, live: LiveSnapshot, ref: FineTuneRef, *, log: boo
     steps = [c.step for c in checkpoints]
     x_domain = (min(steps), max(steps)) if steps else None
     losses = _series(checkpoints, "loss")
-    smoothed = dict(zip((s for s, _ in losses), ema([v for _, v in losses])))
+    smoothed = ema([v for _, v in losses])
     loss = loss_chart(losses, log=log, x_domain=x_domain)
-    small: list[tuple[str, Chart]] = [
-        (name, metric_chart(label, _series(checkpoints, name), x_domain=x_domain, ident=f"{name}-chart"))
+    small: list[Chart] = [
+        metric_chart(label, _series(checkpoints, name), x_domain=x_domain, ident=f"{name}-chart")
         for name, label in SMALL_METRICS
     ]
     metric_names = sorted(
         {k for c in checkpoints if isinstance(c.data.get("metrics"), dict) for k in c.data["metrics"]},
         key=lambda k: (KNOWN_METRICS.index(k) if k in KNOWN_METRICS else len(KNOWN_METRICS), k),
     )
+    # cells formatted here, not in the template: a run can have thousands of checkpoints
+    loss_rows = [(fmt_step(s), fmt(v), fmt(w)) for (s, v), w in zip(reversed(losses), reversed(smoothed))]
+    small_rows = [
+        (fmt_step(c.step), *(fmt(metric_of(c.data, name)) for name, _ in SMALL_METRICS))
+        for c in reversed(checkpoints)
+        if any(metric_of(c.data, name) is not None for name, _ in SMALL_METRICS)
+    ]
+    table = [
+        (
+            c.step == row.summary.best_step,
+            fmt_step(c.step),
+            c.data.get("created_at") if isinstance(c.data.get("created_at"), str) else "—",
+            [fmt(metric_of(c.data, name)) for name in metric_names],
+            c.data.get("deployment_status") or "—",
+            human_bytes(c.data.get("size_bytes")),
+        )
+        for c in reversed(checkpoints)
+    ]
     events = reports.events(limit=50, fine_tune=ref.key)
     return _env.get_template("run.html").render(
         **_header(reports, live),
         row=row,
         ref=ref,
-        checkpoints=list(reversed(checkpoints)),
+        table=table,
         metric_names=metric_names,
-        metric_of=metric_of,
         loss=loss,
+        loss_rows=loss_rows,
         small=small,
-        smoothed=smoothed,
+        small_names=[name for name, _ in SMALL_METRICS],
+        small_rows=small_rows,
         log=log,
-        events=events,
-        event_rows=[_event_view(e, live) for e in events],
+        event_rows=_event_views(events, live),
         path=run_path(ref),
     )
 
@@ -173,7 +191,12 @@ def _only(live: LiveSnapshot, ref: FineTuneRef) -> LiveSnapshot:
     )
 
 
-def _event_view(row: EventRow, live: LiveSnapshot) -> dict[str, Any]:
+def _event_views(rows: Sequence[EventRow], live: LiveSnapshot) -> list[dict[str, Any]]:
+    refs = {ref.key: ref for ref in live.refs}
+    return [_event_view(row, refs) for row in rows]
+
+
+def _event_view(row: EventRow, refs: Mapping[str, FineTuneRef]) -> dict[str, Any]:
     data = row.event.data
     fine_tune = data["fine_tune"] if isinstance(data.get("fine_tune"), dict) else {}
     checkpoint = data.get("checkpoint") if isinstance(data.get("checkpoint"), dict) else None
@@ -193,7 +216,6 @@ def _event_view(row: EventRow, live: LiveSnapshot) -> dict[str, Any]:
         detail.append("changed " + ", ".join(str(c) for c in data["changed"]))
     if data.get("error"):
         detail.append(f"error: {data['error']}")
-    refs = {ref.key: ref for ref in live.refs}
     ref = refs.get(row.event.fine_tune_key)
     return {
         "id": row.event.id,
@@ -212,7 +234,7 @@ def events_html(reports: Reports, live: LiveSnapshot, *, type: str | None, fine_
     events = reports.events(limit=EVENTS_SHOWN, type=type, fine_tune=fine_tune)
     return _env.get_template("events.html").render(
         **_header(reports, live),
-        events=[_event_view(e, live) for e in events],
+        events=_event_views(events, live),
         types=EVENT_TYPES,
         type=type,
         fine_tune=fine_tune,
