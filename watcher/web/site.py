@@ -81,6 +81,7 @@ class StatusPages:
         self._reports = reports
         self._snapshot = snapshot
         self._executor = ThreadPoolExecutor(1, "pages")
+        self._closed = False
         static = files("watcher.web").joinpath("static")
         self._static = {
             "status.css": (static.joinpath("status.css").read_bytes(), "text/css"),
@@ -109,7 +110,10 @@ class StatusPages:
         app.router.add_get("/static/{name}", self._static_file)
 
     async def close(self) -> None:
-        """Stop the worker thread and release the database."""
+        """Stop the worker thread and release the database (once; a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         await asyncio.get_running_loop().run_in_executor(self._executor, self._reports.close)
         self._executor.shutdown(wait=False)
 
