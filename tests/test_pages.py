@@ -18,14 +18,16 @@ from prometheus_client import CollectorRegistry
 from watcher.app import App, resolve_all
 from watcher.config import parse_config
 from watcher.diff import DiffOptions
+from watcher.events import rfc3339
 from watcher.models import FineTuneRef, PollFailed, PollSuccess
 from watcher.server import HttpServer
 from watcher.server import Verdict as ServerVerdict
 from watcher.store import SqliteReports, SqliteStore
 from watcher.web.charts import ema, fmt, loss_chart, robust_range
+from watcher.web.reports import RunSummary
 from watcher.web.security import CSP
 from watcher.web.site import StatusPages
-from watcher.web.views import LiveSnapshot, PollView, Verdict
+from watcher.web.views import LiveSnapshot, PollView, Row, Verdict, build_rows, parse_page, parse_sort
 
 XSS = "<script>alert(1)</script>"
 HUB_ERROR = 'HTTP 502: <img src=x onerror="alert(2)">'
@@ -447,3 +449,32 @@ async def test_the_daemon_serves_its_state_and_no_secret(tmp_path: Path) -> None
         await app.server.stop()
         await app.watcher.aclose()
         await app.dispatcher.aclose()
+
+
+def test_stalled_and_failing_badges_from_state_and_live_health() -> None:
+    def row_of(summary: RunSummary, poll: PollView | None = None) -> Row:
+        live = snapshot_of(refs=(GOOD,), health={GOOD.key: poll} if poll else {})()
+        (row,) = build_rows(live, {GOOD.key: summary})
+        return row
+
+    three_hours_ago = rfc3339(NOW - 3 * 3600)
+    stalled = row_of(RunSummary(GOOD.key, last_outcome="ok", latest_created_at=three_hours_ago))
+    assert stalled.stalled and not stalled.failing
+    finished = row_of(RunSummary(GOOD.key, last_outcome="ok", latest_created_at=rfc3339(NOW - 2 * 86400)))
+    assert not finished.stalled  # older than a day: taken as a finished run, as the alert does
+    fresh = row_of(RunSummary(GOOD.key, last_outcome="ok", latest_created_at=rfc3339(NOW - 600)))
+    assert not fresh.stalled
+    # this process's last poll failed: failing, whatever the database said when it was last written
+    live_failure = row_of(
+        RunSummary(GOOD.key, last_outcome="ok", latest_created_at=three_hours_ago),
+        PollView(polls=1, last_outcome="error", last_error="timeout", last_poll_at=NOW, failing_since=NOW),
+    )
+    assert live_failure.failing and not live_failure.stalled and live_failure.last_error == "timeout"
+    assert row_of(RunSummary(GOOD.key, failing=True, last_outcome="error")).failing
+    assert row_of(RunSummary(GOOD.key, not_found=True, last_outcome="not_found")).not_found
+
+
+def test_bad_sort_and_page_values_fall_back() -> None:
+    assert parse_sort("'; DROP TABLE") == ("failing", False)
+    assert parse_sort("-best") == ("best", True)
+    assert parse_page("-3") == 1 and parse_page("x") == 1 and parse_page("7") == 7

@@ -27,11 +27,6 @@ MAX_PER_PAGE = 2000
 MAX_EVENTS = 1000
 
 
-class _Health(Protocol):
-    ok: bool
-    reason: str
-
-
 class AppLike(Protocol):
     """What the status page reads of the daemon (duck-typed, so the daemon's modules stay free to move)."""
 
