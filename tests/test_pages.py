@@ -46,7 +46,7 @@ def checkpoint(step: int, loss: float, **extra: Any) -> dict[str, Any]:
         "created_at": "2026-05-28T20:00:00Z",
         "deployment_status": extra.pop("deployment_status", None),
         "size_bytes": 1_500_000_000,
-        "inference_samples": [{"text": "secret-sample-text"}],
+        "inference_samples": [{"prompt": "2+2?", "completion": f"</pre>{XSS} step {step}", "tokens": 7}],
         "metrics": {
             "loss": loss,
             "mean_token_accuracy": round(1 - loss / 10, 4),
@@ -243,7 +243,11 @@ async def test_run_page_charts_state_their_numbers(site: Site) -> None:
     assert table.index(">1,000<") < table.index(">100<")
     assert "ACTIVE" in table and "1.5 GB" in table and "mean_token_accuracy" in table
     assert 'href="/fine-tunes/acme/models/ft-good?scale=log"' in html
-    assert "secret-sample-text" not in html
+    # the newest checkpoint's inference samples, as text
+    samples = html[html.index('id="samples"') :]
+    assert "step 1,000)" in samples and "<dt>completion</dt>" in samples and "<dd><pre>7</pre></dd>" in samples
+    assert f"&lt;/pre&gt;&lt;script&gt;alert(1)&lt;/script&gt; step {STEPS[-1]}" in samples
+    assert XSS not in html
 
 
 async def test_run_page_log_toggle(site: Site) -> None:
@@ -304,6 +308,16 @@ async def test_api_checkpoints(site: Site) -> None:
     assert [c["metrics"]["loss"] for c in document["checkpoints"]] == LOSSES
     assert [c["loss_smoothed"] for c in document["checkpoints"]] == pytest.approx(ema(LOSSES))
     assert all("inference_samples" not in c for c in document["checkpoints"])
+
+
+async def test_receiver_errors_are_escaped(site: Site, tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "watcher.db")
+    (event,) = store.recent_events(limit=1, type_glob="fine_tune.poll_failing")
+    store.record_delivery("hook", [event.id], state="dead", now=NOW, error=f"HTTP 500: {XSS}", http_status=500)
+    store.close()
+    html = await site.html("/events")
+    assert "hook: dead" in html and "HTTP 500: &lt;script&gt;" in html and XSS not in html
+    assert (await site.get("/api/v1/fine-tunes")).json()["delivery"][0]["dead"] == 1
 
 
 async def test_api_events(site: Site) -> None:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from ..models import EVENT_TYPES, FineTuneRef, metric_of
@@ -32,6 +33,8 @@ SMALL_METRICS = (
 )
 KNOWN_METRICS = ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "epoch")
 EVENTS_SHOWN = 100
+SAMPLES_SHOWN = 5
+SAMPLE_CHARS = 2000
 
 _env = Environment(
     loader=PackageLoader("watcher.web", "templates"),
@@ -144,6 +147,7 @@ def run_html(reports: Reports, live: LiveSnapshot, ref: FineTuneRef, *, log: boo
         for c in reversed(checkpoints)
     ]
     events = reports.events(limit=50, fine_tune=ref.key)
+    sampled = next((c for c in reversed(checkpoints) if c.data.get("inference_samples")), None)
     return _env.get_template("run.html").render(
         **_header(reports, live),
         row=row,
@@ -158,7 +162,25 @@ def run_html(reports: Reports, live: LiveSnapshot, ref: FineTuneRef, *, log: boo
         log=log,
         event_rows=_event_views(events, live),
         path=run_path(ref),
+        samples_step=sampled.step if sampled else None,
+        samples=_samples(sampled.data.get("inference_samples")) if sampled else [],
     )
+
+
+def _samples(raw: Any) -> list[list[tuple[str, str]]]:
+    """The inference samples of a checkpoint as (field, text) pairs: free-form objects from the Hub, shown as text
+    (escaped by the template), each value cut at SAMPLE_CHARS and at most SAMPLES_SHOWN of them."""
+    if not isinstance(raw, list):
+        return []
+    found = []
+    for sample in raw[:SAMPLES_SHOWN]:
+        items = sample.items() if isinstance(sample, dict) else [("sample", sample)]
+        fields = []
+        for name, value in items:
+            text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+            fields.append((str(name), text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + " …"))
+        found.append(fields)
+    return found
 
 
 def checkpoints_json(reports: Reports, ref: FineTuneRef) -> dict[str, Any]:
