@@ -52,6 +52,7 @@ from .server import HttpServer, Verdict
 from .store import Committed, DispatchLock, Router, SqliteStore, Store, open_store
 from .systemd import Notifier as SystemdNotifier
 from .tasks import finish_or_cancel
+from .web.site import StatusPages
 
 log = structlog.get_logger("watcher")
 T = TypeVar("T")
@@ -572,6 +573,7 @@ class App:
             liveness=self.liveness,
             readiness=self.readiness,
             token=secrets.metrics_token,
+            pages=StatusPages.for_app(self),
         )
         self.scheduler: AsyncIOScheduler | None = None
         self.stop = asyncio.Event()
