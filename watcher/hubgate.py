@@ -24,7 +24,7 @@ class HubGate:
         *,
         clock: Callable[[], float] = time.monotonic,
         base_backoff_s: float = 1.0,
-        max_backoff_s: float = 300.0,
+        max_backoff_s: float = 60.0,
         probe_timeout_s: float = 60.0,
         retry_capacity: float = 10.0,
         retry_refill_per_s: float = 0.5,
@@ -67,12 +67,19 @@ class HubGate:
 
     def on_throttle(self, retry_after_s: float | None) -> float:
         """A 429 or a Retry-After: close the gate for every poll; returns how long it stays closed."""
+        now = self._clock()
+        if self.throttles and now < self.open_at:
+            # another answer of the same round (requests that were in flight together): no longer back-off,
+            # only a later Retry-After if this one names one
+            if retry_after_s is not None:
+                self.open_at = max(self.open_at, now + retry_after_s)
+            return self.open_at - now
         self.throttles += 1
         if retry_after_s is not None:
             wait = retry_after_s
         else:
             wait = min(self._max, self._base * 2 ** (self.throttles - 1))
-        self.open_at = max(self.open_at, self._clock() + wait)
+        self.open_at = max(self.open_at, now + wait)
         self._probe_until = None
         if self.throttles == 1:
             log.warning("hub.throttled", retry_after_s=retry_after_s, wait_s=round(wait, 3))

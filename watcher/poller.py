@@ -381,7 +381,7 @@ class Watcher:
                             http_status=result.http_status,
                             hint="check [hub] token: the Hub refused it",
                         )
-            elif previous != "error" and result.http_status != 429:  # a 429 is logged once for the Hub
+            elif previous != "error":
                 log.warning(
                     "poll.failed",
                     fine_tune=key,

@@ -99,11 +99,11 @@ class PollSchedule:
             key = entry[2]
             slot = self._slots[key]
             found.append(key)
-            # the next period after now whose earliest possible time is still ahead: a stalled process
-            # coalesces what it missed instead of firing a burst
-            period = slot.period + 1
-            late = math.floor((now - slot.anchor + slot.jitter / 2) / slot.interval) + 1
-            slot.period = max(period, late)
+            # the next period; a process that stalled for more than half a period coalesces what it missed
+            # (the first period not yet begun) instead of firing a burst
+            slot.period += 1
+            if slot.anchor + (slot.period + 0.5) * slot.interval < now:
+                slot.period = math.ceil((now - slot.anchor) / slot.interval)
             half = slot.jitter / 2
             offset = self._rng.uniform(-half, half) if half else 0.0
             slot.due = max(slot.anchor + slot.period * slot.interval + offset, now)
