@@ -283,7 +283,7 @@ class App:
             self._dispatch_task = asyncio.create_task(self._deliver(dispatching), name="dispatcher")
             self._ticker_task = asyncio.create_task(self._tick(), name="ticker")
             for task in (self._driver_task, self._dispatch_task, self._ticker_task):
-                watch_task(task, what=task.get_name())
+                watch_task(task, what=task.get_name(), stopping=self.stop.is_set)
             log.info(
                 "watcher.started",
                 fine_tunes=len(self.watcher.fine_tunes),

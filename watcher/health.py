@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
@@ -16,11 +16,11 @@ LOOP_SILENT_S = 10.0
 DISPATCHER_SILENT_S = 30.0
 
 
-def watch_task(task: asyncio.Task[Any], *, what: str) -> None:
+def watch_task(task: asyncio.Task[Any], *, what: str, stopping: Callable[[], bool]) -> None:
     """Log a long-lived task that dies (with its traceback); liveness reports it as stopped."""
 
     def done(finished: asyncio.Task[Any]) -> None:
-        if finished.cancelled():
+        if finished.cancelled() or (stopping() and finished.exception() is None):
             return
         error = finished.exception()
         if error is not None:
