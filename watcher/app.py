@@ -10,11 +10,9 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from datetime import UTC
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -23,26 +21,17 @@ from prometheus_client import CollectorRegistry
 
 from . import __version__
 from .client import HubClient
-from .config import (
-    Config,
-    NotifierSecrets,
-    load_config,
-    resolve_hub_token,
-    resolve_notifier_secrets,
-    resolve_secret,
-)
-from .dispatch import Dispatcher
-from .errors import ConfigError, PollError
+from .config import Config, load_config
+from .errors import ConfigError
 from .health import liveness, readiness, status_line, watch_task
 from .logs import REDACTOR
 from .metrics import Metrics
-from .models import FineTuneRef
-from .notifiers import build_notifiers
 from .poller import EventSink, PollHealth, PollReport, WatchedFineTune, Watcher, ref_of
 from .reload import apply_reload, plan_reload
+from .runtime import Secrets, build_runtime, make_client, on_poll_retry, public_url, resolve_all
 from .scheduling import SCHEDULE_GRID_S, PollDriver, PollSchedule
 from .server import HttpServer, Verdict
-from .store import DispatchLock, SqliteStore, open_store
+from .store import DispatchLock
 from .systemd import Notifier as SystemdNotifier
 
 __all__ = [
@@ -55,109 +44,15 @@ __all__ = [
     "WatchedFineTune",
     "Watcher",
     "build_runtime",
+    "make_client",
     "on_poll_retry",
+    "public_url",
     "ref_of",
     "resolve_all",
 ]
 
 log = structlog.get_logger("watcher")
 LOCK_RETRY_S = 1.0  # how often a daemon waiting for the dispatch lock tries again
-
-
-def public_url(url: str) -> str:
-    """A URL without its user:password@ part, for log lines."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return parts._replace(netloc=netloc).geturl()
-
-
-def on_poll_retry(ref: FineTuneRef, err: PollError, wait_s: float) -> None:
-    """Log a quick retry inside a poll."""
-    log.debug(
-        "poll.retry_scheduled", fine_tune=ref.key, error=err.message, http_status=err.http_status, wait_s=wait_s or None
-    )
-
-
-def make_client(config: Config, token: str, *, transport: httpx.AsyncBaseTransport | None = None) -> HubClient:
-    """The Hub client of a config (with its own Hub-wide back-off gate)."""
-    return HubClient(
-        base_url=config.hub.url,
-        token=token,
-        timeout_s=config.hub.timeout_s,
-        max_concurrency=config.hub.max_concurrency,
-        on_retry=on_poll_retry,
-        transport=transport,
-    )
-
-
-def build_runtime(
-    config: Config,
-    *,
-    token: str,
-    secrets: Mapping[str, NotifierSecrets],
-    readonly: bool = False,
-    metrics: Metrics | None = None,
-    sinks: Sequence[EventSink] = (),
-    hub_transport: httpx.AsyncBaseTransport | None = None,
-    notifier_transport: httpx.AsyncBaseTransport | None = None,
-) -> tuple[Watcher, Dispatcher]:
-    """The watcher and the dispatcher over one store (read-only and silent for a dry run)."""
-    store = open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
-    client = make_client(config, token, transport=hub_transport)
-    watcher = Watcher(
-        config=config, store=store, client=client, sinks=list(sinks), commit=not readonly, metrics=metrics
-    )
-    dispatcher = Dispatcher(
-        store=store,
-        notifiers={} if readonly else build_notifiers(config, secrets, transport=notifier_transport),
-        configs=config.notifiers,
-        in_store=watcher.in_store,
-        on_outcome=metrics.observe_delivery if metrics is not None else None,
-        redact=REDACTOR.redact,
-        on_outbox=metrics.state.set_outbox if metrics is not None else None,
-    )
-    if metrics is not None:
-        metrics.set_notifiers(entry.name for entry in config.notifiers)
-    watcher.route = dispatcher.route
-    watcher.sinks.append(lambda _event: dispatcher.wake())
-    return watcher, dispatcher
-
-
-@dataclass(frozen=True, slots=True)
-class Secrets:
-    """Everything secret a config resolves to (never logged)."""
-
-    hub_token: str
-    notifiers: Mapping[str, NotifierSecrets]
-    metrics_token: str | None
-    hub_url: str = ""
-
-    def values(self) -> list[str]:
-        """Every secret string, for the log redactor."""
-        found = [self.hub_token, self.metrics_token or ""]
-        hub = urlsplit(self.hub_url)
-        if hub.password:  # refused by check-config; redacted wherever it could still show up
-            found += [hub.password, hub.netloc]
-        for resolved in self.notifiers.values():
-            found += [resolved.url or "", *resolved.secrets]
-            if resolved.url:
-                # the secret part of a webhook URL is its path (Slack: /services/T…/B…/…); receivers echo it
-                parts = urlsplit(resolved.url)
-                found += [part for part in (parts.path, parts.query) if len(part) >= 8]
-        return [value for value in found if value]
-
-
-def resolve_all(config: Config) -> Secrets:
-    """Resolve every secret of a config; ConfigError names the first bad key."""
-    return Secrets(
-        hub_token=resolve_hub_token(config),
-        notifiers=resolve_notifier_secrets(config),
-        metrics_token=resolve_secret(config.http, "token", key="http", config=config),
-        hub_url=config.hub.url,
-    )
 
 
 class App:

@@ -12,14 +12,13 @@ from typing import Any, TypeVar
 import structlog
 
 from .client import FetchedBody, FetchedDeferred, FetchedNotFound, HubClient
-from .config import Config, FineTuneConfig
+from .config import Config
 from .diff import DiffOptions
 from .errors import PollError, StoreError
-from .metrics import Metrics, PollChildren
+from .metrics import Metrics
 from .models import (
     Event,
     FineTuneRef,
-    FineTuneStatus,
     PollFailed,
     PollNotFound,
     PollResult,
@@ -30,7 +29,9 @@ from .models import (
 from .schema import body_hash, parse_checkpoint_list
 from .store import Committed, Router, Store
 from .tasks import finish_or_cancel
+from .watched import PollHealth, PollReport, WatchedFineTune, ref_of
 
+__all__ = ["PollHealth", "PollReport", "WatchedFineTune", "Watcher", "ref_of"]
 log = structlog.get_logger("watcher")
 T = TypeVar("T")
 EventSink = Callable[[Event], None]
@@ -39,58 +40,6 @@ PARSE_IN_THREAD_BYTES = 512 * 1024
 
 def _failure(err: PollError) -> PollFailed:
     return PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)  # type: ignore[arg-type]
-
-
-def ref_of(fine_tune: FineTuneConfig) -> FineTuneRef:
-    """The FineTuneRef of a configured fine-tune."""
-    return FineTuneRef(fine_tune.namespace, fine_tune.repo, fine_tune.id, fine_tune.display_name)
-
-
-@dataclass(slots=True)
-class PollHealth:
-    """What this process knows about one fine-tune's polls (health and metrics read it)."""
-
-    polls: int = 0
-    last_outcome: str | None = None
-    last_error: str | None = None
-    last_poll_at: float | None = None
-    failing_since: float | None = None
-    store_failing: bool = False
-    crashed: int = 0
-    deferred: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class WatchedFineTune:
-    """Everything this process knows about one watched fine-tune; created when watching starts, dropped whole.
-
-    A poll holds on to its object: when the fine-tune is dropped meanwhile (`watched` is False), the late
-    result still commits (the state may stay) but touches no health, metric or log line of the process.
-    """
-
-    ref: FineTuneRef
-    health: PollHealth = field(default_factory=PollHealth)
-    not_before: float | None = None  # the Hub's Retry-After for this fine-tune (Unix time)
-    unauthorized: bool = False  # the last answer was 401/403
-    status: FineTuneStatus | None = None  # what the metrics show, refreshed when the state changes
-    touch: tuple[str, float] | None = None  # an unchanged poll's (body hash, time), written in a batch
-    children: PollChildren | None = None  # its poll counters (created at 0 when watching starts)
-    watched: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class PollReport:
-    """The outcome of one poll as `once` reports it."""
-
-    ref: FineTuneRef
-    result: PollResult | None
-    events: tuple[Event, ...] = ()
-    error: str | None = None
-
-    @property
-    def answered_200(self) -> bool:
-        """Whether the Hub answered 200 and the outcome was committed (or previewed)."""
-        return self.error is None and isinstance(self.result, PollSuccess | PollUnchanged)
 
 
 @dataclass(slots=True)
