@@ -252,13 +252,13 @@ def test_a_daemon_started_while_once_delivers_waits_for_the_lock_and_nothing_is_
     for step in range(1, 7):
         hub.add_checkpoint(KEY, step, loss=1 / step)
     with Receiver() as receiver:
-        receiver.script(Answer(status=200, delay_s=0.7, times=1000))  # a slow receiver: one lane takes seconds
+        receiver.script(Answer(status=200, delay_s=1.2, times=1000))  # a slow receiver: one lane takes seconds
         data = base_config(
             hub,
             tmp_path,
             fine_tunes=[FT],
             watch={"interval_s": 0.5, "baseline": False},
-            notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "timeout_s": 5}],
+            notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "timeout_s": 10}],
         )
         config = write_config(tmp_path / "c.toml", data)
         once = subprocess.Popen(

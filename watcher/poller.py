@@ -304,53 +304,13 @@ class Watcher:
             self.metrics.state.set_last_success(ref.key, now)
 
     def _observe(self, watched: WatchedFineTune, result: PollResult, committed: Committed, now: float) -> None:
-        key = watched.ref.key
-        health = watched.health
-        if health.store_failing:
-            log.info("store.recovered", fine_tune=key)
-            health.store_failing = False
-        outcome = outcome_of(result)
-        health.polls += 1
-        health.last_poll_at = now
-        health.deferred = False
-        previous = health.last_outcome
-        health.last_outcome = outcome
-        if isinstance(result, PollFailed):
-            health.last_error = result.error
-            if result.retry_after_s:
-                watched.not_before = now + result.retry_after_s
-            if result.outcome == "unauthorized":
-                # one line for the Hub as a whole, however many fine-tunes it refuses
-                if not watched.unauthorized:
-                    watched.unauthorized = True
-                    self._unauthorized += 1
-                    if self._unauthorized == 1:
-                        log.error(
-                            "hub.unauthorized",
-                            http_status=result.http_status,
-                            hint="check [hub] token: the Hub refused it",
-                        )
-            elif previous != "error":
-                log.warning(
-                    "poll.failed",
-                    fine_tune=key,
-                    error=result.error,
-                    http_status=result.http_status,
-                    retry_after_s=result.retry_after_s,
-                )
-            if health.failing_since is None:
-                health.failing_since = now
-        else:
-            watched.not_before = None
-            health.last_error = None
-            if watched.unauthorized:
-                watched.unauthorized = False
-                self._unauthorized -= 1
-                if not self._unauthorized:
-                    log.info("hub.authorized")
-            if previous in ("error", "unauthorized"):
-                log.info("poll.recovered", fine_tune=key, outcome=outcome)
-            health.failing_since = None
+        change = watched.record(result, now)
+        self._unauthorized += change
+        # one line for the Hub as a whole, however many fine-tunes it refuses
+        if change > 0 and self._unauthorized == 1:
+            log.error("hub.unauthorized", http_status=result.http_status, hint="check [hub] token: the Hub refused it")
+        elif change < 0 and not self._unauthorized:
+            log.info("hub.authorized")
         for event in committed.events:
             self._publish(event)
 
