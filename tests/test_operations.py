@@ -462,3 +462,16 @@ async def test_a_dying_ticker_is_logged_with_its_traceback_and_turns_healthz_503
             await running
     (died,) = [entry for entry in logs if entry["event"] == "task.died"]
     assert died["task"] == "ticker" and isinstance(died["exc_info"], RuntimeError)
+
+
+def test_hub_url_credentials_never_reach_a_log_line():
+    from watcher.app import Secrets, public_url
+    from watcher.logs import SecretRedactor
+
+    url = "https://alice:pa55word-s3cret@hub.example.com:8443"
+    secrets = Secrets(hub_token="tok-123456", notifiers={}, metrics_token=None, hub_url=url)
+    redactor = SecretRedactor(secrets.values())
+    line = redactor({}, "error", {"event": "poll.failed", "error": f"GET {url}/api/repos failed", "hub": url})
+    assert "pa55word-s3cret" not in repr(line) and "alice:" not in repr(line)
+    assert public_url(url + "/api") == "https://hub.example.com:8443/api"
+    assert public_url("https://hub.oxen.ai") == "https://hub.oxen.ai"
