@@ -24,6 +24,7 @@ EXPORTED_METRICS = frozenset(
     {
         "oxen_watcher_build_info",
         "oxen_watcher_polls_total",
+        "oxen_watcher_polls_skipped_total",
         "oxen_watcher_poll_duration_seconds",
         "oxen_watcher_last_success_timestamp_seconds",
         "oxen_watcher_events_total",

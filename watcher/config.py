@@ -64,6 +64,8 @@ class HubConfig(_Section):
             raise ValueError("must be an http:// or https:// URL")
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment")
+        if "@" in parts.netloc:  # the bearer token authenticates; credentials in the URL would clash with it
+            raise ValueError("must not carry user:password@ credentials (set [hub] token, token_env or token_file)")
         return value.rstrip("/")
 
     @model_validator(mode="after")

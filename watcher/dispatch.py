@@ -16,7 +16,7 @@ import structlog
 from .config import Config, NotifierConfig, NotifierSecrets
 from .errors import StoreError
 from .models import Delivery, Event, OutboxStats
-from .notifiers import NotifierSet
+from .notifiers import NotifierSet, PreparedNotifiers
 from .notifiers.base import DeliveryResult, Notifier, Paced
 from .outcomes import OutcomeLog
 from .retry import FALLBACK_POLICY, RetryPolicy, clip, policy_of, settle
@@ -104,6 +104,27 @@ class Dispatcher:
         if before:  # a reload: say what it kept and what it built anew
             kept = sorted(name for name, notifier in current.items() if before.get(name) is notifier)
             log.info("notifiers.updated", kept=kept, built=sorted(set(current) - set(kept)))
+
+    def prepare_notifiers(
+        self,
+        config: Config,
+        secrets: Mapping[str, NotifierSecrets],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> PreparedNotifiers:
+        """A reload's first half: build the notifiers that changed, keep the rest; nothing changes yet."""
+        return self._set.prepare(config, secrets, transport=transport)
+
+    def commit_notifiers(self, prepared: PreparedNotifiers) -> None:
+        """A reload's last half, once every step applied: close the replaced notifiers once idle."""
+        before = self.notifiers
+        self._set.commit(prepared)
+        kept = sorted(name for name, (_, notifier) in prepared.built.items() if before.get(name) is notifier)
+        log.info("notifiers.updated", kept=kept, built=sorted(set(prepared.built) - set(kept)))
+
+    def discard_notifiers(self, prepared: PreparedNotifiers) -> None:
+        """Close what a reload that did not apply built."""
+        self._set.discard(prepared)
 
     def route(self, event: Event) -> list[str]:
         """The notifiers whose filters want this event (disabled ones too: their rows wait)."""

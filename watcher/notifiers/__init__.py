@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import httpx
 import orjson
@@ -17,8 +18,30 @@ from .log import LogNotifier
 from .slack import DEFAULT_DIGEST_OVER, RateLimiter, SlackNotifier
 from .webhook import WebhookNotifier
 
-__all__ = ["DeliveryResult", "Notifier", "NotifierSet", "Paced", "build_notifiers", "classify"]
+__all__ = [
+    "DeliveryResult",
+    "Notifier",
+    "NotifierSet",
+    "Paced",
+    "PreparedNotifiers",
+    "build_notifiers",
+    "classify",
+]
 log = structlog.get_logger("watcher.notifiers")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedNotifiers:
+    """A reload's notifiers, built but not yet in force."""
+
+    built: Mapping[str, tuple[str, Notifier]]  # name -> (settings fingerprint, notifier)
+    fresh: tuple[Notifier, ...]  # built for this reload (closed if it is discarded)
+    slack_urls: frozenset[str]
+
+    @property
+    def notifiers(self) -> dict[str, Notifier]:
+        """The notifiers by name."""
+        return {name: notifier for name, (_, notifier) in self.built.items()}
 
 
 def fingerprint(entry: NotifierConfig, resolved: NotifierSecrets) -> str:
@@ -86,15 +109,16 @@ class NotifierSet:
         """The notifiers in force, by name."""
         return {name: notifier for name, (_, notifier) in self._built.items()}
 
-    def update(
+    def prepare(
         self,
         config: Config,
         secrets: Mapping[str, NotifierSecrets],
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-    ) -> dict[str, Notifier]:
-        """Adopt a config's notifiers, keeping unchanged ones and retiring the others; returns those in force."""
+    ) -> PreparedNotifiers:
+        """Build what a config needs anew, keeping unchanged notifiers; nothing in force changes yet."""
         built: dict[str, tuple[str, Notifier]] = {}
+        fresh: list[Notifier] = []
         try:
             for entry in config.notifiers:
                 resolved = secrets[entry.name]
@@ -103,21 +127,40 @@ class NotifierSet:
                 if kept is not None and kept[0] == mark:
                     built[entry.name] = kept
                 else:
-                    built[entry.name] = (mark, _build(entry, resolved, self._limiters, transport))
+                    notifier = _build(entry, resolved, self._limiters, transport)
+                    fresh.append(notifier)
+                    built[entry.name] = (mark, notifier)
         except BaseException:  # all or nothing: the notifiers in force stay, the ones just built are closed
-            old = {id(notifier) for _, notifier in self._built.values()}
-            for _, notifier in built.values():
-                if id(notifier) not in old:
-                    self._close_soon(notifier)
+            for notifier in fresh:
+                self._close_soon(notifier)
             raise
-        in_use = {secrets[entry.name].url for entry in config.notifiers if entry.type == "slack"}
-        self._limiters = {url: limiter for url, limiter in self._limiters.items() if url in in_use}
-        kept_ids = {id(notifier) for _, notifier in built.values()}
+        slack_urls = frozenset(secrets[entry.name].url or "" for entry in config.notifiers if entry.type == "slack")
+        return PreparedNotifiers(built, tuple(fresh), slack_urls)
+
+    def commit(self, prepared: PreparedNotifiers) -> dict[str, Notifier]:
+        """Put prepared notifiers in force; the replaced ones are closed once idle. Returns those in force."""
+        self._limiters = {url: limiter for url, limiter in self._limiters.items() if url in prepared.slack_urls}
+        kept_ids = {id(notifier) for _, notifier in prepared.built.values()}
         retired = [notifier for _, notifier in self._built.values() if id(notifier) not in kept_ids]
-        self._built = built
+        self._built = dict(prepared.built)
         for notifier in retired:
             self.retire(notifier)
         return self.current
+
+    def discard(self, prepared: PreparedNotifiers) -> None:
+        """Close what a prepared (never committed) reload built."""
+        for notifier in prepared.fresh:
+            self._close_soon(notifier)
+
+    def update(
+        self,
+        config: Config,
+        secrets: Mapping[str, NotifierSecrets],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> dict[str, Notifier]:
+        """Adopt a config's notifiers, keeping unchanged ones and retiring the others; returns those in force."""
+        return self.commit(self.prepare(config, secrets, transport=transport))
 
     def retire(self, notifier: Notifier) -> None:
         """Close a notifier no longer in force: now if idle, else when its last in-flight delivery ends."""
