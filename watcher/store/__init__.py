@@ -1,7 +1,7 @@
 """Durable state: protocols per concern, the SQLite implementation, the dispatch lock."""
 
 from .lock import DispatchLock
-from .protocols import Committed, Router, Store
+from .protocols import Committed, EventLog, Outbox, PruneReport, Retention, Router, StateStore, Store
 from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
 from .sqlite import SqliteStore, open_store, wall_clock
 
@@ -10,8 +10,13 @@ __all__ = [
     "SCHEMA_VERSION",
     "Committed",
     "DispatchLock",
+    "EventLog",
+    "Outbox",
+    "PruneReport",
+    "Retention",
     "Router",
     "SqliteStore",
+    "StateStore",
     "Store",
     "open_store",
     "wall_clock",

@@ -1,0 +1,106 @@
+"""SQLite retention: old events leave in small transactions, then the file gives the space back."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from ..errors import StoreError
+from .protocols import PruneReport
+from .sqlite_base import SqliteBase
+
+# Pages handed back to the file system per incremental_vacuum step (4 MiB at the default page size): one short
+# write each, so a poll waits for at most one step.
+VACUUM_STEP_PAGES = 1024
+
+# The events a pass may delete: older than the cutoff, and with no delivery still pending (that event must
+# stay until it is delivered or dead, whatever its age).
+_OLD = (
+    "FROM events e WHERE e.created_at < ? AND NOT EXISTS "
+    "(SELECT 1 FROM deliveries p WHERE p.event_id = e.id AND p.state = 'pending')"
+)
+
+
+class SqlitePrune(SqliteBase):
+    """The retention half of the SQLite store (a mixin of SqliteStore)."""
+
+    def prune(
+        self,
+        *,
+        now: float,
+        retain_s: float,
+        batch: int = 500,
+        dry_run: bool = False,
+        max_batches: int | None = None,
+    ) -> PruneReport:
+        """Delete events older than `retain_s` (never one with a pending delivery) with their delivered and dead
+        rows, `batch` events per short transaction, then give the space back to the file system.
+
+        Checkpoints and per-fine-tune state are never touched. `max_batches` bounds the transactions of this
+        call (deletions, then vacuum steps), so a caller sharing the store's thread with polls can interleave;
+        the report says whether work is left (`done`). A dry run deletes nothing and estimates the bytes.
+        """
+        cutoff = now - retain_s
+        if dry_run:
+            return self._estimate(cutoff)
+        page_size = self._pragma("page_size")
+        pages_before = self._pragma("page_count")
+        events = deliveries = steps = 0
+        done = False
+        while max_batches is None or steps < max_batches:
+            removed, rows = self._write_tx(lambda: self._delete_batch(cutoff, batch), what="prune old events")
+            steps += 1
+            events += removed
+            deliveries += rows
+            if removed < batch:
+                done = True
+                break
+        if done:
+            while self._pragma("freelist_count") > 0:
+                if max_batches is not None and steps >= max_batches:
+                    done = False
+                    break
+                self._vacuum_step()
+                steps += 1
+        freed = max(0, pages_before - self._pragma("page_count")) * page_size
+        return PruneReport(events=events, deliveries=deliveries, bytes_freed=freed, done=done)
+
+    def _delete_batch(self, cutoff: float, batch: int) -> tuple[int, int]:
+        rows = self._db.execute(f"SELECT e.seq, e.id {_OLD} ORDER BY e.created_at LIMIT ?", (cutoff, batch)).fetchall()
+        deliveries = 0
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            deliveries += self._db.execute(
+                f"DELETE FROM deliveries WHERE event_id IN ({marks}) AND state != 'pending'",
+                [event_id for _, event_id in chunk],
+            ).rowcount
+            self._db.execute(f"DELETE FROM events WHERE seq IN ({marks})", [seq for seq, _ in chunk])
+        return len(rows), deliveries
+
+    def _estimate(self, cutoff: float) -> PruneReport:
+        # Row payload plus a fixed allowance per row for its record header and index entries: close to what
+        # the pages would free (within about a quarter in the tests), without writing anything.
+        [(events, event_bytes)] = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(length(e.envelope) + 2 * length(e.id) + 2 * length(e.type) "
+            f"+ 2 * length(e.fine_tune_key) + 64), 0) {_OLD}",
+            (cutoff,),
+            what="read old events",
+        )
+        [(deliveries, delivery_bytes)] = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(2 * length(d.event_id) + 2 * length(d.notifier) + length(d.fine_tune_key) "
+            "+ length(d.batch_id) + COALESCE(length(d.last_error), 0) + 64), 0) "
+            f"FROM deliveries d WHERE d.event_id IN (SELECT e.id {_OLD})",
+            (cutoff,),
+            what="read old deliveries",
+        )
+        return PruneReport(events=events, deliveries=deliveries, bytes_freed=event_bytes + delivery_bytes)
+
+    def _pragma(self, name: str) -> int:
+        return int(self._read(f"PRAGMA {name}", what=f"read {name}")[0][0])
+
+    def _vacuum_step(self) -> None:
+        try:
+            # executescript steps the pragma to completion; execute() would free a single page
+            self._db.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})")
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot give space back to the file system: {err}") from err
