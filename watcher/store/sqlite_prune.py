@@ -48,7 +48,7 @@ class SqlitePrune(SqliteBase):
         done = False
         while max_batches is None or steps < max_batches:
             removed, rows = self._write_tx(lambda: self._delete_batch(cutoff, batch), what="prune old events")
-            steps += 1
+            steps += 1 if removed else 0  # finding nothing left is a read: the budget goes to the vacuum
             events += removed
             deliveries += rows
             if removed < batch:
