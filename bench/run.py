@@ -394,10 +394,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--big", type=int, default=5000)
     parser.add_argument("--samples", type=int, default=30)
-    parser.add_argument("--only", choices=["scale", "yardsticks", "big", "latency"], action="append")
+    parser.add_argument("--only", choices=["scale", "yardsticks", "big", "latency", "aged"], action="append")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    only = set(args.only or ["scale", "yardsticks", "big", "latency"])
+    only = set(args.only or ["scale", "yardsticks", "big", "latency", "aged"])
     print(
         f"oxen-watcher bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
@@ -411,6 +411,10 @@ def main() -> None:
         figures["big"] = big_responses(args)
     if "latency" in only:
         figures["latency"] = latency(args)
+    if "aged" in only:  # a year of history (AGED_SCALE=0.01 for a quick run)
+        import aged
+
+        figures["aged"] = aged.run()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -498,15 +498,26 @@ class SqliteStore(SqliteOutbox, SqlitePrune):
                 what="read events",
             )
         else:
-            rows = []
+            # the newest seqs of each matching type straight from the (type, seq) index, then only the
+            # envelopes of the `limit` newest overall
+            seqs: list[int] = []
             for kind in self._event_types():
                 if fnmatch.fnmatchcase(kind, type_glob):
-                    rows += self._read(
-                        "SELECT seq, envelope, fine_tune_key FROM events WHERE type = ? ORDER BY seq DESC LIMIT ?",
-                        (kind, limit),
-                        what="read events",
-                    )
-            rows = heapq.nlargest(limit, rows, key=lambda row: row[0])
+                    seqs += [
+                        seq
+                        for (seq,) in self._read(
+                            "SELECT seq FROM events WHERE type = ? ORDER BY seq DESC LIMIT ?",
+                            (kind, limit),
+                            what="read events",
+                        )
+                    ]
+            newest = heapq.nlargest(limit, seqs)
+            marks = ", ".join("?" for _ in newest)
+            rows = self._read(
+                f"SELECT seq, envelope, fine_tune_key FROM events WHERE seq IN ({marks}) ORDER BY seq DESC",
+                newest,
+                what="read events",
+            )
         return [event_from_row(envelope, key) for _, envelope, key in rows]
 
     def _event_types(self) -> list[str]:
