@@ -517,3 +517,25 @@ def test_prune_never_holds_the_write_lock_for_the_whole_pass(db_path: Path, stor
         assert passes < 100
     assert passes >= 6 and len(commits) == passes
     assert [e.fine_tune_key for _, e in store.events_after(0)] == [OTHER.key]  # only the new one is left
+
+
+def test_a_large_old_database_is_converted_by_prune_not_at_a_daemon_start(
+    db_path: Path, stores: Callable[..., SqliteStore]
+) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (2)")
+        for statements in MIGRATIONS[:2]:
+            for statement in statements:
+                db.execute(statement)
+    import structlog
+
+    with structlog.testing.capture_logs() as logs:
+        small_limit = stores(db_path, convert_max_bytes=1024)
+    assert (small_limit.auto_vacuum, small_limit.schema_version) == ("none", SCHEMA_VERSION)
+    assert [entry["event"] for entry in logs] == ["store.conversion_deferred"]
+    assert "oxen-watcher prune" in logs[0]["hint"]
+    small_limit.close()
+    assert stores(db_path, convert_max_bytes=None).auto_vacuum == "incremental"

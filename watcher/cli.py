@@ -295,7 +295,10 @@ def prune(config_path: str, dry_run: bool) -> None:
     from .store import SqliteStore, open_store
 
     try:
-        store = open_store(config.state_path(), readonly=True) if dry_run else SqliteStore(config.state_path())
+        if dry_run:
+            store = open_store(config.state_path(), readonly=True)
+        else:  # converts a database of an earlier release whatever its size (the daemon only converts small ones)
+            store = SqliteStore(config.state_path(), convert_max_bytes=None)
         try:
             report = store.prune(now=time.time(), retain_s=retain_s_of(days), dry_run=dry_run)
         finally:

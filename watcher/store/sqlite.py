@@ -45,6 +45,11 @@ log = structlog.get_logger("watcher.store")
 # The WAL file is cut back to this size after a checkpoint, so a burst (a large prune) does not leave it big.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
+# Converting an older database to incremental auto_vacuum rewrites the file (VACUUM: roughly 10 s per GiB
+# here). At a daemon's start only a file up to this size is converted, so start-up stays within systemd's
+# start timeout; `oxen-watcher prune` converts any size. Until then pruned pages are reused, not given back.
+CONVERT_AT_START_MAX_BYTES = 512 * 1024 * 1024
+
 
 class SqliteStore(SqliteOutbox, SqlitePrune):
     """The SQLite store: WAL mode, one writer transaction per poll, a cache of decoded state per fine-tune."""
@@ -56,6 +61,7 @@ class SqliteStore(SqliteOutbox, SqlitePrune):
         readonly: bool = False,
         busy_timeout_s: float = 5.0,
         new_id: Callable[[], str] | None = None,
+        convert_max_bytes: int | None = CONVERT_AT_START_MAX_BYTES,
     ) -> None:
         self.path = str(path)
         self.readonly = readonly
@@ -85,7 +91,7 @@ class SqliteStore(SqliteOutbox, SqlitePrune):
                 # NORMAL in WAL mode survives process crashes (kill -9); only power loss may drop the last commits.
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._migrate()
-                self._convert_to_incremental_vacuum()
+                self._convert_to_incremental_vacuum(max_bytes=convert_max_bytes)
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             if readonly:
                 self._check_version()
@@ -128,7 +134,7 @@ class SqliteStore(SqliteOutbox, SqlitePrune):
             self._db.execute("ROLLBACK")
             raise
 
-    def _convert_to_incremental_vacuum(self) -> None:
+    def _convert_to_incremental_vacuum(self, *, max_bytes: int | None) -> None:
         """Give a database created before retention `auto_vacuum = INCREMENTAL`, so pruning can shrink it.
 
         Only a VACUUM (outside any transaction) changes the mode of a database that has tables; it rewrites the
@@ -136,6 +142,16 @@ class SqliteStore(SqliteOutbox, SqlitePrune):
         works as before and the next start tries again.
         """
         if self.path == ":memory:" or self._pragma("auto_vacuum") == 2:
+            return
+        size = self._pragma("page_count") * self._pragma("page_size")
+        if max_bytes is not None and size > max_bytes:
+            log.warning(
+                "store.conversion_deferred",
+                change="auto_vacuum = INCREMENTAL",
+                size_bytes=size,
+                hint="run `oxen-watcher prune` once to convert it (it rewrites the file); until then pruned space "
+                "is reused but not given back",
+            )
             return
         log.info("store.converting", change="auto_vacuum = INCREMENTAL", reason="retention can shrink the file")
         started = time.monotonic()
