@@ -94,3 +94,15 @@ def test_events_by_id(store: Store) -> None:
     wanted = [recent[0].id, recent[3].id, "evt_nope"]
     assert store.events_by_id(wanted) == {recent[0].id: recent[0], recent[3].id: recent[3]}
     assert store.events_by_id([]) == {}
+
+
+def test_recent_events_of_a_rare_type_among_many_others(store: Store) -> None:
+    first = apply(store, PollNotFound(), ref=OTHER, now=T0).events
+    apply(store, success(cp(0)), now=T0 + 1)
+    created = apply(store, success(*(cp(s) for s in range(301))), now=T0 + 2).events
+    apply(store, success(cp(0)), ref=OTHER, now=T0 + 3)
+    second = apply(store, PollNotFound(), ref=OTHER, now=T0 + 4).events
+    assert store.recent_events(type_glob="fine_tune.*") == [*second, *first]
+    assert store.recent_events(type_glob="fine_tune.*", limit=1) == list(second)
+    assert store.recent_events(type_glob="checkpoint.*", limit=3) == list(reversed(created[-3:]))
+    assert store.recent_events(limit=2) == [*second, created[-1]]

@@ -63,7 +63,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX events_type ON events (type, seq)",
         "CREATE INDEX deliveries_pending_lane ON deliveries (notifier, fine_tune_key, event_seq) "
         "WHERE state = 'pending'",
-        "CREATE INDEX deliveries_pending_due ON deliveries (notifier, next_attempt_at, queued_at) "
+        # state is a column too (always 'pending') so the statistics and next_due_at read this index alone
+        "CREATE INDEX deliveries_pending_due ON deliveries (notifier, next_attempt_at, queued_at, state) "
         "WHERE state = 'pending'",
         "CREATE INDEX deliveries_dead ON deliveries (queued_at) WHERE state = 'dead'",
         "DROP INDEX deliveries_lane",

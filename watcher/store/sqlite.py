@@ -528,12 +528,22 @@ class SqliteStore(SqliteOutbox, SqlitePrune):
                         )
                     ]
             newest = heapq.nlargest(limit, seqs)
-            marks = ", ".join("?" for _ in newest)
-            rows = self._read(
-                f"SELECT seq, envelope, fine_tune_key FROM events WHERE seq IN ({marks}) ORDER BY seq DESC",
-                newest,
-                what="read events",
-            )
+            if newest and newest[0] - newest[-1] < 4 * limit:
+                # the matches are dense (the usual case): one walk down the table reads them in order
+                rows = self._read(
+                    "SELECT seq, envelope, fine_tune_key FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq DESC",
+                    (newest[-1], newest[0]),
+                    what="read events",
+                )
+                wanted = set(newest)
+                rows = [row for row in rows if row[0] in wanted]
+            else:
+                marks = ", ".join("?" for _ in newest)
+                rows = self._read(
+                    f"SELECT seq, envelope, fine_tune_key FROM events WHERE seq IN ({marks}) ORDER BY seq DESC",
+                    newest,
+                    what="read events",
+                )
         return [event_from_row(envelope, key) for _, envelope, key in rows]
 
     def _event_types(self) -> list[str]:
