@@ -45,9 +45,10 @@ log = structlog.get_logger("watcher.store")
 # The WAL file is cut back to this size after a checkpoint, so a burst (a large prune) does not leave it big.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
-# Converting an older database to incremental auto_vacuum rewrites the file (VACUUM: roughly 10 s per GiB
-# here). At a daemon's start only a file up to this size is converted, so start-up stays within systemd's
-# start timeout; `oxen-watcher prune` converts any size. Until then pruned pages are reused, not given back.
+# Converting an older database to incremental auto_vacuum rewrites the file (VACUUM), which takes minutes for
+# a file of gigabytes. At a daemon's start only a file up to this size is converted, so start-up stays within
+# systemd's start timeout; `oxen-watcher prune` converts any size. Until then pruned pages are reused, not
+# given back.
 CONVERT_AT_START_MAX_BYTES = 512 * 1024 * 1024
 
 
