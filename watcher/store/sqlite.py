@@ -36,7 +36,7 @@ from ..models import (
 )
 from .protocols import Committed, Router
 from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
-from .sqlite_base import event_from_row
+from .sqlite_base import REWRITE_MAX_BYTES, event_from_row
 from .sqlite_outbox import SqliteOutbox
 from .sqlite_prune import SqlitePrune
 
@@ -49,7 +49,7 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 # a file of gigabytes. At a daemon's start only a file up to this size is converted, so start-up stays within
 # systemd's start timeout; `oxen-watcher prune` converts any size. Until then pruned pages are reused, not
 # given back.
-CONVERT_AT_START_MAX_BYTES = 512 * 1024 * 1024
+CONVERT_AT_START_MAX_BYTES = REWRITE_MAX_BYTES
 
 
 class SqliteStore(SqliteOutbox, SqlitePrune):

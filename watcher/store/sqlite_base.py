@@ -13,6 +13,10 @@ from ..models import Event
 
 T = TypeVar("T")
 
+# A rewrite of the whole file (VACUUM) blocks every writer while it runs: the daemon does one only when the live
+# data is at most this big (a pause of seconds); `oxen-watcher prune` does it at any size.
+REWRITE_MAX_BYTES = 512 * 1024 * 1024
+
 DELIVERY_COLUMNS = (
     "event_seq, event_id, notifier, fine_tune_key, batch_id, state, attempts, next_attempt_at, queued_at, "
     "last_error, last_status"

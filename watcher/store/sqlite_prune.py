@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import sqlite3
 
+import structlog
+
 from ..errors import StoreError
 from .protocols import PruneReport
-from .sqlite_base import SqliteBase
+from .sqlite_base import REWRITE_MAX_BYTES, SqliteBase
+
+log = structlog.get_logger("watcher.store")
 
 # Pages handed back to the file system per incremental_vacuum step (4 MiB at the default page size): one short
 # write each, so a poll waits for at most one step.
 VACUUM_STEP_PAGES = 1024
+
+# When the free pages are at least this share of the file (and this many), the file is rewritten instead.
+FULL_REWRITE_SHARE = 0.25
+FULL_REWRITE_MIN_PAGES = 2048
 
 # The events a pass may delete: older than the cutoff, and with no delivery still pending (that event must
 # stay until it is delivered or dead, whatever its age).
@@ -22,6 +30,8 @@ _OLD = (
 
 class SqlitePrune(SqliteBase):
     """The retention half of the SQLite store (a mixin of SqliteStore)."""
+
+    _rewrite_deferred = False
 
     def prune(
         self,
@@ -55,14 +65,37 @@ class SqlitePrune(SqliteBase):
                 done = True
                 break
         if done:
-            while self._pragma("freelist_count") > 0:
-                if max_batches is not None and steps >= max_batches:
-                    done = False
-                    break
-                self._vacuum_step()
-                steps += 1
+            done = self._give_back(
+                bounded=max_batches is not None, budget=None if max_batches is None else max_batches - steps
+            )
         freed = max(0, pages_before - self._pragma("page_count")) * page_size
         return PruneReport(events=events, deliveries=deliveries, bytes_freed=freed, done=done)
+
+    def _give_back(self, *, bounded: bool, budget: int | None) -> bool:
+        """Hand the freed pages back to the file system; False when a bounded pass ran out of budget."""
+        free, pages = self._pragma("freelist_count"), self._pragma("page_count")
+        if free >= FULL_REWRITE_MIN_PAGES and free >= pages * FULL_REWRITE_SHARE:
+            # After a large prune (the first one on a long history), moving the live tail page by page into a
+            # huge free list is far slower than rewriting the live data once.
+            live_bytes = (pages - free) * self._pragma("page_size")
+            if bounded and live_bytes > REWRITE_MAX_BYTES:
+                if not self._rewrite_deferred:  # once per process: new rows reuse the space meanwhile
+                    log.warning(
+                        "store.vacuum_deferred",
+                        free_bytes=free * self._pragma("page_size"),
+                        hint="run `oxen-watcher prune` to give the space back; until then new rows reuse it",
+                    )
+                self._rewrite_deferred = True
+                return True
+            self._run("VACUUM")
+            return True
+        while self._pragma("freelist_count") > 0:
+            if budget is not None and budget <= 0:
+                return False
+            # executescript steps the pragma to completion; execute() would free a single page
+            self._run(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})")
+            budget = None if budget is None else budget - 1
+        return True
 
     def _delete_batch(self, cutoff: float, batch: int) -> tuple[int, int]:
         rows = self._db.execute(f"SELECT e.seq, e.id {_OLD} ORDER BY e.created_at LIMIT ?", (cutoff, batch)).fetchall()
@@ -98,9 +131,8 @@ class SqlitePrune(SqliteBase):
     def _pragma(self, name: str) -> int:
         return int(self._read(f"PRAGMA {name}", what=f"read {name}")[0][0])
 
-    def _vacuum_step(self) -> None:
+    def _run(self, statement: str) -> None:
         try:
-            # executescript steps the pragma to completion; execute() would free a single page
-            self._db.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})")
+            self._db.executescript(statement)
         except sqlite3.Error as err:
             raise StoreError(f"cannot give space back to the file system: {err}") from err
