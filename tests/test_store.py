@@ -539,3 +539,26 @@ def test_a_large_old_database_is_converted_by_prune_not_at_a_daemon_start(
     assert "oxen-watcher prune" in logs[0]["hint"]
     small_limit.close()
     assert stores(db_path, convert_max_bytes=None).auto_vacuum == "incremental"
+
+
+def test_a_large_prune_rewrites_the_file_once_and_the_daemon_defers_a_big_rewrite(
+    db_path: Path, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import structlog
+
+    from watcher.store import sqlite_prune
+
+    apply(store, success(cp(0)), now=T0, route=everywhere)
+    deliver_all(store, many_events(store, polls=10, per_poll=40, start=T0 + 1, step_s=1), T0 + 50)
+    full = store._pragma("page_count")
+    monkeypatch.setattr(sqlite_prune, "REWRITE_MAX_BYTES", 0)  # as if the live data were larger than allowed
+    monkeypatch.setattr(sqlite_prune, "FULL_REWRITE_MIN_PAGES", 16)  # and the history long
+    with structlog.testing.capture_logs() as logs:
+        while not store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY, batch=100, max_batches=1).done:
+            pass
+        store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY, max_batches=1)
+    assert [entry["event"] for entry in logs] == ["store.vacuum_deferred"]  # logged once, not per pass
+    assert store._pragma("freelist_count") > full // 2 and store._pragma("page_count") == full
+    report = store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY)  # what `oxen-watcher prune` does
+    assert report.events == 0 and report.bytes_freed > full // 2 * 4096
+    assert store._pragma("freelist_count") == 0 and store._pragma("page_count") < full // 2
