@@ -226,7 +226,7 @@ def test_notify(config_path: str, only: str | None) -> None:
 @cli.command()
 @config_option
 @click.argument("event_ids", nargs=-1, metavar="[EVENT_ID]...")
-@click.option("--dead", is_flag=True, help="Queue every dead delivery again.")
+@click.option("--dead", is_flag=True, help="Queue the dead deliveries again (those queued within --since).")
 @click.option("--notifier", metavar="NAME", help="Only deliveries to this notifier.")
 @click.option(
     "--since",
