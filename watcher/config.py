@@ -84,6 +84,7 @@ class WatchConfig(_Section):
 
 class StateConfig(_Section):
     path: NonEmpty = "watcher.db"
+    retain_days: Annotated[int, Field(ge=1)] = 30  # events (and their finished deliveries) older than this go
 
 
 class HttpConfig(_Section):

@@ -128,6 +128,7 @@ MATRIX: dict[str, list[Bad]] = {
     "watch.shutdown_grace_s": [wrong("10"), out(-1), out(3601)],
     "state": [wrong([1])],
     "state.path": [wrong(5), out("")],
+    "state.retain_days": [wrong("30"), wrong(1.5), out(0), out(-1)],
     "http": [wrong(True)],
     "http.listen": [wrong(9464), out("9464"), out("127.0.0.1:70000"), out("")],
     "http.token": [wrong(5), out("")],
