@@ -210,3 +210,49 @@ async def test_notifier_set_keeps_unchanged_ones_shares_limiters_by_url_and_clos
     assert not second["a"]._http.is_closed and not second["b"]._http.is_closed
     await notifiers.aclose()
     assert second["a"]._http.is_closed and second["b"]._http.is_closed
+
+
+async def test_300_reloads_replacing_the_hub_client_close_each_old_one_once_its_polls_end(
+    tmp_path: Path, hub: Any
+) -> None:
+    # a changed [hub] setting builds a new Hub client at each reload; the old one (with its connection pool)
+    # must be closed once the polls still using it end, not kept until exit
+    from conftest import base_config
+
+    key = hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_checkpoint(key, 1, loss=1.0)
+
+    def config(n: int) -> dict[str, Any]:
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+            log={"level": "warning"},
+        )
+        data["hub"]["timeout_s"] = 5 + n % 2
+        return data
+
+    path = write_config(tmp_path / "c.toml", config(0))
+    loaded = load_config(str(path))
+    app = App(loaded, resolve_all(loaded), config_path=str(path))
+    running = asyncio.create_task(app.run())
+    try:
+        await until(lambda: len(hub.requests()) >= 1, what="the first poll")
+        baseline: tuple[int, float] | None = None
+        for n in range(1, 301):
+            write_config(path, config(n))
+            assert await app.reload()
+            if n % 10 == 0:  # let polls run on the new client, so each old client had a connection open
+                seen = len(hub.requests())
+                await until(lambda: len(hub.requests()) > seen, what="a poll on the new client")
+            if n == 50:
+                baseline = (open_fds(), rss_mb())
+        await until(lambda: len(app._retired) <= 1, what="the replaced clients to close")
+        assert baseline is not None
+        fds, rss = open_fds(), rss_mb()
+        print(f"fds {baseline[0]} -> {fds}, RSS {baseline[1]:.1f} -> {rss:.1f} MB over 250 Hub client swaps")
+        assert fds - baseline[0] <= 6, f"open fds grew from {baseline[0]} to {fds} over 250 Hub client swaps"
+        assert rss - baseline[1] <= 25, f"RSS grew from {baseline[1]:.0f} to {rss:.0f} MB"
+    finally:
+        app.stop.set()
+        await running

@@ -115,7 +115,8 @@ class App:
             store=self.watcher.store, in_store=self.watcher.in_store, retain_days=config.model.state.retain_days
         )
         self._retention_task: asyncio.Task[None] | None = None
-        self._retired: list[Any] = []  # replaced clients, closed at exit (in-flight work may still hold them)
+        self._retired: list[Any] = []  # replaced Hub clients not closed yet (polls may still hold them)
+        self._closing: set[asyncio.Task[None]] = set()
         self._reloading = asyncio.Lock()
         self._reload_pending = False
         self._reloads: set[asyncio.Task[bool]] = set()
@@ -129,8 +130,22 @@ class App:
         return make_client(config, token, transport=self.hub_transport)
 
     def retire(self, closable: Any) -> None:
-        """Close a replaced client at exit (in-flight work may still hold it)."""
+        """Close a replaced Hub client once the polls running now (which may still use it) have ended."""
         self._retired.append(closable)
+        task = asyncio.get_running_loop().create_task(self._close_when_idle(closable, self.watcher.in_flight()))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_when_idle(self, closable: Any, polls: set[asyncio.Task[Any]]) -> None:
+        if polls:
+            await asyncio.wait(polls)
+        try:
+            await closable.aclose()
+        except Exception:  # the top of a close job: a failed close leaks one pool, it must not stop the daemon
+            log.exception("hub.client_close_failed")
+        finally:
+            with contextlib.suppress(ValueError):
+                self._retired.remove(closable)
 
     def reschedule(self, config: Config) -> None:
         """Schedule the fine-tunes of a config (unchanged ones keep their phase)."""
@@ -230,7 +245,9 @@ class App:
             self._dispatch_lock.release()
             await self.dispatcher.aclose()
             await self.watcher.aclose()
-            for retired in self._retired:
+            for closing in list(self._closing):
+                closing.cancel()
+            for retired in list(self._retired):
                 with contextlib.suppress(Exception):
                     await retired.aclose()
             log.info("watcher.stopped")

@@ -344,6 +344,10 @@ class Watcher:
             for ref, report in zip(refs.values(), reports, strict=True)
         ]
 
+    def in_flight(self) -> set[asyncio.Task[Any]]:
+        """The polls running now (a replaced Hub client is closed once they end)."""
+        return set(self._in_flight)
+
     async def drain(self, grace_s: float) -> None:
         """Let in-flight polls finish within grace_s, then cancel what is left."""
         pending = {task for task in self._in_flight if task is not asyncio.current_task()}
