@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .models import EVENT_TYPES, FineTuneRef, FineTuneStatus, OutboxStats
+from .schema import parse_time
 
 POLL_OUTCOMES = ("ok", "not_found", "unauthorized", "error")
 DELIVERY_OUTCOMES = ("delivered", "retried", "dead")
@@ -32,20 +33,6 @@ HUB_ENDPOINTS = ("checkpoints", "fine_tune", "list")
 PollChildren = Mapping[str, tuple[Any, Any]]  # outcome -> (polls counter child, duration histogram child)
 FINE_TUNE_LABELS = ("namespace", "repo", "fine_tune_id", "name")
 _TRAINING_METRICS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "epoch")
-
-
-def _timestamp_of(value: str | None) -> float | None:
-    if not value:
-        return None
-    from datetime import datetime
-
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        return None
-    return parsed.timestamp()
 
 
 class StateCollector(Collector):
@@ -149,7 +136,7 @@ class StateCollector(Collector):
                 value = status.metrics.get(name)
                 if value is not None:
                     family.add_metric(labels, value)
-            created = _timestamp_of(status.latest_created_at)
+            created = parse_time(status.latest_created_at)
             if created is not None:
                 latest_at.add_metric(labels, created)
             for step, deployment_status in sorted(status.deployments.items()):
