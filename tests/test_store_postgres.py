@@ -1,0 +1,509 @@
+"""PostgresStore on a throwaway PostgreSQL cluster: the store behaviour tests of test_store.py that are not about
+SQLite, the outbox, errors without the URL, and events committed out of sequence order never missed.
+
+Until the shared store contract suite lands, the behaviour tests are re-run here against PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from test_store import (
+    OPTIONS,
+    OTHER,
+    REF,
+    T0,
+    apply,
+    build_history,
+    counter_ids,
+    cp,
+    failed,
+    success,
+    types,
+)
+
+from watcher.diff import DiffOptions
+from watcher.errors import StoreError
+from watcher.models import (
+    CHECKPOINT_CREATED,
+    CHECKPOINT_DEPLOYMENT_CHANGED,
+    CHECKPOINT_REMOVED,
+    CHECKPOINT_UPDATED,
+    FINE_TUNE_NOT_FOUND,
+    FINE_TUNE_POLL_FAILING,
+    FINE_TUNE_POLL_RECOVERED,
+    PollNotFound,
+    PollSuccess,
+    PollUnchanged,
+)
+from watcher.store.postgres import PostgresStore
+from watcher.store.protocols import Committed
+from watcher.store.schema_postgres import SCHEMA_VERSION
+
+
+def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the store's tables, read through a separate connection."""
+    with psycopg.connect(url) as db:
+        return {
+            "fine_tunes": db.execute("SELECT * FROM fine_tunes ORDER BY fine_tune_key").fetchall(),
+            "checkpoints": db.execute("SELECT ctid, * FROM checkpoints ORDER BY fine_tune_key, step").fetchall(),
+            "events": db.execute("SELECT * FROM events ORDER BY seq").fetchall(),
+            "deliveries": db.execute("SELECT * FROM deliveries ORDER BY event_seq, notifier").fetchall(),
+        }
+
+
+def event_rows(url: str) -> list[tuple[str, str, str]]:
+    with psycopg.connect(url) as db:
+        return db.execute("SELECT id, type, fine_tune_key FROM events ORDER BY seq").fetchall()
+
+
+def install_write_counter(url: str) -> Callable[[], dict[str, int]]:
+    """A trigger that logs every INSERT, UPDATE and DELETE on checkpoint rows; returns a reader of the counts."""
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CREATE TABLE checkpoint_writes (op TEXT NOT NULL)")
+        db.execute(
+            "CREATE FUNCTION count_cp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "INSERT INTO checkpoint_writes VALUES (lower(TG_OP)); RETURN NULL; END $$"
+        )
+        db.execute("CREATE TRIGGER count_cp AFTER INSERT OR UPDATE OR DELETE ON checkpoints FOR EACH ROW "
+                   "EXECUTE FUNCTION count_cp()")  # fmt: skip
+
+    def read() -> dict[str, int]:
+        with psycopg.connect(url, autocommit=True) as db:
+            rows = db.execute("SELECT op, COUNT(*) FROM checkpoint_writes GROUP BY op").fetchall()
+            db.execute("DELETE FROM checkpoint_writes")
+        return dict(rows)
+
+    return read
+
+
+@pytest.fixture
+def stores(pg_url: str) -> Iterator[Callable[..., PostgresStore]]:
+    """A factory of stores on this test's database, closed at the end of the test."""
+    opened: list[PostgresStore] = []
+
+    def make(**kwargs: Any) -> PostgresStore:
+        store = PostgresStore(pg_url, **kwargs)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(stores: Callable[..., PostgresStore]) -> PostgresStore:
+    return stores(new_id=counter_ids())
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+def test_new_database_has_the_current_schema_and_reopening_keeps_it(
+    pg_url: str, stores: Callable[..., PostgresStore]
+) -> None:
+    first = stores()
+    assert first.schema_version == SCHEMA_VERSION
+    apply(first, success(cp(1)))
+    first.close()
+    before = snapshot(pg_url)
+    again = stores()
+    assert again.schema_version == SCHEMA_VERSION
+    assert snapshot(pg_url) == before
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_replicas_starting_together_migrate_once(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            stores()
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_database_from_a_newer_version_is_refused(
+    pg_url: str, stores: Callable[..., PostgresStore], readonly: bool
+) -> None:
+    stores().close()
+    with psycopg.connect(pg_url) as db:
+        db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="newer"):
+        PostgresStore(pg_url, readonly=readonly)
+
+
+def test_readonly_store_reads_but_never_writes(pg_url: str, store: PostgresStore) -> None:
+    apply(store, success(cp(1)))
+    created = apply(store, success(cp(1), cp(2)), now=T0 + 1)
+    before = snapshot(pg_url)
+    reader = PostgresStore(pg_url, readonly=True)
+    try:
+        assert reader.recent_events() == list(created.events)
+        assert [s.latest_step for s in reader.statuses()] == [2]
+        dry = reader.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2, commit=False)
+        assert dry is not None and types(dry) == [CHECKPOINT_CREATED]
+        with pytest.raises(StoreError):
+            reader.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2)
+    finally:
+        reader.close()
+    assert snapshot(pg_url) == before
+
+
+def test_an_unreachable_database_is_a_store_error_without_the_url(tmp_path: Any) -> None:
+    url = f"postgresql://watcher:s3cret-pw-value@/nowhere?host={tmp_path}&port=5999"
+    with pytest.raises(StoreError) as caught:
+        PostgresStore(url, connect_timeout_s=1)
+    message = str(caught.value)
+    assert "unreachable" in message
+    assert "s3cret-pw-value" not in message and str(tmp_path) not in message and "5999" not in message
+
+
+def test_a_server_error_is_wrapped_with_a_safe_message(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    ids = iter(["evt_same", "evt_same"])
+    store = stores(new_id=lambda: next(ids))
+    apply(store, success(cp(1)))
+    apply(store, success(cp(1), cp(2)), now=T0 + 1)
+    with pytest.raises(StoreError) as caught:
+        store.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2)
+    assert "SQLSTATE 23505" in str(caught.value) and pg_url not in str(caught.value)
+
+
+# --- apply_poll -------------------------------------------------------------------------------------
+
+
+def test_first_poll_is_a_silent_baseline_then_changes_are_announced(pg_url: str, store: PostgresStore) -> None:
+    baseline = apply(store, success(cp(1), cp(2)))
+    assert baseline.events == () and baseline.state.baselined
+    assert sorted(baseline.state.checkpoints) == [1, 2]
+    created = apply(store, success(cp(1), cp(2), cp(3, loss=0.01)), now=T0 + 10)
+    assert types(created) == [CHECKPOINT_CREATED]
+    [event] = created.events
+    assert event.data["checkpoint"] == cp(3, loss=0.01)
+    assert event.data["fine_tune"] == REF.as_data()
+    assert sorted(created.state.checkpoints) == [1, 2, 3]
+    assert store.recent_events() == list(created.events)
+    assert [e for _, e in store.events_after(0)] == list(created.events)
+    assert event_rows(pg_url) == [(event.id, CHECKPOINT_CREATED, REF.key)]
+
+
+def test_returned_state_is_the_committed_state(store: PostgresStore, stores: Callable[..., PostgresStore]) -> None:
+    apply(store, success(cp(1)))
+    committed = apply(store, success(cp(1), cp(2, status="ACTIVE")), now=T0 + 1)
+    assert stores().load_state(REF.key) == committed.state
+
+
+def test_updates_deployments_and_removals(store: PostgresStore) -> None:
+    apply(store, success(cp(1), cp(2), cp(3)))
+    changed = apply(store, success(cp(1, loss=0.123), cp(2, status="DEPLOYING")), now=T0 + 1)
+    assert sorted(types(changed)) == sorted([CHECKPOINT_UPDATED, CHECKPOINT_DEPLOYMENT_CHANGED, CHECKPOINT_REMOVED])
+    assert sorted(changed.state.checkpoints) == [1, 2]
+
+
+def test_state_and_events_commit_in_one_transaction(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    ids = iter(["evt_a", "evt_b", "evt_dup", "evt_dup", "evt_c", "evt_d"])
+    store = stores(new_id=lambda: next(ids))
+    apply(store, success(cp(1)))
+    apply(store, success(cp(1), cp(2)), now=T0 + 1)
+    apply(store, success(cp(1), cp(2), cp(3)), now=T0 + 2)
+    before = snapshot(pg_url)
+    poll = success(cp(1), cp(2), cp(3), cp(4), cp(5))
+    with pytest.raises(StoreError):
+        store.apply_poll(REF, poll, options=OPTIONS, now=T0 + 3)
+    assert snapshot(pg_url) == before
+    retried = apply(store, poll, now=T0 + 4)
+    assert [(e.id, e.data["checkpoint"]["step"]) for e in retried.events] == [("evt_c", 4), ("evt_d", 5)]
+    assert [row[0] for row in event_rows(pg_url)] == ["evt_a", "evt_b", "evt_c", "evt_d"]
+
+
+def test_poll_unchanged_with_another_hash_returns_none_and_writes_nothing(pg_url: str, store: PostgresStore) -> None:
+    apply(store, success(cp(1)))
+    before = snapshot(pg_url)
+    assert store.apply_poll(REF, PollUnchanged("not-the-stored-hash"), options=OPTIONS, now=T0 + 1) is None
+    assert store.apply_poll(OTHER, PollUnchanged("never-seen"), options=OPTIONS, now=T0 + 1) is None
+    assert snapshot(pg_url) == before
+
+
+def test_poll_unchanged_with_the_stored_hash_commits_a_quiet_poll(store: PostgresStore) -> None:
+    poll = success(cp(1), cp(2))
+    apply(store, poll)
+    committed = apply(store, PollUnchanged(poll.body_hash), now=T0 + 5)
+    assert committed.events == () and sorted(committed.state.checkpoints) == [1, 2]
+    [status] = store.statuses()
+    assert (status.last_poll_at, status.last_outcome, status.last_success_at) == (T0 + 5, "ok", T0 + 5)
+
+
+def test_commit_false_writes_nothing(pg_url: str, store: PostgresStore) -> None:
+    apply(store, success(cp(1)))
+    before = snapshot(pg_url)
+    dry = store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1, commit=False)
+    assert dry is not None and types(dry) == [CHECKPOINT_CREATED]
+    dry_new = store.apply_poll(OTHER, PollNotFound(), options=OPTIONS, now=T0 + 1, commit=False)
+    assert dry_new is not None and types(dry_new) == [FINE_TUNE_NOT_FOUND]
+    assert store.apply_poll(REF, failed(retry_after_s=60), options=OPTIONS, now=T0 + 1, commit=False) is not None
+    assert snapshot(pg_url) == before
+    assert store.not_before(REF.key) is None
+    assert types(apply(store, success(cp(1), cp(2)), now=T0 + 2)) == [CHECKPOINT_CREATED]
+
+
+def test_a_poll_without_change_writes_no_checkpoint_rows(pg_url: str, store: PostgresStore) -> None:
+    checkpoints = [cp(1), cp(2, status="ACTIVE"), cp(3, inference_samples=[{"text": "x" * 500}])]
+    apply(store, success(*checkpoints))
+    writes = install_write_counter(pg_url)
+    rows_before = snapshot(pg_url)["checkpoints"]
+    assert apply(store, success(*reversed(checkpoints), salt="other body"), now=T0 + 3).events == ()
+    assert apply(store, PollUnchanged(store.load_state(REF.key).body_hash or ""), now=T0 + 4).events == ()
+    assert apply(store, failed(), now=T0 + 5).events == ()
+    assert apply(store, success(*checkpoints), now=T0 + 6).events == ()
+    assert writes() == {}
+    assert snapshot(pg_url)["checkpoints"] == rows_before
+    changed = success(cp(1), cp(2, status="INACTIVE"), cp(4))
+    assert sorted(types(apply(store, changed, now=T0 + 7))) == sorted(
+        [CHECKPOINT_DEPLOYMENT_CHANGED, CHECKPOINT_REMOVED, CHECKPOINT_CREATED]
+    )
+    assert writes() == {"insert": 1, "update": 1, "delete": 1}
+
+
+def test_two_stores_on_one_database_announce_a_change_once(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    a, b = stores(new_id=counter_ids("evt_a")), stores(new_id=counter_ids("evt_b"))
+    apply(a, success(cp(1)))
+    checkpoints = [cp(1)]
+    for round_number in range(2, 12):
+        checkpoints.append(cp(round_number))
+        poll = success(*checkpoints)
+        barrier = threading.Barrier(2)
+        results: dict[str, Committed | BaseException | None] = {}
+
+        def run(name: str, store: PostgresStore, poll: PollSuccess = poll) -> None:
+            barrier.wait()
+            try:
+                results[name] = store.apply_poll(REF, poll, options=OPTIONS, now=T0 + round_number)
+            except BaseException as err:
+                results[name] = err
+
+        threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert all(isinstance(r, Committed) for r in results.values()), results
+        announced = [e for r in results.values() if isinstance(r, Committed) for e in r.events]
+        assert [(e.type, e.data["checkpoint"]["step"]) for e in announced] == [(CHECKPOINT_CREATED, round_number)]
+    assert len([row for row in event_rows(pg_url) if row[1] == CHECKPOINT_CREATED]) == 10
+
+
+# --- reports ----------------------------------------------------------------------------------------
+
+
+def test_recent_events_newest_first_with_limit_and_glob(store: PostgresStore) -> None:
+    build_history(store)  # type: ignore[arg-type]
+    all_types = [CHECKPOINT_CREATED, FINE_TUNE_NOT_FOUND, CHECKPOINT_REMOVED, CHECKPOINT_DEPLOYMENT_CHANGED,
+                 CHECKPOINT_CREATED]  # fmt: skip
+    assert [e.type for e in store.recent_events()] == all_types
+    assert [e.type for e in store.recent_events(limit=2)] == all_types[:2]
+    assert [e.data["checkpoint"]["step"] for e in store.recent_events(type_glob="checkpoint.created")] == [3, 2]
+    assert [e.fine_tune_key for e in store.recent_events(type_glob="fine_tune.*")] == [OTHER.key]
+    assert store.recent_events(type_glob="CHECKPOINT.*") == []
+    assert store.recent_events(limit=0) == []
+
+
+def test_recent_events_pages_through_many_events(store: PostgresStore) -> None:
+    apply(store, success(cp(1)))
+    steps = list(range(1, 1202))
+    apply(store, success(*(cp(s) for s in steps)), now=T0 + 1)  # 1200 created in one poll
+    apply(store, PollNotFound(), ref=OTHER, now=T0 + 2)
+    assert len(store.recent_events(limit=5000)) == 1201
+    [oldest_created] = store.recent_events(limit=1, type_glob="fine_tune.*")
+    assert oldest_created.fine_tune_key == OTHER.key
+    assert [e.data["checkpoint"]["step"] for e in store.recent_events(limit=1201, type_glob="checkpoint.*")][-1] == 2
+
+
+def test_events_after_is_oldest_first_and_exclusive(store: PostgresStore) -> None:
+    build_history(store)  # type: ignore[arg-type]
+    everything = store.events_after(0)
+    seqs = [seq for seq, _ in everything]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) == 5
+    assert [e for _, e in everything] == list(reversed(store.recent_events()))
+    assert store.events_after(seqs[1]) == everything[2:]
+    assert store.events_after(seqs[-1]) == []
+    assert store.events_after(0, limit=2) == everything[:2]
+    new = apply(store, success(cp(2, status="ACTIVE"), cp(3), cp(4)), now=T0 + 9)
+    assert [e for _, e in store.events_after(seqs[-1])] == list(new.events)
+
+
+def test_events_committed_out_of_order_are_never_missed_after_a_cursor(
+    pg_url: str, store: PostgresStore, stores: Callable[..., PostgresStore]
+) -> None:
+    """An older transaction that commits after a younger one: a reader that already read past the younger one's
+    events must still get the older one's."""
+    apply(store, success(cp(1)))
+    apply(store, success(cp(1)), ref=OTHER)
+    cursor = 0
+    seen: list[str] = []
+
+    def read() -> None:
+        nonlocal cursor
+        for seq, event in store.events_after(cursor):
+            assert seq > cursor
+            cursor = seq
+            seen.append(event.id)
+
+    # the older transaction: holds a transaction id, then writes an event, and stays open
+    older = psycopg.connect(pg_url)
+    older.execute("SELECT pg_current_xact_id()")
+    # the younger one commits an event through the store while the older one is open
+    younger = apply(stores(new_id=counter_ids("evt_young")), success(cp(1), cp(2)), ref=OTHER, now=T0 + 1)
+    read()
+    assert seen == []  # held back: an older transaction is still in progress
+    older.execute(
+        "INSERT INTO events (seq, xid, id, type, fine_tune_key, created_at, envelope) "
+        "SELECT (pg_current_xact_id()::text::bigint << 20), pg_current_xact_id(), 'evt_old', %s, %s, 0, %s",
+        (CHECKPOINT_CREATED, REF.key, '{"id": "evt_old", "type": "checkpoint.created", "timestamp": "t", "data": {}}'),
+    )
+    older.commit()
+    older.close()
+    read()
+    assert seen == ["evt_old", younger.events[0].id]  # both, in sequence order
+    later = apply(store, success(cp(1), cp(2)), now=T0 + 2)
+    read()
+    assert seen[2:] == [later.events[0].id]
+
+
+def test_statuses(store: PostgresStore) -> None:
+    options = DiffOptions(failure_threshold=2)
+    apply(store, success(cp(1, loss=0.9), cp(5, loss=0.4, status="ACTIVE"), cp(3, status="deploying")), now=T0)
+    apply(store, PollNotFound(), ref=OTHER, now=T0 + 1)
+    unknown = "ox/models/ft_unknown"
+    ok, not_found, never = store.statuses([REF.key, OTHER.key, unknown])
+    assert [s.key for s in store.statuses()] == sorted([REF.key, OTHER.key])
+    assert (ok.last_poll_at, ok.last_outcome, ok.last_http_status, ok.last_error) == (T0, "ok", 200, None)
+    assert (ok.baselined, ok.not_found, ok.failing, ok.consecutive_failures) == (True, False, False, 0)
+    assert (ok.checkpoints, ok.latest_step, ok.latest_loss, ok.last_success_at) == (3, 5, 0.4, T0)
+    assert ok.deployments == {3: "deploying", 5: "ACTIVE"}
+    assert ok.metrics["loss"] == 0.4 and ok.metrics["learning_rate"] == 1e-5
+    assert (not_found.not_found, not_found.last_outcome, not_found.last_http_status) == (True, "not_found", 404)
+    assert (never.last_poll_at, never.baselined, never.checkpoints, never.latest_step) == (None, False, 0, None)
+    assert types(apply(store, failed(502), now=T0 + 10, options=options)) == []
+    assert types(apply(store, failed(503), now=T0 + 20, options=options)) == [FINE_TUNE_POLL_FAILING]
+    [status] = store.statuses([REF.key])
+    assert (status.consecutive_failures, status.failing, status.last_http_status) == (2, True, 503)
+    assert (status.last_poll_at, status.last_success_at, status.checkpoints) == (T0 + 20, T0, 3)
+    recovered = apply(store, success(cp(1, loss=0.9)), now=T0 + 40, options=options)
+    assert FINE_TUNE_POLL_RECOVERED in types(recovered)
+    [status] = store.statuses([REF.key])
+    assert (status.consecutive_failures, status.failing, status.last_success_at) == (0, False, T0 + 40)
+
+
+def test_not_found_is_announced_on_the_transition_only(store: PostgresStore) -> None:
+    assert types(apply(store, PollNotFound())) == [FINE_TUNE_NOT_FOUND]
+    assert types(apply(store, PollNotFound(), now=T0 + 1)) == []
+    back = apply(store, success(cp(1)), now=T0 + 2)
+    assert back.events == () and back.state.not_found is False
+    assert types(apply(store, PollNotFound(), now=T0 + 3)) == [FINE_TUNE_NOT_FOUND]
+
+
+def test_not_before_is_persisted_from_retry_after(store: PostgresStore, stores: Callable[..., PostgresStore]) -> None:
+    apply(store, success(cp(1)))
+    apply(store, failed(429, retry_after_s=120.0), now=T0 + 10)
+    assert store.not_before(REF.key) == T0 + 130
+    store.close()
+    restarted = stores()
+    assert restarted.not_before(REF.key) == T0 + 130
+    assert restarted.statuses([REF.key])[0].not_before == T0 + 130
+    apply(restarted, failed(503), now=T0 + 200)
+    assert restarted.not_before(REF.key) is None
+    apply(restarted, success(cp(1)), now=T0 + 400)
+    assert restarted.not_before(REF.key) is None
+    assert restarted.not_before("ox/models/never") is None
+
+
+def test_restart_keeps_the_baseline_and_the_body_hash(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    first = stores(new_id=counter_ids("evt_1_"))
+    poll = success(cp(1), cp(2, status="ACTIVE"))
+    assert apply(first, poll).events == ()
+    apply(first, PollNotFound(), ref=OTHER)
+    first.close()
+    events_before = event_rows(pg_url)
+    second = stores(new_id=counter_ids("evt_2_"))
+    assert second.apply_poll(REF, PollUnchanged("some-other-hash"), options=OPTIONS, now=T0 + 1) is None
+    assert apply(second, PollUnchanged(poll.body_hash), now=T0 + 1).events == ()
+    assert apply(second, success(cp(2, status="ACTIVE"), cp(1), salt="x"), now=T0 + 2).events == ()
+    assert apply(second, PollNotFound(), ref=OTHER, now=T0 + 3).events == ()
+    assert event_rows(pg_url) == events_before
+    later = apply(second, success(cp(1), cp(2, status="ACTIVE"), cp(3)), now=T0 + 4)
+    assert [(e.type, e.data["checkpoint"]["step"]) for e in later.events] == [(CHECKPOINT_CREATED, 3)]
+
+
+def test_touch_records_quiet_polls_and_reports_rows_moved_on(
+    store: PostgresStore, stores: Callable[..., PostgresStore]
+) -> None:
+    poll = success(cp(1))
+    apply(store, poll)
+    apply(store, poll, ref=OTHER)
+    assert store.quiet(REF.key, poll.body_hash) and not store.quiet(REF.key, "other")
+    apply(stores(), success(cp(1), cp(2)), ref=OTHER, now=T0 + 1)  # another writer moves OTHER on
+    assert store.touch([(REF.key, poll.body_hash, T0 + 5), (OTHER.key, poll.body_hash, T0 + 5)]) == [OTHER.key]
+    assert [s.last_poll_at for s in store.statuses([REF.key, OTHER.key])] == [T0 + 5, T0 + 1]
+    store.forget(REF.key)
+    assert store.load_cached(REF.key).checkpoints == {}
+
+
+# --- the outbox -------------------------------------------------------------------------------------
+
+
+def route_to(*names: str) -> Callable[[Any], list[str]]:
+    return lambda event: list(names)
+
+
+def test_outbox_lanes_batches_outcomes_and_redelivery(store: PostgresStore) -> None:
+    apply(store, success(cp(1)))
+    apply(store, success(cp(1)), ref=OTHER)
+    first = apply(store, success(cp(1), cp(2), cp(3)), now=T0 + 1, route=route_to("ci", "slack"))
+    second = apply(store, success(cp(1), cp(2), cp(3), cp(4)), now=T0 + 2, route=route_to("ci"))
+    other = apply(store, success(cp(1), cp(2)), ref=OTHER, now=T0 + 3, route=route_to("ci"))
+    heads = store.due_deliveries(["ci"], now=T0 + 10)
+    assert sorted((d.fine_tune_key, d.event_id) for d in heads) == sorted(
+        [(REF.key, first.events[0].id), (OTHER.key, other.events[0].id)]
+    )
+    assert store.due_deliveries(["ci"], now=T0) == []  # nothing due yet
+    assert store.next_due_at(["ci", "slack"]) == T0 + 1 and store.next_due_at([]) is None
+    head = next(d for d in heads if d.fine_tune_key == REF.key)
+    assert [d.event_id for d in store.lane_batch(head)] == [e.id for e in first.events]
+    ids = [e.id for e in first.events]
+    store.record_delivery("ci", ids, state="delivered", now=T0 + 11, http_status=200)
+    [next_head] = [d for d in store.due_deliveries(["ci"], now=T0 + 20) if d.fine_tune_key == REF.key]
+    assert next_head.event_id == second.events[0].id
+    store.record_delivery("ci", [second.events[0].id], state="pending", now=T0 + 21, next_attempt_at=T0 + 99,
+                          error="HTTP 503", http_status=503)  # fmt: skip
+    rows = store.deliveries_of([second.events[0].id])[second.events[0].id]
+    assert [(d.notifier, d.state, d.attempts, d.last_status) for d in rows] == [("ci", "pending", 1, 503)]
+    store.record_delivery("ci", [second.events[0].id], state="dead", now=T0 + 22, error="HTTP 400")
+    stats = {s.notifier: s.pending for s in store.outbox_stats()}
+    assert stats == {"ci": 1, "slack": 2}
+    assert store.redeliver(now=T0 + 30, dead=True, notifier="slack") == 0
+    assert store.redeliver(now=T0 + 30, dead=True) == 1
+    assert store.redeliver(now=T0 + 31, event_ids=[ids[0]], notifier="log") == 1
+    assert [(d.notifier, d.state) for d in store.deliveries_of([ids[0]])[ids[0]]] == [
+        ("ci", "delivered"), ("log", "pending"), ("slack", "pending")
+    ]  # fmt: skip
+    with pytest.raises(StoreError, match="no event"):
+        store.redeliver(now=T0 + 32, event_ids=["evt_nope"])
+    assert set(store.events_by_id([ids[0], "evt_nope"])) == {ids[0]}
