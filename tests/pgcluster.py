@@ -20,6 +20,7 @@ from urllib.parse import quote
 import pytest
 
 SUPERUSER = "watcher_test"
+_PREFIX = "oxen-watcher-pg-"
 _SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 
 
@@ -74,6 +75,27 @@ def _unprivileged_user() -> tuple[str, ...]:
     return (runuser, "-u", "nobody", "--")
 
 
+def _stop_orphans(bindir: Path, run_as: tuple[str, ...]) -> None:
+    """Stop and remove clusters left by test runs that were killed before their teardown (their pid is gone)."""
+    for root in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
+        try:
+            owner = int((root / "owner.pid").read_text())
+            os.kill(owner, 0)
+            continue  # its test run is still going
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue  # not ours to judge (no readable owner file yet, or another user's)
+        if (root / "data" / "postmaster.pid").exists():
+            subprocess.run(
+                [*run_as, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
     """A PostgreSQL server for the whole test session; fails (never skips) when the server binaries are missing."""
@@ -84,7 +106,9 @@ def pg_cluster() -> Iterator[PgCluster]:
             "`make test` installs them (Debian package `postgresql`)"
         )
     run_as = _unprivileged_user()
-    root = Path(tempfile.mkdtemp(prefix="oxen-watcher-pg-"))
+    _stop_orphans(bindir, run_as)
+    root = Path(tempfile.mkdtemp(prefix=_PREFIX))
+    (root / "owner.pid").write_text(str(os.getpid()))
     data_dir, socket_dir = root / "data", root / "sock"
     socket_dir.mkdir()
     if run_as:

@@ -507,3 +507,32 @@ def test_outbox_lanes_batches_outcomes_and_redelivery(store: PostgresStore) -> N
     with pytest.raises(StoreError, match="no event"):
         store.redeliver(now=T0 + 32, event_ids=["evt_nope"])
     assert set(store.events_by_id([ids[0], "evt_nope"])) == {ids[0]}
+
+
+def test_pool_stats_report_size_and_waiting_clients(store: PostgresStore) -> None:
+    stats = store.pool_stats()
+    assert set(stats) == {"pool_size", "requests_waiting"}
+    assert stats["pool_size"] >= 1 and stats["requests_waiting"] == 0
+
+
+async def test_the_dispatcher_delivers_in_lane_order_from_postgresql(pg_url: str, tmp_path: Any) -> None:
+    """The real dispatcher and a verifying receiver over PostgresStore: retries keep per-lane order."""
+    from test_delivery import SECRET, Rig, webhook
+
+    from watcher.dispatch import Dispatcher
+    from watcher.receiver import Answer, Receiver
+
+    with Receiver(secret=SECRET) as receiver:
+        receiver.script(Answer(status=500, times=2))
+        rig = Rig(tmp_path, webhook(receiver))
+        rig.store.close()
+        rig.store = PostgresStore(pg_url)  # type: ignore[assignment]
+        rig.dispatcher = Dispatcher(store=rig.store, notifiers=rig.dispatcher.notifiers, configs=rig.config.notifiers)
+        ids: list[str] = []
+        for step in range(1, 6):
+            ids += rig.commit(REF, step)
+        await rig.run_until(lambda: sum(r.status == 200 for r in receiver.deliveries()) == 5)
+        assert [r.webhook_id for r in receiver.deliveries() if r.status == 200] == ids
+        assert all(got.verified for got in receiver.deliveries())
+        assert {state for rows in rig.states(ids).values() for _, state in rows} == {"delivered"}
+        await rig.close()
