@@ -57,6 +57,18 @@ class PgCluster:
         """Run pg_ctl on this cluster's data directory as the server's user."""
         return _run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), *args], timeout=timeout)
 
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = (
+            f"-k {self.socket_dir} -p {self.port} -c listen_addresses='' -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        self.pg_ctl("-l", str(self.data_dir / "server.log"), "-o", options, "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (an outage, for tests that survive one; `start` ends it)."""
+        self.pg_ctl("-m", mode, "-w", "stop")
+
 
 def _run(cmd: list[str], *, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd)
@@ -124,11 +136,7 @@ def pg_cluster() -> Iterator[PgCluster]:
              "--no-sync", "--locale=C"],
             cwd=root,
         )  # fmt: skip
-        options = (
-            f"-k {socket_dir} -p {cluster.port} -c listen_addresses='' -c fsync=off -c synchronous_commit=off "
-            "-c full_page_writes=off -c max_connections=200"
-        )
-        cluster.pg_ctl("-l", str(data_dir / "server.log"), "-o", options, "-w", "-t", "60", "start")
+        cluster.start()
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
@@ -136,7 +144,7 @@ def pg_cluster() -> Iterator[PgCluster]:
         yield cluster
     finally:
         try:
-            cluster.pg_ctl("-m", "immediate", "-w", "stop")
+            cluster.stop("immediate")
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import wait_for
 from test_store import (
     OPTIONS,
     OTHER,
@@ -536,3 +537,34 @@ async def test_the_dispatcher_delivers_in_lane_order_from_postgresql(pg_url: str
         assert all(got.verified for got in receiver.deliveries())
         assert {state for rows in rig.states(ids).values() for _, state in rows} == {"delivered"}
         await rig.close()
+
+
+def test_a_database_outage_fails_polls_safely_and_the_store_recovers(pg_url: str, pg_cluster: Any) -> None:
+    """Like a Hub outage: polls fail with a StoreError (nothing committed, no URL in it), then work again."""
+    store = PostgresStore(pg_url, new_id=counter_ids(), connect_timeout_s=2)
+    try:
+        apply(store, success(cp(1)))
+        pg_cluster.stop()
+        try:
+            with pytest.raises(StoreError) as caught:
+                store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1)
+            assert "unreachable" in str(caught.value) and str(pg_cluster.socket_dir) not in str(caught.value)
+        finally:
+            pg_cluster.start()
+        # the same poll, retried after the outage, announces the change once
+        recovered = wait_for(
+            lambda: _try(lambda: store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 2)),
+            timeout=30,
+            what="the store to recover",
+        )
+        assert types(recovered) == [CHECKPOINT_CREATED]
+        assert [e.type for e in store.recent_events()] == [CHECKPOINT_CREATED]
+    finally:
+        store.close()
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except StoreError:
+        return None
