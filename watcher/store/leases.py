@@ -260,3 +260,8 @@ class PostgresLeases:
             conn.execute("DELETE FROM replicas WHERE name = %s", (self.replica,))
 
         self._tx(work, what="release leases")
+
+
+def _conforms(leases: PostgresLeases) -> Leases:
+    """Checked by mypy: PostgresLeases implements the Leases protocol."""
+    return leases
