@@ -485,6 +485,11 @@ def test_outbox_lanes_batches_outcomes_and_redelivery(store: PostgresStore) -> N
         [(REF.key, first.events[0].id), (OTHER.key, other.events[0].id)]
     )
     assert store.due_deliveries(["ci"], now=T0) == []  # nothing due yet
+    # a replica delivers only the lanes of the fine-tunes it owns
+    assert [d.fine_tune_key for d in store.due_deliveries(["ci"], now=T0 + 10, fine_tunes=[OTHER.key])] == [OTHER.key]
+    assert store.due_deliveries(["ci"], now=T0 + 10, fine_tunes=[]) == []
+    assert store.next_due_at(["ci"], fine_tunes=[OTHER.key]) == T0 + 3
+    assert store.next_due_at(["ci"], fine_tunes=[]) is None
     assert store.next_due_at(["ci", "slack"]) == T0 + 1 and store.next_due_at([]) is None
     head = next(d for d in heads if d.fine_tune_key == REF.key)
     assert [d.event_id for d in store.lane_batch(head)] == [e.id for e in first.events]

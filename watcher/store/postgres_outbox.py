@@ -21,27 +21,36 @@ _DELIVERY_COLUMNS = (
 class PgOutbox(PgBase):
     """The outbox half of PostgresStore (same semantics as SqliteStore's)."""
 
-    def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
-        """The head of each (notifier, fine-tune) lane, when it is due; `limit` applies per notifier."""
+    def due_deliveries(
+        self, notifiers: Sequence[str], *, now: float, limit: int = 500, fine_tunes: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        """The head of each (notifier, fine-tune) lane, when it is due; `limit` applies per notifier.
+
+        `fine_tunes` limits the lanes to those fine-tunes (a replica delivers only the lanes it owns).
+        """
         found: list[Delivery] = []
+        only = None if fine_tunes is None else list(fine_tunes)
         for notifier in notifiers:
             rows = self._read(
                 f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.state = 'pending' AND d.notifier = %s "
+                "AND (%s::text[] IS NULL OR d.fine_tune_key = ANY(%s::text[])) "
                 "AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
                 "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key) "
                 "AND d.next_attempt_at <= %s ORDER BY d.next_attempt_at, d.event_seq LIMIT %s",
-                (notifier, now, limit),
+                (notifier, only, only, now, limit),
             )
             found += [Delivery(*row) for row in rows]
         return found
 
-    def next_due_at(self, notifiers: Sequence[str]) -> float | None:
-        """The earliest next attempt among pending rows of these notifiers."""
+    def next_due_at(self, notifiers: Sequence[str], *, fine_tunes: Sequence[str] | None = None) -> float | None:
+        """The earliest next attempt among pending rows of these notifiers (and of these fine-tunes, if given)."""
         if not notifiers:
             return None
+        only = None if fine_tunes is None else list(fine_tunes)
         rows = self._read(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND notifier = ANY(%s)",
-            (list(notifiers),),
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND notifier = ANY(%s) "
+            "AND (%s::text[] IS NULL OR fine_tune_key = ANY(%s::text[]))",
+            (list(notifiers), only, only),
         )
         return rows[0][0] if rows else None
 
