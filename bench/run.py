@@ -206,6 +206,42 @@ def scale(args: argparse.Namespace) -> dict:
     return result
 
 
+# --- 5. poll rate with jitter on --------------------------------------------------------------------------
+
+
+def jitter_rate(args: argparse.Namespace) -> dict:
+    """The poll rate with jitter on: interval_s is the mean period, so the rate must reach the configured one."""
+    jitter = 1.0
+    print(
+        f"\n== 5. Poll rate with jitter on: {args.fine_tunes} fine-tunes, {args.interval}s interval, "
+        f"{jitter}s jitter, {args.duration}s measured (goal >= 99 % of the configured rate) =="
+    )
+    hub = Hub(fine_tunes=args.fine_tunes, checkpoints=10)
+    with tempfile.TemporaryDirectory() as folder:
+        port = free_port()
+        config = write_config(
+            Path(folder), hub, fine_tunes=args.fine_tunes, interval_s=args.interval, jitter_s=jitter, listen_port=port
+        )
+        watcher = start_watcher(config)
+        try:
+            wait_until(lambda: ready(port), timeout=args.interval * 6 + 60, what="every fine-tune polled once")
+            time.sleep(args.interval)  # steady state: every fine-tune is on its own phase
+            before, t0 = hub.stats()["requests"], time.time()
+            time.sleep(args.duration)
+            after, t1 = hub.stats()["requests"], time.time()
+        finally:
+            watcher.send_signal(signal.SIGTERM)
+            watcher.wait(60)
+            hub.stop()
+    result = {"polls_per_s": (after - before) / (t1 - t0), "target_per_s": args.fine_tunes / args.interval}
+    result["ratio"] = result["polls_per_s"] / result["target_per_s"]
+    print(
+        f"achieved {result['polls_per_s']:.1f} polls/s against the {result['target_per_s']:.0f}/s target: "
+        f"ratio {result['ratio']:.3f} ({result['ratio'] * 100:.1f} %): {'met' if result['ratio'] >= 0.99 else 'MISSED'}"
+    )
+    return result
+
+
 # --- 2. yardsticks --------------------------------------------------------------------------------------
 
 
@@ -394,10 +430,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--big", type=int, default=5000)
     parser.add_argument("--samples", type=int, default=30)
-    parser.add_argument("--only", choices=["scale", "yardsticks", "big", "latency"], action="append")
+    parser.add_argument("--only", choices=["scale", "yardsticks", "big", "latency", "pages", "jitter"], action="append")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    only = set(args.only or ["scale", "yardsticks", "big", "latency"])
+    only = set(args.only or ["scale", "yardsticks", "big", "latency", "pages", "jitter"])
     print(
         f"oxen-watcher bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
@@ -411,6 +447,12 @@ def main() -> None:
         figures["big"] = big_responses(args)
     if "latency" in only:
         figures["latency"] = latency(args)
+    if "pages" in only:
+        import pages  # bench/pages.py: the status page, in this process
+
+        figures["pages"] = pages.run(fine_tunes=args.fine_tunes)
+    if "jitter" in only:
+        figures["jitter"] = jitter_rate(args)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

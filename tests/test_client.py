@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 from watcher.client import (
     MAX_BODY_BYTES,
     FetchedBody,
+    FetchedDeferred,
     FetchedNotFound,
     HubClient,
     parse_retry_after,
 )
 from watcher.errors import HubUnauthorized, HubUnavailable, PollError
+from watcher.hubgate import HubGate
 from watcher.models import FineTuneRef
 
 BASE_URL = "https://hub.test"
@@ -405,3 +407,68 @@ def test_parse_retry_after_ignores_non_ascii_digits(value: str) -> None:
 def test_parse_retry_after_never_raises_on_junk(value: str, now: float) -> None:
     result = parse_retry_after(value, now=now)
     assert result is None or 0.0 <= result <= 86_400.0
+
+
+# --- the Hub-wide gate ------------------------------------------------------------------------------------
+
+
+class Mono:
+    """An injected monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+OTHER = FineTuneRef(namespace="ox", repo="models", id="ft_456", name="other")
+
+
+async def test_a_429_with_retry_after_holds_every_fine_tune_back_without_a_request() -> None:
+    mono = Mono()
+    hub = ScriptedHub([httpx.Response(429, headers={"Retry-After": "120"}), httpx.Response(200, content=BODY)])
+    async with make_client(hub, gate=HubGate(clock=mono)) as client:
+        with pytest.raises(HubUnavailable):
+            await client.fetch(REF)
+        deferred = await client.fetch(OTHER)  # another fine-tune: no request while the Hub asked to wait
+        assert isinstance(deferred, FetchedDeferred) and deferred.wait_s == pytest.approx(120)
+        assert hub.count == 1
+        mono.now += 120
+        assert await client.fetch(OTHER) == FetchedBody(BODY)  # the probe; its 200 opens the gate for all
+        assert await client.fetch(REF) == FetchedBody(BODY)
+        assert hub.count == 3
+
+
+def test_without_retry_after_the_hub_wide_back_off_doubles_per_round_and_resets_on_an_answer() -> None:
+    mono = Mono()
+    gate = HubGate(clock=mono, base_backoff_s=1.0, max_backoff_s=8.0)
+    waits = []
+    for _ in range(5):
+        assert gate.admit()
+        waits.append(gate.on_throttle(None))
+        assert gate.on_throttle(None) == pytest.approx(waits[-1])  # the same round (requests in flight together)
+        assert not gate.admit()
+        mono.now += waits[-1]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert gate.admit() and not gate.admit()  # one probe at a time
+    gate.on_answer()
+    assert not gate.throttled and gate.admit() and gate.admit()
+
+
+def test_quick_retries_share_one_budget_across_the_hub() -> None:
+    mono = Mono()
+    gate = HubGate(clock=mono, retry_capacity=3, retry_refill_per_s=0.5)
+    assert [gate.take_retry() for _ in range(5)] == [True, True, True, False, False]
+    mono.now += 2.0
+    assert gate.take_retry() and not gate.take_retry()
+
+
+async def test_a_503_storm_retries_draw_on_the_shared_budget() -> None:
+    hub = ScriptedHub([httpx.Response(503)])
+    gate = HubGate(retry_capacity=2, retry_refill_per_s=0.0)
+    async with make_client(hub, gate=gate, attempts=4) as client:
+        for ref in (REF, OTHER, REF):
+            with pytest.raises(HubUnavailable):
+                await client.fetch(ref)
+    assert hub.count == 3 + 2  # one request per poll, plus the two retries the Hub-wide budget allowed

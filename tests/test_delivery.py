@@ -16,7 +16,6 @@ from watcher.config import parse_config, resolve_notifier_secrets
 from watcher.diff import DiffOptions
 from watcher.dispatch import Dispatcher, RetryPolicy
 from watcher.models import FineTuneRef, PollSuccess
-from watcher.notifiers import build_notifiers
 from watcher.receiver import Answer, Receiver
 from watcher.store import SqliteStore
 
@@ -43,17 +42,19 @@ class Rig:
     def __init__(self, tmp_path: Path, *notifiers: dict) -> None:
         self.config = _config(tmp_path, *notifiers)
         self.store = SqliteStore(tmp_path / "w.db")
-        self.dispatcher = Dispatcher(
-            store=self.store,
-            notifiers=build_notifiers(self.config, resolve_notifier_secrets(self.config)),
-            configs=self.config.notifiers,
-        )
+        self.dispatcher = Dispatcher(store=self.store, notifiers={}, configs=self.config.notifiers)
+        self.reconfigure(self.config)
         self.polls = 0
 
-    def commit(self, ref: FineTuneRef, *steps: int) -> list[str]:
+    def reconfigure(self, config) -> None:
+        """What a reload does: adopt a config's notifiers (unchanged ones kept)."""
+        self.dispatcher.reconfigure(config, resolve_notifier_secrets(config))
+
+    def commit(self, ref: FineTuneRef, *steps: int, now: float | None = None) -> list[str]:
         """Commit a poll where these steps appeared (after a silent baseline) and return the event ids."""
+        now = time.time() if now is None else now
         if self.store.load_state(ref.key).baselined is False:
-            self.store.apply_poll(ref, PollSuccess((), "empty"), options=DiffOptions(), now=time.time())
+            self.store.apply_poll(ref, PollSuccess((), "empty"), options=DiffOptions(), now=now)
         known = sorted(self.store.load_state(ref.key).checkpoints)
         checkpoints = tuple({"step": s, "metrics": {"loss": 1.0 / s}} for s in sorted({*known, *steps}))
         self.polls += 1
@@ -61,7 +62,7 @@ class Rig:
             ref,
             PollSuccess(checkpoints, f"h{self.polls}"),
             options=DiffOptions(),
-            now=time.time(),
+            now=now,
             route=self.dispatcher.route,
         )
         assert committed is not None
@@ -154,7 +155,7 @@ async def test_410_disables_the_notifier_and_its_pending_rows_wait(tmp_path):
         (dead,) = [d for d in rig.store.deliveries_of(first)[first[0]] if d.notifier == "ci"]
         assert dead.last_error == "HTTP 410: gone"
         # a reload (configure) re-enables it; the waiting row then goes out
-        rig.dispatcher.configure(rig.dispatcher.notifiers, rig.config.notifiers)
+        rig.reconfigure(rig.config)
         await rig.run_until(lambda: ("ci", "delivered") in rig.states(second)[second[0]])
         await rig.close()
 
@@ -426,31 +427,94 @@ def test_sigterm_lets_an_in_flight_delivery_finish_and_records_it(hub, tmp_path,
         assert orjson.loads(line)["deliveries"][0]["state"] == "delivered"
 
 
-async def test_reload_removed_notifier_keeps_rows_and_resumes_added_gets_new_events_only(tmp_path):
+async def test_reload_retires_a_removed_notifiers_rows_and_a_returning_one_gets_new_events_only(tmp_path):
     with Receiver(secret=SECRET) as a_receiver, Receiver(secret=SECRET) as b_receiver:
         rig = Rig(tmp_path, webhook(a_receiver, "a"))
         a_config = rig.config
         b_config = _config(tmp_path, webhook(b_receiver, "b"))
         both_config = _config(tmp_path, webhook(a_receiver, "a"), webhook(b_receiver, "b"))
-
-        def reload(config) -> None:
-            rig.dispatcher.configure(build_notifiers(config, resolve_notifier_secrets(config)), config.notifiers)
-
-        reload(b_config)  # "a" removed before its event went out
+        rig.reconfigure(b_config)  # "a" removed before its event went out
         old = rig.commit(REF, 1)
         assert rig.states(old) == {old[0]: [("b", "pending")]}  # routed by the config in force
-        rig.dispatcher.configure(build_notifiers(a_config, resolve_notifier_secrets(a_config)), a_config.notifiers)
+        rig.reconfigure(a_config)
         first = rig.commit(REF, 2)
-        reload(b_config)
-        await rig.run_until(lambda: len(b_receiver.deliveries()) == 1)
-        assert a_receiver.deliveries() == []  # removed: its row waits
-        assert rig.states(first) == {first[0]: [("a", "pending")]}
-        reload(both_config)  # "a" comes back and resumes; "b" (added) gets new events only
+        rig.reconfigure(b_config)
+        await rig.run_until(lambda: len(b_receiver.deliveries()) == 1 and rig.states(first)[first[0]][0][1] == "dead")
+        assert a_receiver.deliveries() == []  # removed: its row is dead, never sent
+        (dead,) = rig.store.deliveries_of(first)[first[0]]
+        assert (dead.notifier, dead.last_error, dead.attempts) == ("a", "notifier_removed", 0)
+        rig.reconfigure(both_config)  # "a" comes back with new events only (no flood of stale ones)
         second = rig.commit(REF, 3)
-        await rig.run_until(lambda: len(a_receiver.deliveries()) == 2 and len(b_receiver.deliveries()) == 2)
-        assert [r.webhook_id for r in a_receiver.deliveries()] == [first[0], second[0]]
+        await rig.run_until(lambda: len(a_receiver.deliveries()) == 1 and len(b_receiver.deliveries()) == 2)
+        assert [r.webhook_id for r in a_receiver.deliveries()] == [second[0]]
         assert [r.webhook_id for r in b_receiver.deliveries()] == [old[0], second[0]]
         await rig.close()
+
+
+async def test_pending_rows_of_removed_notifiers_are_dead_at_start_and_on_reload(tmp_path):
+    with Receiver(secret=SECRET) as receiver:
+        gone, ci = webhook(receiver, "gone"), webhook(receiver, "ci")
+        late = webhook(receiver, "late", retry_schedule_s=[3600, 1])  # its first attempt waits an hour
+        before = Rig(tmp_path, gone, late, ci)
+        ids = before.commit(REF, 1)
+        await before.close()
+        rig = Rig(tmp_path, late, ci)  # a restart without "gone"
+        stop = asyncio.Event()
+        task = asyncio.create_task(rig.dispatcher.run(stop))
+        try:
+            expected = [("ci", "delivered"), ("gone", "dead"), ("late", "pending")]
+            await _until(lambda: rig.states(ids)[ids[0]] == expected, what="gone retired at start")
+            rig.reconfigure(_config(tmp_path, ci))  # a reload without "late", while the loop runs
+            expected = [("ci", "delivered"), ("gone", "dead"), ("late", "dead")]
+            await _until(lambda: rig.states(ids)[ids[0]] == expected, what="late retired on reload")
+        finally:
+            stop.set()
+            await task
+        rows = {d.notifier: d for d in rig.store.deliveries_of(ids)[ids[0]]}
+        assert rows["gone"].last_error == rows["late"].last_error == "notifier_removed"
+        assert rows["gone"].attempts == rows["late"].attempts == 0
+        assert [r.webhook_id for r in receiver.deliveries()] == ids  # only "ci" was sent anything
+        await rig.close()
+
+
+async def test_a_row_queued_longer_ago_than_max_age_is_dead_without_being_sent(tmp_path):
+    with Receiver(secret=SECRET) as receiver:
+        rig = Rig(tmp_path, webhook(receiver, max_age_s=60))
+        stale = rig.commit(REF, 1, now=time.time() - 120)  # queued two minutes ago, while the daemon was down
+        fresh = rig.commit(REF, 2)
+        await rig.run_until(lambda: rig.states(fresh)[fresh[0]] == [("ci", "delivered")])
+        assert [r.webhook_id for r in receiver.deliveries()] == fresh
+        (row,) = rig.store.deliveries_of(stale)[stale[0]]
+        assert row.state == "dead" and "max_age_s" in (row.last_error or "")
+        await rig.close()
+
+
+async def test_the_first_attempt_waits_retry_schedule_s_0(tmp_path):
+    with Receiver(secret=SECRET) as receiver:
+        rig = Rig(tmp_path, webhook(receiver, retry_schedule_s=[1.5, 0.2]))
+        queries = 0
+        due = rig.store.due_deliveries
+
+        def counting(*args, **kwargs):
+            nonlocal queries
+            queries += 1
+            return due(*args, **kwargs)
+
+        rig.store.due_deliveries = counting
+        ids = rig.commit(REF, 1)
+        await rig.run_until(lambda: receiver.deliveries())
+        (row,) = rig.store.deliveries_of(ids)[ids[0]]
+        (got,) = receiver.deliveries()
+        assert got.at - row.queued_at >= 1.5  # not at once: retry_schedule_s[0] later
+        assert queries <= 10, f"{queries} outbox queries while the first attempt waited"  # no busy loop
+        await rig.close()
+
+
+async def _until(condition, *, timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 def test_once_from_cron_retries_what_an_earlier_run_left_pending(hub, tmp_path):

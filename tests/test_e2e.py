@@ -12,6 +12,8 @@ from pathlib import Path
 import orjson
 from conftest import ROOT, base_config, cli, wait_for, write_config
 
+from watcher.receiver import Answer, Receiver
+
 FT = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}
 KEY = "acme/bot/ft_1"
 
@@ -243,3 +245,85 @@ def test_demo_prints_created_and_deployment_events_within_30s(tmp_path):
     assert "checkpoint.created" in text and "checkpoint.deployment_changed" in text, text
     assert "fine_tune.not_found" in text
     assert code == 0
+
+
+def test_a_daemon_started_while_once_delivers_waits_for_the_lock_and_nothing_is_sent_twice(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    for step in range(1, 7):
+        hub.add_checkpoint(KEY, step, loss=1 / step)
+    with Receiver() as receiver:
+        receiver.script(Answer(status=200, delay_s=1.2, times=1000))  # a slow receiver: one lane takes seconds
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=[FT],
+            watch={"interval_s": 0.5, "baseline": False},
+            notifiers=[{"name": "ci", "type": "webhook", "url": receiver.url, "timeout_s": 10}],
+        )
+        config = write_config(tmp_path / "c.toml", data)
+        once = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "once", "-c", str(config)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: receiver.deliveries(), what="once delivering")
+            daemon = daemons(config)  # started while `once` holds the dispatch lock with 5 rows to go
+            wait_for(lambda: any(e.get("event") == "dispatch.lock_busy" for e in daemon.logs()), what="lock busy")
+            assert once.wait(60) == 0
+        finally:
+            if once.poll() is None:
+                once.kill()
+        wait_for(lambda: any(e.get("event") == "dispatch.lock_acquired" for e in daemon.logs()), what="lock taken")
+        hub.add_checkpoint(KEY, 7, loss=0.1)  # announced and delivered by the daemon, now that it holds the lock
+        # meanwhile `once` runs again beside the daemon: it polls, never delivers
+        for _ in range(2):
+            assert cli("once", "-c", str(config)).returncode == 0
+        wait_for(lambda: len(receiver.deliveries()) >= 7, timeout=60, what="seven deliveries")
+        assert daemon.terminate() == 0
+        ids = [received.webhook_id for received in receiver.deliveries()]
+        assert len(ids) == len(set(ids)) == 7, Counter(ids).most_common(3)
+
+
+def _catches_sighup(pid: int) -> bool:
+    """Whether the process installed a handler for SIGHUP (bit 1 of SigCgt in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+def test_a_sighup_during_start_up_is_applied_once_started(hub, tmp_path, daemons):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_fine_tune("acme", "bot", "ft_2")
+    second = {"namespace": "acme", "repo": "bot", "id": "ft_2"}
+    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT]))
+    daemon = daemons(config)
+    assert daemon.proc is not None
+    wait_for(lambda: _catches_sighup(daemon.proc.pid), interval=0.001, what="the SIGHUP handler")
+    write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT, second]))
+    daemon.proc.send_signal(signal.SIGHUP)  # long before the daemon has started (its imports are still loading)
+    applied = wait_for(
+        lambda: [e for e in daemon.logs() if e.get("event") == "reload.applied"], what="the deferred reload"
+    )
+    assert daemon.proc.poll() is None, "the daemon died of the SIGHUP"
+    events = [e.get("event") for e in daemon.logs()]
+    assert events.index("watcher.started") < events.index("reload.applied")
+    assert "reload.deferred" in events
+    assert applied[0]["added"] == ["acme/bot/ft_2"]
+    wait_for(lambda: hub.requests("acme/bot/ft_2"), what="the added fine-tune polled")
+    assert daemon.terminate() == 0
+
+
+def test_check_config_refuses_credentials_in_the_hub_url(tmp_path):
+    data = {
+        "hub": {"url": "https://alice:pa55word-s3cret@hub.example.com", "token": "t0ken-value"},
+        "state": {"path": str(tmp_path / "w.db")},
+        "fine_tunes": [FT],
+    }
+    config = write_config(tmp_path / "c.toml", data)
+    result = cli("check-config", "-c", str(config))
+    assert result.returncode == 78
+    assert "hub.url" in result.stderr and "user:password@" in result.stderr
+    assert "pa55word-s3cret" not in result.stdout + result.stderr

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import httpx
 import orjson
+import structlog
 from conftest import Daemon, base_config, cli, wait_for, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -323,3 +324,154 @@ def test_sigterm_lets_an_in_flight_poll_finish_and_commit(hub, tmp_path, daemons
     (line,) = cli("events", "-c", str(config), "--json").stdout.splitlines()
     assert orjson.loads(line)["data"]["checkpoint"]["step"] == 1
     assert any(e.get("event") == "shutdown.draining" for e in daemon.logs())
+
+
+class StartedApp:
+    """The daemon (App) in-process against the simulated Hub, for tests that inject a fault at a boundary."""
+
+    def __init__(self, app):
+        self.app = app
+        self.task = None
+        self.client = httpx.AsyncClient()
+
+    async def __aenter__(self):
+        self.task = asyncio.create_task(self.app.run())
+        deadline = asyncio.get_running_loop().time() + 20
+        while not self.app.started or await self.status("/readyz") != 200:
+            assert not self.task.done(), self.task
+            assert asyncio.get_running_loop().time() < deadline, "not ready in time"
+            await asyncio.sleep(0.05)
+        return self
+
+    async def status(self, path: str) -> int:
+        if self.app.server.port == 0:
+            return 0
+        return (await self.client.get(f"http://127.0.0.1:{self.app.server.port}{path}")).status_code
+
+    async def get(self, path: str) -> httpx.Response:
+        return await self.client.get(f"http://127.0.0.1:{self.app.server.port}{path}")
+
+    async def __aexit__(self, *exc):
+        self.app.stop.set()
+        await self.task
+        await self.client.aclose()
+
+
+def make_app(hub, tmp_path, **sections):
+    from watcher.app import App, resolve_all
+    from watcher.config import load_config
+
+    path = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, **sections))
+    config = load_config(str(path))
+    return App(config, resolve_all(config), config_path=str(path)), path
+
+
+async def test_counters_with_known_labels_start_at_0_and_removed_fine_tunes_series_go(hub, tmp_path):
+    from watcher.models import EVENT_TYPES
+
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_fine_tune("acme", "ghost", "ft_gone")
+    app, path = make_app(
+        hub, tmp_path, fine_tunes=[FT, MISSING], notifiers=[{"name": "audit", "type": "log", "format": "json"}]
+    )
+    async with StartedApp(app) as started:
+        text = (await started.get("/metrics")).text
+        for event_type in EVENT_TYPES:
+            assert value(text, "oxen_watcher_events_total", type=event_type) == 0, event_type
+        for outcome in ("delivered", "retried", "dead"):
+            assert value(text, "oxen_watcher_deliveries_total", notifier="audit", outcome=outcome) == 0, outcome
+        for fine_tune_id in ("ft_1", "ft_gone"):
+            for outcome in ("ok", "not_found", "unauthorized", "error"):
+                found = value(text, "oxen_watcher_polls_total", fine_tune_id=fine_tune_id, outcome=outcome)
+                assert found is not None, (fine_tune_id, outcome)
+        assert promtool_lint(text).returncode == 0
+        # a reload removes a fine-tune and the notifier: their series go
+        write_config(path, base_config(hub, tmp_path, fine_tunes=[FT], notifiers=[{"name": "next", "type": "log"}]))
+        assert await app.reload()
+        text = (await started.get("/metrics")).text
+        assert [line for line in text.splitlines() if "ft_gone" in line] == []
+        assert 'oxen_watcher_deliveries_total{notifier="audit"' not in text
+        assert value(text, "oxen_watcher_deliveries_total", notifier="next", outcome="dead") == 0
+
+
+async def test_a_reload_failing_half_way_leaves_the_old_config_fully_in_force(hub, tmp_path):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_fine_tune("acme", "bot", "ft_2")
+    app, path = make_app(hub, tmp_path, fine_tunes=[FT], notifiers=[{"name": "audit", "type": "log"}])
+    async with StartedApp(app):
+        old = (app.config, app.watcher.client, dict(app.dispatcher.notifiers), set(app.watcher.fine_tunes))
+        old_schedule = app.driver.schedule.keys()
+        data = base_config(
+            hub,
+            tmp_path,
+            fine_tunes=[FT, {"namespace": "acme", "repo": "bot", "id": "ft_2"}],
+            notifiers=[{"name": "other", "type": "log"}],
+            http={"listen": "127.0.0.1:0", "token": "new-metrics-token"},
+        )
+        data["hub"]["timeout_s"] = 7  # a new Hub client
+        write_config(path, data)
+
+        def broken_set_token(token):  # an injected fault at the HTTP server, after three steps were applied
+            raise RuntimeError("set_token exploded")
+
+        app.server.set_token = broken_set_token
+        with structlog.testing.capture_logs() as logs:
+            assert await app.reload() is False
+        failed = [entry for entry in logs if entry["event"] == "reload.failed"]
+        assert failed and failed[0]["log_level"] == "error" and failed[0].get("exc_info")
+        assert "reload.applied" not in [entry["event"] for entry in logs]
+        assert app.config is old[0] and app.watcher.client is old[1]
+        assert app.dispatcher.notifiers == old[2] and list(app.dispatcher.configs) == ["audit"]
+        assert set(app.watcher.fine_tunes) == old[3] == {KEY}
+        assert app.driver.schedule.keys() == old_schedule
+        assert app.watcher.config is old[0]
+
+
+class DyingSystemd:
+    """A systemd notifier that breaks on the watchdog ping: the ticker task dies."""
+
+    watchdog_s = 0.2
+    enabled = True
+
+    def send(self, **fields):
+        if "watchdog" in fields:
+            raise RuntimeError("watchdog socket exploded")
+        return True
+
+
+async def test_a_dying_ticker_is_logged_with_its_traceback_and_turns_healthz_503(hub, tmp_path):
+    from watcher.app import App, resolve_all
+    from watcher.config import parse_config
+
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    config = parse_config(base_config(hub, tmp_path, fine_tunes=[FT]), source="t.toml", directory=tmp_path)
+    app = App(config, resolve_all(config), sd=DyingSystemd())
+    with structlog.testing.capture_logs() as logs:
+        running = asyncio.create_task(app.run())
+        try:
+            async with httpx.AsyncClient() as client:
+                deadline = asyncio.get_running_loop().time() + 20
+                while not any(entry["event"] == "task.died" for entry in logs):
+                    assert asyncio.get_running_loop().time() < deadline, "the ticker did not die"
+                    await asyncio.sleep(0.05)
+                response = await client.get(f"http://127.0.0.1:{app.server.port}/healthz")
+                assert response.status_code == 503
+                assert "ticker stopped" in response.json()["reason"]
+        finally:
+            app.stop.set()
+            await running
+    (died,) = [entry for entry in logs if entry["event"] == "task.died"]
+    assert died["task"] == "ticker" and isinstance(died["exc_info"], RuntimeError)
+
+
+def test_hub_url_credentials_never_reach_a_log_line():
+    from watcher.app import Secrets, public_url
+    from watcher.logs import SecretRedactor
+
+    url = "https://alice:pa55word-s3cret@hub.example.com:8443"
+    secrets = Secrets(hub_token="tok-123456", notifiers={}, metrics_token=None, hub_url=url)
+    redactor = SecretRedactor(secrets.values())
+    line = redactor({}, "error", {"event": "poll.failed", "error": f"GET {url}/api/repos failed", "hub": url})
+    assert "pa55word-s3cret" not in repr(line) and "alice:" not in repr(line)
+    assert public_url(url + "/api") == "https://hub.example.com:8443/api"
+    assert public_url("https://hub.oxen.ai") == "https://hub.oxen.ai"

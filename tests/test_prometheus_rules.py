@@ -24,6 +24,7 @@ EXPORTED_METRICS = frozenset(
     {
         "oxen_watcher_build_info",
         "oxen_watcher_polls_total",
+        "oxen_watcher_polls_skipped_total",
         "oxen_watcher_poll_duration_seconds",
         "oxen_watcher_last_success_timestamp_seconds",
         "oxen_watcher_events_total",
@@ -39,6 +40,9 @@ EXPORTED_METRICS = frozenset(
         "oxen_fine_tune_epoch",
         "oxen_fine_tune_latest_checkpoint_timestamp_seconds",
         "oxen_checkpoint_deployment_status",
+        "oxen_fine_tune_status",
+        "oxen_watcher_watched_fine_tunes",
+        "oxen_watcher_hub_requests_total",
     }
 )
 HISTOGRAMS = frozenset({"oxen_watcher_poll_duration_seconds"})
@@ -52,6 +56,8 @@ EXPECTED_ALERTS = frozenset(
         "OxenWatcherDeliveriesDead",
         "OxenWatcherDeliveriesPendingTooLong",
         "OxenCheckpointDeploymentFailed",
+        "OxenFineTuneRunErrored",
+        "OxenFineTuneRunStalled",
     }
 )
 

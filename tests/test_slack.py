@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from test_delivery import REF, Rig
+from test_delivery import OTHER, REF, Rig
 
 from watcher.models import Event
 from watcher.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
@@ -181,4 +181,19 @@ async def test_plain_text_error_body_is_recorded(tmp_path: Path):
         ids = rig.commit(REF, 1)
         await rig.run_until(lambda: rig.states(ids)[ids[0]] == [("team", "dead")])
         assert rig.store.deliveries_of(ids)[ids[0]][0].last_error == "HTTP 404: channel_not_found"
+        await rig.close()
+
+
+async def test_waiting_for_the_rate_limit_is_not_counted_against_the_delivery_timeout(tmp_path: Path):
+    with Receiver() as slack:
+        slack.script(Answer(status=429, headers={"Retry-After": "6"}, body="rate_limited"))
+        rig = Rig(tmp_path, _slack(slack, timeout_s=0.5))  # the delivery timeout: 0.5 + 5 s
+        first = rig.commit(REF, 1)
+        await rig.run_until(lambda: rig.store.deliveries_of(first)[first[0]][0].attempts == 1)
+        second = rig.commit(OTHER, 1)  # another lane: it waits about 6 s for the URL's next slot
+        await rig.run_until(lambda: rig.states(second)[second[0]] != [("team", "pending")], timeout=20)
+        (row,) = rig.store.deliveries_of(second)[second[0]]
+        assert (row.state, row.attempts, row.last_error) == ("delivered", 1, None)
+        times = [r.at for r in slack.deliveries()]
+        assert times[1] - times[0] >= 5.9  # the back-off was honoured, and the wait did not time out
         await rig.close()

@@ -36,6 +36,13 @@ def _exit_cleanly(signum: int, frame: Any) -> NoReturn:
     sys.exit(0)
 
 
+_HUP_PENDING: list[bool] = []  # a SIGHUP that arrived before the daemon's event loop took the signals
+
+
+def _remember_hup(signum: int, frame: Any) -> None:
+    _HUP_PENDING.append(True)
+
+
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"oxen-watcher: {message}", err=True)
     sys.exit(code)
@@ -66,8 +73,10 @@ def cli() -> None:
 @config_option
 def run(config_path: str) -> None:
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
-    # Until the event loop takes over the signals, a stop request during start-up is a clean exit.
+    # Until the event loop takes over the signals, a stop request during start-up is a clean exit and a
+    # reload request is remembered (SIGHUP's default action would kill the process), then applied once started.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGHUP, _remember_hup)
     config = _load(config_path)
     secrets = _secrets(config)
     _setup_logging(config)
@@ -79,7 +88,7 @@ def _serve(config: Config, secrets: Any, *, config_path: str | None = None, on_s
 
     async def main() -> None:
         try:
-            app = App(config, secrets, config_path=config_path)
+            app = App(config, secrets, config_path=config_path, reload_requested=lambda: bool(_HUP_PENDING))
         except StoreError as err:
             _fail(str(err), 1)
         if on_started is not None:

@@ -15,7 +15,9 @@ import httpx
 import stamina
 
 from .errors import HubUnauthorized, HubUnavailable, PollError
-from .models import FineTuneRef
+from .hubgate import HubGate
+from .models import FineTuneRef, HubFineTune
+from .schema import parse_fine_tune, parse_fine_tune_list
 from .transport import AiohttpTransport, BodyTooLarge
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -34,6 +36,13 @@ class FetchedBody:
 @dataclass(frozen=True, slots=True)
 class FetchedNotFound:
     """A 404 answer: the fine-tune does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedDeferred:
+    """No request was made: the Hub asked every poll to wait (a 429 or Retry-After), for about wait_s more."""
+
+    wait_s: float
 
 
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
@@ -74,6 +83,7 @@ class HubClient:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         on_retry: Callable[[FineTuneRef, PollError, float], None] | None = None,
+        gate: HubGate | None = None,
     ) -> None:
         # stamina's default instrumentation logs and counts into global state; the watcher logs retries itself
         stamina.instrumentation.set_on_retry_hooks([])
@@ -81,6 +91,7 @@ class HubClient:
         self._attempts = attempts
         self._clock = clock
         self._on_retry = on_retry
+        self.gate = gate or HubGate()
         if transport is None:
             # aiohttp's HTTP/1.1 engine behind httpx's API: about a third of the CPU per request of httpx's
             # default transport (see bench/), which decides what a poll costs
@@ -108,12 +119,16 @@ class HubClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def fetch(self, ref: FineTuneRef) -> FetchedBody | FetchedNotFound:
+    async def fetch(self, ref: FineTuneRef) -> FetchedBody | FetchedNotFound | FetchedDeferred:
         """One poll: the 200 body or a 404, after quick retries of transient failures within the budget.
 
         A Retry-After longer than what is left of the budget ends the poll at once with HubUnavailable
-        carrying `retry_after_s`, so the caller can hold the next poll back until then.
+        carrying `retry_after_s`, so the caller can hold the next poll back until then. While the Hub-wide
+        gate is closed (a recent 429 or Retry-After), no request is made: FetchedDeferred.
         """
+        gate = self.gate
+        if not gate.admit():
+            return FetchedDeferred(gate.wait_s())
         started = time.monotonic()
         # The first attempt runs bare: setting up a retry loop costs as much as the rest of a poll, and almost
         # every poll succeeds at once.
@@ -122,17 +137,22 @@ class HubClient:
         except HubUnavailable as err:
             first_error = err
         tries = 0
+        last_error = first_error
 
         def backoff(exc: Exception) -> bool | float:
-            nonlocal tries
+            nonlocal tries, last_error
             tries += 1
             if not isinstance(exc, HubUnavailable) or tries >= self._attempts:
                 return False
+            last_error = exc
             remaining = self._retry_budget_s - (time.monotonic() - started)
             wait = exc.retry_after_s
+            gate_wait = gate.wait_s()
+            if gate_wait > 0:  # the Hub-wide back-off binds every retry too
+                wait = max(wait or 0.0, gate_wait)
             if wait is not None and wait > remaining:
                 return False
-            if remaining <= 0:
+            if remaining <= 0 or not gate.take_retry():  # one budget of quick retries across the Hub
                 return False
             if self._on_retry is not None:
                 self._on_retry(ref, exc, wait if wait is not None else 0.0)
@@ -151,6 +171,8 @@ class HubClient:
             wait_jitter=0.3,
         ):
             with attempt:
+                if not gate.admit():  # another poll probes the Hub meanwhile: this one ends as it stood
+                    raise last_error
                 return await self._fetch_once(ref)
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
@@ -170,6 +192,7 @@ class HubClient:
             try:
                 status = response.status_code
                 if status == 200:
+                    self.gate.on_answer()
                     return FetchedBody(await self._read_capped(response))
                 await response.aread()
             finally:
@@ -177,16 +200,26 @@ class HubClient:
         except BodyTooLarge as err:
             raise PollError(str(err), http_status=200) from err
         except httpx.TimeoutException as err:
+            self.gate.release_probe()  # no answer says nothing about throttling: the next poll may probe
             raise HubUnavailable(f"timed out ({type(err).__name__})") from err
         except httpx.TransportError as err:
+            self.gate.release_probe()
             raise HubUnavailable(f"connection failed ({type(err).__name__})") from err
         except asyncio.CancelledError:
+            self.gate.release_probe()
             raise
         except httpx.HTTPError as err:  # decoding and protocol errors outside TransportError
             raise PollError(f"HTTP error ({type(err).__name__})") from err
+        return self._answer(status, response)
+
+    def _answer(self, status: int, response: httpx.Response) -> FetchedNotFound:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
+        if status == 429 or (retry_after is not None and status in RETRYABLE_STATUSES):
+            self.gate.on_throttle(retry_after)
+        else:
+            self.gate.on_answer()
         if status == 404:
             return FetchedNotFound()
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
         if status in RETRYABLE_STATUSES:
             raise HubUnavailable(f"Hub answered {status}", http_status=status, retry_after_s=retry_after)
         if status in (401, 403):
@@ -208,3 +241,111 @@ class HubClient:
                 raise PollError(f"body is over the {MAX_BODY_BYTES} byte limit", http_status=200)
             chunks.append(chunk)
         return b"".join(chunks)
+
+    # --- fine-tune endpoints (lifecycle and discovery) ------------------------------------------------
+    # The same error wrapping and quick retries as fetch(); a follow-up can route fetch() through
+    # _get_with_retries() too, so that every endpoint shares one retry and back-off path.
+
+    # called once per HTTP attempt with (endpoint, outcome): endpoint in list, fine_tune (fetch() does not call
+    # it yet); outcome in ok, not_found, unauthorized, error. Set it to Metrics.observe_hub_request.
+    on_request: Callable[[str, str], None] | None = None
+
+    async def list_fine_tunes(
+        self,
+        namespace: str,
+        repo: str,
+        *,
+        page: int,
+        page_size: int,
+        created_by: str | None = None,
+        status: str | None = None,
+    ) -> tuple[HubFineTune, ...] | FetchedNotFound:
+        """One page (1-based) of a repository's fine-tunes, newest first; FetchedNotFound when the Hub says 404."""
+        params: dict[str, str | int] = {"page": page, "page_size": page_size, "sort": "newest"}
+        if created_by:
+            params["created_by"] = created_by
+        if status:
+            params["status"] = status
+        path = f"/api/repos/{quote(namespace, safe='')}/{quote(repo, safe='')}/fine_tunes"
+        request = self._http.build_request("GET", path, params=params)
+        ref = FineTuneRef(namespace=namespace, repo=repo, id="", name=f"{namespace}/{repo}")
+        body = await self._get_with_retries(request, ref=ref, endpoint="list")
+        return body if isinstance(body, FetchedNotFound) else parse_fine_tune_list(body)
+
+    async def get_fine_tune(self, namespace: str, repo: str, fine_tune_id: str) -> HubFineTune | FetchedNotFound:
+        """One fine-tune's current object (status, error, times); FetchedNotFound when the Hub says 404."""
+        parts = (quote(part, safe="") for part in (namespace, repo, fine_tune_id))
+        path = "/api/repos/{}/{}/fine_tunes/{}".format(*parts)
+        ref = FineTuneRef(namespace=namespace, repo=repo, id=fine_tune_id, name=fine_tune_id)
+        body = await self._get_with_retries(self._http.build_request("GET", path), ref=ref, endpoint="fine_tune")
+        return body if isinstance(body, FetchedNotFound) else parse_fine_tune(body)
+
+    async def _get_with_retries(
+        self, request: httpx.Request, *, ref: FineTuneRef, endpoint: str
+    ) -> bytes | FetchedNotFound:
+        """One GET with fetch()'s quick retries of transient failures, within the same budget."""
+        started = time.monotonic()
+        tries = 0
+
+        def backoff(exc: Exception) -> bool | float:
+            nonlocal tries
+            tries += 1
+            if not isinstance(exc, HubUnavailable) or tries >= self._attempts:
+                return False
+            remaining = self._retry_budget_s - (time.monotonic() - started)
+            wait = exc.retry_after_s
+            if remaining <= 0 or (wait is not None and wait > remaining):
+                return False
+            if self._on_retry is not None:
+                self._on_retry(ref, exc, wait if wait is not None else 0.0)
+            return wait if wait is not None else True
+
+        while True:
+            try:
+                return await self._get_once(request, endpoint=endpoint)
+            except HubUnavailable as err:
+                wait = backoff(err)
+                if wait is False:
+                    raise
+            delay = wait if not isinstance(wait, bool) else min(2.0, 0.2 * 2 ** (tries - 1)) + random.uniform(0, 0.3)
+            await asyncio.sleep(delay)
+
+    async def _get_once(self, request: httpx.Request, *, endpoint: str) -> bytes | FetchedNotFound:
+        outcome = "error"
+        try:
+            try:
+                async with self._slots:
+                    response = await self._transport.handle_async_request(request)
+                try:
+                    status = response.status_code
+                    if status == 200:
+                        body = await self._read_capped(response)
+                        outcome = "ok"
+                        return body
+                    await response.aread()
+                finally:
+                    await response.aclose()
+            except BodyTooLarge as err:
+                raise PollError(str(err), http_status=200) from err
+            except httpx.TimeoutException as err:
+                raise HubUnavailable(f"timed out ({type(err).__name__})") from err
+            except httpx.TransportError as err:
+                raise HubUnavailable(f"connection failed ({type(err).__name__})") from err
+            except asyncio.CancelledError:
+                outcome = ""
+                raise
+            except httpx.HTTPError as err:
+                raise PollError(f"HTTP error ({type(err).__name__})") from err
+            if status == 404:
+                outcome = "not_found"
+                return FetchedNotFound()
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
+            if status in RETRYABLE_STATUSES:
+                raise HubUnavailable(f"Hub answered {status}", http_status=status, retry_after_s=retry_after)
+            if status in (401, 403):
+                outcome = "unauthorized"
+                raise HubUnauthorized(f"Hub refused the token ({status})", http_status=status)
+            raise PollError(f"Hub answered {status}", http_status=status, retry_after_s=retry_after)
+        finally:
+            if self.on_request is not None and outcome:
+                self.on_request(endpoint, outcome)

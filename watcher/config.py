@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .config_discovery import DiscoverConfig, LifecycleConfig
 from .errors import ConfigError
 from .models import EVENT_TYPES
 
@@ -63,6 +64,8 @@ class HubConfig(_Section):
             raise ValueError("must be an http:// or https:// URL")
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment")
+        if "@" in parts.netloc:  # the bearer token authenticates; credentials in the URL would clash with it
+            raise ValueError("must not carry user:password@ credentials (set [hub] token, token_env or token_file)")
         return value.rstrip("/")
 
     @model_validator(mode="after")
@@ -260,6 +263,8 @@ class ConfigModel(_Section):
     log: LogConfig = LogConfig()
     fine_tunes: list[FineTuneConfig] = Field(default_factory=list)
     notifiers: list[NotifierConfig] = Field(default_factory=list)
+    discover: list[DiscoverConfig] = Field(default_factory=list)
+    lifecycle: LifecycleConfig = LifecycleConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +309,16 @@ class Config:
     def fine_tunes(self) -> Sequence[FineTuneConfig]:
         """The watched fine-tunes, in configuration order."""
         return self.model.fine_tunes
+
+    @property
+    def discover(self) -> Sequence[DiscoverConfig]:
+        """The [[discover]] sources, in configuration order."""
+        return self.model.discover
+
+    @property
+    def lifecycle(self) -> LifecycleConfig:
+        """The [lifecycle] section."""
+        return self.model.lifecycle
 
     def state_path(self, environ: Mapping[str, str] | None = None) -> Path:
         """The database path: relative paths resolve against $STATE_DIRECTORY, else the config's folder."""
@@ -386,6 +401,15 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>", directory
                 key=f"notifiers[{index}].name",
             )
         names[notifier.name] = index
+    sources: dict[str, int] = {}
+    for index, discover in enumerate(model.discover):
+        if discover.name in sources:
+            raise ConfigError(
+                f"duplicate discover name {discover.name!r} (also discover[{sources[discover.name]}])",
+                path=source,
+                key=f"discover[{index}].name",
+            )
+        sources[discover.name] = index
     return Config(model=model, source=source, directory=directory or Path.cwd())
 
 

@@ -8,60 +8,35 @@ import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
+import httpx
 import structlog
 
-from .config import NotifierConfig
+from .config import Config, NotifierConfig, NotifierSecrets
 from .errors import StoreError
 from .models import Delivery, Event, OutboxStats
-from .notifiers.base import DeliveryResult, Notifier
+from .notifiers import NotifierSet, PreparedNotifiers
+from .notifiers.base import DeliveryResult, Notifier, Paced
+from .outcomes import OutcomeLog
+from .retry import FALLBACK_POLICY, RetryPolicy, clip, policy_of, settle
 from .store import Store
 from .tasks import finish_or_cancel
 
+__all__ = ["Dispatcher", "RetryPolicy", "policy_of"]
 log = structlog.get_logger("watcher.dispatch")
 T = TypeVar("T")
 InStore = Callable[..., Awaitable[Any]]
 IDLE_RECHECK_S = 1.0  # rows queued by another process (`redeliver`, `once`) are seen within this
 
 
-MAX_ERROR_CHARS = 300
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    """When to try again: the schedule (then its last step, repeated), +-20 % jitter, Retry-After, max age."""
-
-    schedule_s: tuple[float, ...]
-    max_age_s: float
-    jitter: float = 0.2
-
-    def next_attempt_at(
-        self, *, attempts: int, now: float, queued_at: float, retry_after_s: float | None, rng: random.Random
-    ) -> float | None:
-        """The time of the next attempt after `attempts` failed ones, or None when the row is too old."""
-        base = self.schedule_s[attempts] if attempts < len(self.schedule_s) else self.schedule_s[-1]
-        delay = base * rng.uniform(1 - self.jitter, 1 + self.jitter)
-        if retry_after_s is not None:
-            delay = max(delay, retry_after_s)
-        when = now + delay
-        if when - queued_at > self.max_age_s:
-            return None
-        return when
-
-
-def policy_of(entry: NotifierConfig) -> RetryPolicy:
-    """The retry policy of a [[notifiers]] entry."""
-    return RetryPolicy(schedule_s=tuple(entry.retry_schedule_s), max_age_s=entry.max_age_s)
-
-
 async def _direct(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return fn(*args, **kwargs)
+
+
+class _RetiringStore(Protocol):
+    # the outbox call the store branch adds to the Store protocols; until then a cast names it
+    def retire_notifiers(self, known: Sequence[str], *, now: float, reason: str = "notifier_removed") -> int: ...
 
 
 class Dispatcher:
@@ -90,7 +65,7 @@ class Dispatcher:
         self._outbox_at = 0.0
         self._wake = asyncio.Event()
         self._lanes: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._failing: set[str] = set()
+        self._outcomes = OutcomeLog()
         # lanes whose last outcome could not be recorded (the store failed): held back, with a growing pause,
         # so a store outage re-sends an event a few times rather than in a hot loop
         self._held: dict[tuple[str, str], float] = {}
@@ -98,16 +73,58 @@ class Dispatcher:
         self._store_failing = False
         self.disabled: set[str] = set()
         self.last_beat = time.monotonic()
+        self._set = NotifierSet()
+        self._retire_due = True  # rows of notifiers no longer configured: retired by the loop at start, reload
+        self._deferred_until: float | None = None  # the earliest first attempt held back by retry_schedule_s[0]
         self.configure(notifiers, configs)
 
     def configure(self, notifiers: Mapping[str, Notifier], configs: Sequence[NotifierConfig]) -> None:
-        """Adopt a (re)loaded set of notifiers; a reload re-enables notifiers disabled by a 410."""
+        """Adopt a (re)loaded set of notifiers (the caller closes replaced ones); a reload re-enables
+        notifiers disabled by a 410, and the running loop retires the pending rows of removed ones."""
         self.notifiers = dict(notifiers)
         self.configs = {entry.name: entry for entry in configs}
         self.policies = {entry.name: policy_of(entry) for entry in configs}
         self._semaphores = {entry.name: asyncio.Semaphore(entry.max_concurrency) for entry in configs}
         self.disabled.clear()
+        self._retire_due = True
         self.wake()
+
+    def reconfigure(
+        self,
+        config: Config,
+        secrets: Mapping[str, NotifierSecrets],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """Adopt a (re)loaded config: an unchanged notifier keeps its object, client and Slack rate limiter; a
+        replaced or removed one is closed once its in-flight deliveries finish."""
+        before = self.notifiers
+        current = self._set.update(config, secrets, transport=transport)
+        self.configure(current, config.notifiers)
+        if before:  # a reload: say what it kept and what it built anew
+            kept = sorted(name for name, notifier in current.items() if before.get(name) is notifier)
+            log.info("notifiers.updated", kept=kept, built=sorted(set(current) - set(kept)))
+
+    def prepare_notifiers(
+        self,
+        config: Config,
+        secrets: Mapping[str, NotifierSecrets],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> PreparedNotifiers:
+        """A reload's first half: build the notifiers that changed, keep the rest; nothing changes yet."""
+        return self._set.prepare(config, secrets, transport=transport)
+
+    def commit_notifiers(self, prepared: PreparedNotifiers) -> None:
+        """A reload's last half, once every step applied: close the replaced notifiers once idle."""
+        before = self.notifiers
+        self._set.commit(prepared)
+        kept = sorted(name for name, (_, notifier) in prepared.built.items() if before.get(name) is notifier)
+        log.info("notifiers.updated", kept=kept, built=sorted(set(prepared.built) - set(kept)))
+
+    def discard_notifiers(self, prepared: PreparedNotifiers) -> None:
+        """Close what a reload that did not apply built."""
+        self._set.discard(prepared)
 
     def route(self, event: Event) -> list[str]:
         """The notifiers whose filters want this event (disabled ones too: their rows wait)."""
@@ -123,9 +140,11 @@ class Dispatcher:
         return [name for name in self.notifiers if name not in self.disabled]
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until stop is set."""
+        """Deliver until stop is set; at start and after each reload, retire the rows of removed notifiers."""
         while not stop.is_set():
             self.last_beat = time.monotonic()
+            if self._retire_due:
+                await self._retire_removed()
             await self.pass_once()
             await self.report_outbox(at_most_every_s=0.25)
             self._wake.clear()
@@ -136,7 +155,10 @@ class Dispatcher:
                 except StoreError:
                     next_due = None
                 if next_due is not None:
-                    timeout = min(IDLE_RECHECK_S, max(0.05, next_due - self._clock()))
+                    wait = next_due - self._clock()
+                    if wait <= 0 and self._deferred_until is not None:  # due rows all wait for their first delay
+                        wait = self._deferred_until - self._clock()
+                    timeout = min(IDLE_RECHECK_S, max(0.05, wait))
             waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
             try:
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -144,10 +166,31 @@ class Dispatcher:
                 for waiter in waiters:
                     waiter.cancel()
 
-    async def pass_once(self, *, event_ids: set[str] | None = None) -> int:
-        """Start a delivery for every due lane head (only of `event_ids` when given); returns how many."""
+    async def _retire_removed(self) -> None:
+        self._retire_due = False
+        store = cast(_RetiringStore, self._store)
         try:
-            heads = await self._in_store(self._store.due_deliveries, self.active, now=self._clock())
+            count = await self._in_store(store.retire_notifiers, list(self.configs), now=self._clock())
+        except StoreError as err:
+            if not self._store_failing:  # an outage is logged once, by pass_once
+                log.error("dispatch.store_failed", error=str(err))
+            self._store_failing = True
+            self._retire_due = True  # tried again on the next turn of the loop
+            return
+        if count:
+            log.warning(
+                "delivery.notifier_removed",
+                rows=count,
+                configured=sorted(self.configs),
+                hint="pending deliveries of notifiers no longer configured are dead (reason notifier_removed)",
+            )
+
+    async def pass_once(self, *, event_ids: set[str] | None = None) -> int:
+        """Start a delivery for every due lane head (only of `event_ids` when given), and give up on heads
+        older than max_age_s without sending them; returns how many heads it started or gave up on."""
+        now = self._clock()
+        try:
+            heads = await self._in_store(self._store.due_deliveries, self.active, now=now)
         except StoreError as err:
             if not self._store_failing:
                 log.error("dispatch.store_failed", error=str(err))
@@ -157,17 +200,47 @@ class Dispatcher:
             log.info("dispatch.store_recovered")
             self._store_failing = False
         started = 0
+        expired: dict[str, list[Delivery]] = {}
+        self._deferred_until = None
         for head in heads:
             lane = (head.notifier, head.fine_tune_key)
             if lane in self._lanes or (event_ids is not None and head.event_id not in event_ids):
                 continue
             if self._held.get(lane, 0.0) > time.monotonic():
                 continue
+            policy = self.policies.get(head.notifier)
+            if policy is not None and head.attempts == 0:  # retries were checked against max_age_s when scheduled
+                if policy.expired(queued_at=head.queued_at, now=now):  # e.g. queued while the daemon was down
+                    expired.setdefault(head.notifier, []).append(head)
+                    continue
+                first_at = policy.first_attempt_at(head.queued_at)
+                if first_at > now:
+                    self._deferred_until = min(first_at, self._deferred_until or first_at)
+                    continue
             task = asyncio.create_task(self._deliver(head), name=f"deliver {head.notifier}")
             self._lanes[lane] = task
             task.add_done_callback(functools.partial(self._lane_done_cb, lane))
             started += 1
+        self._outcomes.expiring_only(expired)
+        for name, stale in expired.items():
+            started += await self._expire(name, stale, now=now)
         return started
+
+    async def _expire(self, name: str, heads: Sequence[Delivery], *, now: float) -> int:
+        max_age_s = self.policies[name].max_age_s
+        error = f"expired before an attempt: queued more than max_age_s ({max_age_s:g} s) ago"
+        ids = [head.event_id for head in heads]
+        try:
+            await self._in_store(self._store.record_delivery, name, ids, state="dead", now=now, error=error)
+        except StoreError as err:
+            log.error("delivery.unrecorded", notifier=name, error=str(err))
+            return 0
+        if self._on_outcome is not None:
+            for _ in ids:
+                self._on_outcome(name, "dead")
+        self._outcomes.expired(name, ids, max_age_s=max_age_s)
+        self.wake()  # the next rows of these lanes are heads now
+        return len(ids)
 
     async def report_outbox(self, *, at_most_every_s: float = 0.0) -> None:
         """Hand the outbox's pending counts to `on_outbox` (the gauges and the STATUS= line)."""
@@ -193,7 +266,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline_s
         while loop.time() < end:
-            started = await self.pass_once()
+            started = await self.pass_once()  # deliveries started or stale rows given up on
             if not started and not self._lanes:
                 return
             await self.drain(max(0.0, end - loop.time()))
@@ -205,10 +278,14 @@ class Dispatcher:
             log.warning("dispatch.cancelled_deliveries", count=cancelled)
 
     async def _deliver(self, head: Delivery) -> None:
-        name = head.notifier
-        notifier = self.notifiers.get(name)
+        notifier = self.notifiers.get(head.notifier)
         if notifier is None:
             return
+        with self._set.lease(notifier):  # a reload closes a replaced notifier only after this delivery
+            await self._deliver_with(notifier, head)
+
+    async def _deliver_with(self, notifier: Notifier, head: Delivery) -> None:
+        name = head.notifier
         try:
             async with self._semaphores[name]:
                 if name in self.disabled:  # a 410 arrived while this lane waited for its turn
@@ -223,8 +300,15 @@ class Dispatcher:
                 if not ordered:
                     return
                 timeout = self.configs[name].timeout_s + 5 if name in self.configs else 20
+                if isinstance(notifier, Paced):
+                    await notifier.wait_turn()  # a wait for a rate-limit slot is not a slow receiver: not timed
+                    if name in self.disabled:  # a 410 arrived while this lane waited for its slot
+                        return
+                    attempt = notifier.send_now(ordered)
+                else:
+                    attempt = notifier.send(ordered)
                 try:
-                    result = await asyncio.wait_for(notifier.send(ordered), timeout=timeout)
+                    result = await asyncio.wait_for(attempt, timeout=timeout)
                 except TimeoutError:
                     result = DeliveryResult("retry", error="timed out")
                 try:
@@ -262,66 +346,29 @@ class Dispatcher:
         now = self._clock()
         head = rows[0]
         ids = [row.event_id for row in rows]
-        next_at: float | None = None
-        state = result.outcome
         # redact first, then clip: a secret cut in half would no longer match
-        error = _clip(self._redact(result.error)) if result.error else None
-        if state == "retry":
-            policy = self.policies.get(name) or RetryPolicy(schedule_s=(60.0,), max_age_s=86400)
-            next_at = policy.next_attempt_at(
-                attempts=head.attempts + 1,
-                now=now,
-                queued_at=head.queued_at,
-                retry_after_s=result.retry_after_s,
-                rng=self._rng,
-            )
-            if next_at is None:
-                state = "dead"
-                error = f"gave up after {head.attempts + 1} attempts (max_age_s): {error}"
+        error = clip(self._redact(result.error)) if result.error else None
+        policy = self.policies.get(name) or FALLBACK_POLICY
+        settled = settle(result, head=head, policy=policy, now=now, rng=self._rng, error=error)
         await self._in_store(
             self._store.record_delivery,
             name,
             ids,
-            state="pending" if state == "retry" else state,
+            state="pending" if settled.state == "retry" else settled.state,
             now=now,
-            next_attempt_at=next_at,
-            error=error,
+            next_attempt_at=settled.next_attempt_at,
+            error=settled.error,
             http_status=result.http_status,
         )
-        outcome = {"delivered": "delivered", "retry": "retried", "dead": "dead"}[state]
+        outcome = {"delivered": "delivered", "retry": "retried", "dead": "dead"}[settled.state]
         if self._on_outcome is not None:
             for _ in ids:
                 self._on_outcome(name, outcome)
-        if state == "delivered":
-            if name in self._failing:
-                self._failing.discard(name)
-                log.info("delivery.recovered", notifier=name)
-            log.debug("delivery.delivered", notifier=name, event_ids=ids)
-            return
-        if name not in self._failing:
-            self._failing.add(name)
-            log.warning("delivery.failing", notifier=name, error=error, http_status=result.http_status)
-        if state == "retry":
-            log.info(
-                "delivery.retry_scheduled",
-                notifier=name,
-                event_id=head.event_id,
-                attempt=head.attempts + 1,
-                wait_s=round((next_at or now) - now, 1),
-                error=error,
-            )
-        else:
-            log.warning("delivery.dead", notifier=name, event_ids=ids, attempts=head.attempts + 1, error=error)
+        self._outcomes.settled(name, head, ids, settled, now=now, http_status=result.http_status)
         if result.disable:
             self.disabled.add(name)
-            log.error(
-                "notifier.disabled",
-                notifier=name,
-                http_status=result.http_status,
-                reason="the receiver answered 410 Gone; its pending events wait until a reload or restart",
-            )
+            self._outcomes.disabled(name, result.http_status)
 
     async def aclose(self) -> None:
-        """Close every notifier."""
-        for notifier in self.notifiers.values():
-            await notifier.aclose()
+        """Close every notifier, those in force and those replaced by reloads (after draining deliveries)."""
+        await self._set.aclose(also=self.notifiers.values())

@@ -128,4 +128,46 @@ def describe(event: Event) -> str:
         return f"{name}: polls recovered after {data.get('consecutive_failures')} failures"
     if event.type == "watcher.test":
         return f"test event from oxen-watcher for notifier {data.get('notifier')}"
-    return f"{name}: {event.type}"
+    lifecycle = _describe_lifecycle(event.type, name, data)
+    return lifecycle if lifecycle is not None else f"{name}: {event.type}"
+
+
+def duration_text(seconds: Any) -> str | None:
+    """A duration in seconds as "1h 02m", "3m 05s" or "42s"; None when not a number."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        return None
+    total = round(seconds)
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _describe_lifecycle(kind: str, name: Any, data: JSON) -> str | None:
+    if kind == "fine_tune.discovered":
+        by = f" by {data['created_by']}" if data.get("created_by") else ""
+        model = f" on {data['base_model']}" if data.get("base_model") else ""
+        return f"{name}: new fine-tune{model}{by} in {data.get('source')} ({data.get('status') or 'unknown status'})"
+    if kind == "fine_tune.stalled":
+        stalled = duration_text(data.get("stalled_for_s")) or "a while"
+        return f"{name}: no new checkpoint for {stalled} while {data.get('status')}"
+    if kind != "fine_tune.status_changed":
+        return None
+    status = data.get("status")
+    parts = [f"{name}: {data.get('previous_status')} -> {status}"]
+    duration = duration_text(data.get("duration_s"))
+    if duration:
+        parts.append(f"ran {duration}")
+    if "checkpoints" in data:
+        parts.append(f"{data.get('checkpoints')} checkpoints")
+        if data.get("best_loss") is not None:
+            parts.append(f"best loss {_number(data['best_loss'])} at step {data.get('best_step')}")
+    if status == "errored" and data.get("error"):
+        parts.append(str(data["error"])[:200])
+    return " · ".join(parts)

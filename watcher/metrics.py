@@ -7,10 +7,11 @@ thread, so a scrape never touches the database and a restart does not reset them
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -23,10 +24,12 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .models import FineTuneRef, FineTuneStatus, OutboxStats
+from .models import EVENT_TYPES, FineTuneRef, FineTuneStatus, OutboxStats
 
 POLL_OUTCOMES = ("ok", "not_found", "unauthorized", "error")
 DELIVERY_OUTCOMES = ("delivered", "retried", "dead")
+HUB_ENDPOINTS = ("checkpoints", "fine_tune", "list")
+PollChildren = Mapping[str, tuple[Any, Any]]  # outcome -> (polls counter child, duration histogram child)
 FINE_TUNE_LABELS = ("namespace", "repo", "fine_tune_id", "name")
 _TRAINING_METRICS = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "epoch")
 
@@ -64,6 +67,12 @@ class StateCollector(Collector):
     def set_last_success(self, key: str, at: float) -> None:
         """Record a 200 poll (cheaper than a whole new status, once per poll)."""
         self._last_success[key] = at  # a single dict store is atomic under the GIL
+
+    def forget_fine_tune(self, key: str) -> None:
+        """Forget one fine-tune (no longer watched)."""
+        with self._lock:
+            self._fine_tunes.pop(key, None)
+            self._last_success.pop(key, None)
 
     def retain_fine_tunes(self, keys: Iterable[str]) -> None:
         """Forget every fine-tune not in keys (removed from the config by a reload)."""
@@ -172,6 +181,60 @@ class StateCollector(Collector):
         )
 
 
+class LifecycleCollector(Collector):
+    """Fine-tune statuses and watched counts per source, set by the daemon, turned into gauges at scrape time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._statuses: dict[str, tuple[FineTuneRef, str]] = {}
+        self._watched: dict[str, int] = {}
+
+    def set_status(self, ref: FineTuneRef, status: str | None) -> None:
+        """Show this Hub status (verbatim) for a fine-tune from now on; None: no status known."""
+        with self._lock:
+            if status is None:
+                self._statuses.pop(ref.key, None)
+            else:
+                self._statuses[ref.key] = (ref, status)
+
+    def retain(self, keys: Iterable[str]) -> None:
+        """Forget the statuses of fine-tunes no longer watched."""
+        wanted = set(keys)
+        with self._lock:
+            for key in [k for k in self._statuses if k not in wanted]:
+                del self._statuses[key]
+
+    def set_watched(self, counts: dict[str, int]) -> None:
+        """Watched fine-tunes per source ("config" or a [[discover]] name); sources not given vanish."""
+        with self._lock:
+            self._watched = dict(counts)
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing at registration time: the families depend on what is set."""
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        """The lifecycle gauges."""
+        with self._lock:
+            statuses = list(self._statuses.values())
+            watched = dict(self._watched)
+        status_family = GaugeMetricFamily(
+            "oxen_fine_tune_status",
+            "1 for the current Hub status of each watched fine-tune (status verbatim from the Hub).",
+            labels=(*FINE_TUNE_LABELS, "status"),
+        )
+        for ref, status in statuses:
+            status_family.add_metric([ref.namespace, ref.repo, ref.id, ref.name, status], 1)
+        watched_family = GaugeMetricFamily(
+            "oxen_watcher_watched_fine_tunes",
+            "Fine-tunes watched, per source: config ([[fine_tunes]]) or a [[discover]] name.",
+            labels=("source",),
+        )
+        for source, count in sorted(watched.items()):
+            watched_family.add_metric([source], count)
+        yield from (status_family, watched_family)
+
+
 class Metrics:
     """The watcher's metrics on one registry (a fresh CollectorRegistry in tests)."""
 
@@ -200,15 +263,60 @@ class Metrics:
             registry=registry,
         )
         self.events = Counter("oxen_watcher_events", "Events committed, by type.", ("type",), registry=registry)
+        for event_type in EVENT_TYPES:  # every known series from 0: rate() and increase() see the first event
+            self.events.labels(event_type)
         self.deliveries = Counter(
             "oxen_watcher_deliveries",
             "Delivery attempts by notifier and outcome.",
             ("notifier", "outcome"),
             registry=registry,
         )
+        self._notifiers: set[str] = set()
+        self.polls_skipped = Counter(
+            "oxen_watcher_polls_skipped",
+            "Scheduled polls skipped because the fine-tune's previous poll was still running.",
+            registry=registry,
+        )
         self._poll_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.state = StateCollector(clock)
         registry.register(self.state)
+        self.hub_requests = Counter(
+            "oxen_watcher_hub_requests",
+            "HTTP requests to the Hub by endpoint (checkpoints, fine_tune, list) and outcome.",
+            ("endpoint", "outcome"),
+            registry=registry,
+        )
+        self.lifecycle = LifecycleCollector()
+        registry.register(self.lifecycle)
+
+    def poll_children(self, ref: FineTuneRef) -> PollChildren:
+        """The poll counters of a fine-tune that starts being watched, every outcome shown at 0."""
+        children = {
+            outcome: (self.polls.labels(ref.namespace, ref.repo, ref.id, outcome), self.poll_duration.labels(outcome))
+            for outcome in POLL_OUTCOMES
+        }
+        self._poll_children.update({(ref.key, outcome): pair for outcome, pair in children.items()})
+        return children
+
+    def drop_fine_tune(self, ref: FineTuneRef) -> None:
+        """Remove every series of a fine-tune no longer watched."""
+        for outcome in POLL_OUTCOMES:
+            self._poll_children.pop((ref.key, outcome), None)
+            with contextlib.suppress(KeyError):
+                self.polls.remove(ref.namespace, ref.repo, ref.id, outcome)
+        self.state.forget_fine_tune(ref.key)
+
+    def set_notifiers(self, names: Iterable[str]) -> None:
+        """Show every (notifier, outcome) of the configured notifiers from 0; removed notifiers' series go."""
+        wanted = set(names)
+        for name in self._notifiers - wanted:
+            for outcome in DELIVERY_OUTCOMES:
+                with contextlib.suppress(KeyError):
+                    self.deliveries.remove(name, outcome)
+        for name in wanted - self._notifiers:
+            for outcome in DELIVERY_OUTCOMES:
+                self.deliveries.labels(name, outcome)
+        self._notifiers = wanted
 
     def observe_poll(self, ref: FineTuneRef, outcome: str, duration_s: float) -> None:
         """Count one poll."""
@@ -221,6 +329,10 @@ class Metrics:
             )
         children[0].inc()
         children[1].observe(duration_s)
+
+    def observe_hub_request(self, endpoint: str, outcome: str) -> None:
+        """Count one HTTP request to the Hub (HubClient.on_request)."""
+        self.hub_requests.labels(endpoint, outcome).inc()
 
     def observe_event(self, event_type: str) -> None:
         """Count one committed event."""

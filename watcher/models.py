@@ -19,6 +19,9 @@ CHECKPOINT_REMOVED = "checkpoint.removed"
 FINE_TUNE_NOT_FOUND = "fine_tune.not_found"
 FINE_TUNE_POLL_FAILING = "fine_tune.poll_failing"
 FINE_TUNE_POLL_RECOVERED = "fine_tune.poll_recovered"
+FINE_TUNE_DISCOVERED = "fine_tune.discovered"
+FINE_TUNE_STATUS_CHANGED = "fine_tune.status_changed"
+FINE_TUNE_STALLED = "fine_tune.stalled"
 WATCHER_TEST = "watcher.test"
 
 EVENT_TYPES = (
@@ -29,8 +32,13 @@ EVENT_TYPES = (
     FINE_TUNE_NOT_FOUND,
     FINE_TUNE_POLL_FAILING,
     FINE_TUNE_POLL_RECOVERED,
+    FINE_TUNE_DISCOVERED,
+    FINE_TUNE_STATUS_CHANGED,
+    FINE_TUNE_STALLED,
     WATCHER_TEST,
 )
+# the types the lifecycle and discovery rules produce (diff.py produces the others but watcher.test)
+LIFECYCLE_EVENT_TYPES = (FINE_TUNE_DISCOVERED, FINE_TUNE_STATUS_CHANGED, FINE_TUNE_STALLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,3 +254,62 @@ class OutboxStats:
     notifier: str
     pending: int
     oldest_pending_at: float | None
+
+
+# --- lifecycle and discovery ---------------------------------------------------------------------
+
+# Fine-tune statuses the Hub documents; any other value is kept verbatim as an opaque string.
+TERMINAL_STATUSES = frozenset({"completed", "stopped", "errored"})
+
+
+@dataclass(frozen=True, slots=True)
+class HubFineTune:
+    """A fine-tune as the Hub describes it (a list entry or the single-fine-tune answer), validated.
+
+    Every field but `id` may be missing or null; `status` is verbatim (unknown values kept as opaque strings);
+    `created_by` is the creator's username when the Hub gives one; `raw` is the object as the Hub sent it.
+    """
+
+    id: str
+    name: str | None = None
+    status: str | None = None
+    error: str | None = None
+    base_model: str | None = None
+    created_by: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleState:
+    """What must persist per fine-tune for lifecycle events: its last status and the stall clock.
+
+    `status` is None until the first status read (which is recorded silently). `first_seen_at` is when the
+    watcher first saw the fine-tune; `newest_step` is the newest checkpoint known, and `newest_seen_at` when it
+    was first seen (or, with no checkpoint yet, when the fine-tune was first seen running): the stall clock
+    when the Hub gives no created_at or started_at. `stalled` is set once a fine_tune.stalled was emitted for
+    the current stall and cleared by a new checkpoint (or by leaving running).
+    """
+
+    status: str | None = None
+    error: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    first_seen_at: float | None = None
+    newest_step: int | None = None
+    newest_seen_at: float | None = None
+    stalled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SourceState:
+    """What must persist per [[discover]] source: whether its first read was recorded, and every id it listed.
+
+    Ids are never removed (a fine-tune missing from a list is not gone; only a 404 says that).
+    """
+
+    baselined: bool = False
+    known_ids: frozenset[str] = frozenset()

@@ -1,4 +1,4 @@
-"""The HTTP endpoints: /metrics (optionally behind a bearer token), /healthz and /readyz."""
+"""The HTTP endpoints: /metrics (optionally behind a bearer token), /healthz, /readyz, and the status page."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import hmac
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+if TYPE_CHECKING:
+    from .web.site import StatusPages
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,7 @@ class HttpServer:
         liveness: Callable[[], Verdict],
         readiness: Callable[[], Verdict],
         token: str | None = None,
+        pages: StatusPages | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -41,6 +46,7 @@ class HttpServer:
         self._liveness = liveness
         self._readiness = readiness
         self._token = token
+        self._pages = pages
         self._runner: web.AppRunner | None = None
         self.port = port
 
@@ -50,7 +56,14 @@ class HttpServer:
 
     async def start(self) -> None:
         """Bind and serve."""
-        app = web.Application()
+        guards = []
+        if self._pages is not None:
+            guards.append(
+                self._pages.guard(listen_host=self._host, listen_port=lambda: self.port, token=lambda: self._token)
+            )
+        app = web.Application(middlewares=guards)
+        if self._pages is not None:
+            self._pages.install(app)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -67,6 +80,8 @@ class HttpServer:
         """Stop serving."""
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._pages is not None:
+            await self._pages.close()
 
     async def _metrics(self, request: web.Request) -> web.Response:
         if self._token is not None:

@@ -184,6 +184,19 @@ MATRIX: dict[str, list[Bad]] = {
     "notifiers[].max_concurrency": [wrong("4"), out(0), out(65)],
     "notifiers[].digest_over": [wrong("10"), out(0), out(1001)],
     "notifiers[].format": [wrong(1), out("yaml")],
+    "discover": [wrong("acme/bot"), wrong([5], where="[0]")],
+    "discover[].name": [wrong(5), out(""), out("config")],
+    "discover[].namespace": [wrong(5), out("a/b")],
+    "discover[].repo": [wrong(5), out("..")],
+    "discover[].include": [wrong("*"), out([])],
+    "discover[].exclude": [wrong("x"), out([""], where="[0]")],
+    "discover[].created_by": [wrong(5), out(" bob")],
+    "discover[].interval_s": [wrong("60"), out(0.1)],
+    "discover[].max_age_days": [wrong("7"), out(0)],
+    "lifecycle": [wrong(5)],
+    "lifecycle.status_interval_s": [wrong("60"), out(0)],
+    "lifecycle.idle_interval_s": [wrong("600"), out(0.1)],
+    "lifecycle.stall_after_s": [wrong(True), out(-1)],
 }
 
 # where the bad section, table or key goes: item 1 of an array of tables, after a valid item 0
@@ -214,6 +227,8 @@ def base_document(folder: Path, key: str) -> dict[str, Any]:
         "log": {"level": "info"},
         "fine_tunes": [{"namespace": "acme", "repo": "bot", "id": f"ft_{i}"} for i in range(2)],
         "notifiers": [{"name": "log", "type": "log"}, notifier],
+        "discover": [{"namespace": "acme", "repo": f"bot{i}"} for i in range(2)],
+        "lifecycle": {"stall_after_s": 3600},
     }
 
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import httpx
 
@@ -39,6 +39,20 @@ class Notifier(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class Paced(Protocol):
+    """A notifier behind a rate limit: the dispatcher waits for its turn outside the delivery timeout (a wait for
+    a free slot is not a slow receiver), then sends at once; `send` alone still waits for its turn."""
+
+    async def wait_turn(self) -> None:
+        """Wait for a free slot and take it."""
+        ...
+
+    async def send_now(self, events: Sequence[Event]) -> DeliveryResult:
+        """Deliver in the slot taken by `wait_turn` (no wait of its own)."""
         ...
 
 

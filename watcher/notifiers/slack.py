@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ..events import describe
+from ..events import describe, duration_text
 from ..models import Event, metric_of
 from .base import DeliveryResult, new_http_client, post
 
@@ -37,9 +37,11 @@ class RateLimiter:
     async def acquire(self) -> None:
         """Wait for the next free slot and take it."""
         async with self._lock:
+            # a loop, not one sleep: a 429 that arrives while we sleep pushes the slot further back
             wait = self._next_at - self._clock()
-            if wait > 0:
+            while wait > 0:
                 await asyncio.sleep(wait)
+                wait = self._next_at - self._clock()
             self._next_at = self._clock() + self._interval_s
 
     def back_off(self, seconds: float) -> None:
@@ -87,11 +89,62 @@ def _headline(event: Event) -> str:
         return f":white_check_mark: *{name}*: polls recovered after {data.get('consecutive_failures')} failures"
     if event.type == "watcher.test":
         return f":wave: Test message from oxen-watcher for notifier *{_escape(data.get('notifier'))}*"
-    return f"*{name}*: {_escape(event.type)}"
+    lifecycle = _lifecycle_headline(event.type, name, data)
+    return lifecycle if lifecycle is not None else f"*{name}*: {_escape(event.type)}"
+
+
+def _lifecycle_headline(kind: str, name: str, data: dict[str, Any]) -> str | None:
+    if kind == "fine_tune.discovered":
+        shown = _clip(_escape(data.get("status") or "unknown"), 40)
+        parts = [f":new: *{name}*: new fine-tune in *{_clip(_escape(data.get('source') or '?'), 100)}*"]
+        parts += [
+            f"{label} {_clip(_escape(data[key]), 100)}"
+            for key, label in (("base_model", "on"), ("created_by", "by"))
+            if data.get(key)
+        ]
+        return " ".join([*parts, f"(status `{shown}`)"])
+    if kind == "fine_tune.stalled":
+        stalled = duration_text(data.get("stalled_for_s")) or "a while"
+        return f":hourglass: *{name}*: no new checkpoint for *{stalled}* while `{_escape(data.get('status'))}`"
+    if kind != "fine_tune.status_changed":
+        return None
+    status = data.get("status")
+    duration = duration_text(data.get("duration_s"))
+    ran = f" after {duration}" if duration else ""
+    if status == "completed":
+        return f":checkered_flag: *{name}*: run finished" + (f" in *{duration}*" if duration else "")
+    if status == "errored":
+        error = _clip(_escape(data.get("error") or "no error text from the Hub"), 500)
+        return f":x: *{name}*: run failed{ran}: {error}"
+    if status == "stopped":
+        return f":octagonal_sign: *{name}*: run stopped{ran}"
+    before = _clip(_escape(data.get("previous_status") or "none"), 40)
+    after = _clip(_escape(status or "none"), 40)
+    return f"*{name}*: status `{before}` → `{after}`"
+
+
+def _lifecycle_fields(event: Event) -> list[dict[str, str]]:
+    data = event.data
+    if event.type != "fine_tune.status_changed" or "checkpoints" not in data:
+        return []
+    fields = []
+    duration = duration_text(data.get("duration_s"))
+    if duration:
+        fields.append({"type": "mrkdwn", "text": f"*Duration*\n{duration}"})
+    fields.append({"type": "mrkdwn", "text": f"*Checkpoints*\n{_escape(data.get('checkpoints'))}"})
+    if data.get("latest_step") is not None:
+        fields.append({"type": "mrkdwn", "text": f"*Latest step*\n{_escape(data['latest_step'])}"})
+    best_loss = data.get("best_loss")
+    if isinstance(best_loss, int | float) and not isinstance(best_loss, bool):
+        step = _escape(data.get("best_step"))
+        fields.append({"type": "mrkdwn", "text": f"*Best loss*\n{_number(best_loss)} at step {step}"})
+    return fields
 
 
 def _fields(event: Event) -> list[dict[str, str]]:
     checkpoint = event.data.get("checkpoint")
+    if event.type.startswith("fine_tune."):
+        return _lifecycle_fields(event)
     if not isinstance(checkpoint, dict) or event.type not in ("checkpoint.created", "checkpoint.updated"):
         return []
     fields = []
@@ -191,9 +244,17 @@ class SlackNotifier:
         return message(events[0]) if len(events) == 1 else digest(events)
 
     async def send(self, events: Sequence[Event]) -> DeliveryResult:
-        """Post one message (a digest when given several events)."""
-        body = orjson.dumps(self.payload(events))
+        """Post one message (a digest when given several events), waiting for the URL's next slot."""
+        await self.wait_turn()
+        return await self.send_now(events)
+
+    async def wait_turn(self) -> None:
+        """Wait for this URL's next free slot (one a second, later after a 429) and take it."""
         await self._limiter.acquire()
+
+    async def send_now(self, events: Sequence[Event]) -> DeliveryResult:
+        """Post in the slot just taken; a 429 pushes every message to this URL back."""
+        body = orjson.dumps(self.payload(events))
         result = await post(self._http, self._url, content=body, headers={"Content-Type": "application/json"})
         if result.http_status == 429:
             self._limiter.back_off(result.retry_after_s or 1.0)

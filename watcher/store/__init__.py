@@ -2,6 +2,7 @@
 
 from .lock import DispatchLock
 from .protocols import Committed, Router, Store
+from .reports_sqlite import SqliteReports
 from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
 from .sqlite import SqliteStore, open_store, wall_clock
 
@@ -11,6 +12,7 @@ __all__ = [
     "Committed",
     "DispatchLock",
     "Router",
+    "SqliteReports",
     "SqliteStore",
     "Store",
     "open_store",

@@ -593,6 +593,20 @@ class SqliteStore:
         """Release the database."""
         self._db.close()
 
+    # provisional: the store branch owns this
+    def retire_notifiers(self, known: Sequence[str], *, now: float, reason: str = "notifier_removed") -> int:
+        """Pending rows of notifiers not in `known` become dead with `reason` as their error; returns how many."""
+
+        def write() -> int:
+            marks = ", ".join("?" for _ in known)
+            where = f"state = 'pending' AND notifier NOT IN ({marks})" if known else "state = 'pending'"
+            return self._db.execute(
+                f"UPDATE deliveries SET state = 'dead', next_attempt_at = NULL, last_error = ? WHERE {where}",
+                (reason, *known),
+            ).rowcount
+
+        return self._write_tx(write)
+
 
 def open_store(path: str | Path, *, readonly: bool = False) -> SqliteStore:
     """Open the state database; readonly with no file yet gives an empty in-memory state."""
