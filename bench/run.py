@@ -430,10 +430,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--big", type=int, default=5000)
     parser.add_argument("--samples", type=int, default=30)
-    parser.add_argument("--only", choices=["scale", "yardsticks", "big", "latency", "pages", "jitter"], action="append")
+    parser.add_argument(
+        "--only", choices=["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged"], action="append"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    only = set(args.only or ["scale", "yardsticks", "big", "latency", "pages", "jitter"])
+    only = set(args.only or ["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged"])
     print(
         f"oxen-watcher bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
@@ -453,6 +455,10 @@ def main() -> None:
         figures["pages"] = pages.run(fine_tunes=args.fine_tunes)
     if "jitter" in only:
         figures["jitter"] = jitter_rate(args)
+    if "aged" in only:  # a year of history (AGED_SCALE=0.01 for a quick run)
+        import aged
+
+        figures["aged"] = aged.run()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import wait_for
-from test_store import OPTIONS, REF, T0, apply, counter_ids, cp, success, types
+from store_contract.support import OPTIONS, REF, T0, apply, counter_ids, cp, success, types
 
 from watcher.errors import LeaseLost
 from watcher.models import CHECKPOINT_CREATED

@@ -1,9 +1,9 @@
-"""SqliteStore on real files: versioned schema, WAL, one transaction per poll, no needless writes,
-two writers, reports, hold-backs and restarts."""
+"""SqliteStore on real files: versioned schema and migrations, WAL, auto_vacuum, one transaction per poll, no
+needless writes, two writers, the pending-only indexes, and retention shrinking the file. (What every store
+implementation must do is in tests/store_contract.)"""
 
 from __future__ import annotations
 
-import itertools
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -12,64 +12,20 @@ from typing import Any
 
 import orjson
 import pytest
+from store_contract.support import DAY, OPTIONS, OTHER, REF, T0, apply, counter_ids, cp, failed, success, types
 
-from watcher.diff import DiffOptions, fingerprint
+from watcher.diff import fingerprint
 from watcher.errors import StoreError
 from watcher.models import (
     CHECKPOINT_CREATED,
     CHECKPOINT_DEPLOYMENT_CHANGED,
     CHECKPOINT_REMOVED,
-    CHECKPOINT_UPDATED,
     FINE_TUNE_NOT_FOUND,
-    FINE_TUNE_POLL_FAILING,
-    FINE_TUNE_POLL_RECOVERED,
-    FineTuneRef,
-    PollFailed,
     PollNotFound,
     PollSuccess,
     PollUnchanged,
 )
-from watcher.schema import body_hash
 from watcher.store import MIGRATIONS, SCHEMA_VERSION, Committed, SqliteStore, open_store
-
-REF = FineTuneRef(namespace="ox", repo="models", id="ft_1", name="first")
-OTHER = FineTuneRef(namespace="ox", repo="models", id="ft_2", name="second")
-OPTIONS = DiffOptions()
-T0 = 1_750_000_000.0
-
-
-def cp(step: int, *, loss: float | None = None, status: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {
-        "step": step,
-        "created_at": f"2025-06-01T12:{step % 60:02d}:00Z",
-        "deployment_status": status,
-        "metrics": {"loss": loss if loss is not None else round(1.0 / (step + 1), 6), "learning_rate": 1e-5},
-        "model_name": f"first-step-{step}",
-        "path": f"checkpoints/step-{step}",
-        "size_bytes": 1000 + step,
-        **extra,
-    }
-
-
-def success(*checkpoints: dict[str, Any], salt: str = "") -> PollSuccess:
-    """A PollSuccess as the app builds it: sorted checkpoints and the hash of the body."""
-    body = orjson.dumps({"checkpoints": list(checkpoints), "status": "success", "salt": salt})
-    return PollSuccess(tuple(sorted(checkpoints, key=lambda c: c["step"])), body_hash(body))
-
-
-def failed(status: int | None = 503, retry_after_s: float | None = None, outcome: str = "error") -> PollFailed:
-    return PollFailed(f"Hub answered {status}", status, outcome, retry_after_s)  # type: ignore[arg-type]
-
-
-def counter_ids(prefix: str = "evt_t") -> Callable[[], str]:
-    numbers = itertools.count(1)
-    lock = threading.Lock()
-
-    def new_id() -> str:
-        with lock:
-            return f"{prefix}{next(numbers):06d}"
-
-    return new_id
 
 
 def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
@@ -136,16 +92,6 @@ def store(db_path: Path, stores: Callable[..., SqliteStore]) -> SqliteStore:
     return stores(db_path, new_id=counter_ids())
 
 
-def apply(store: SqliteStore, result: Any, *, ref: FineTuneRef = REF, now: float = T0, **kw: Any) -> Committed:
-    committed = store.apply_poll(ref, result, options=kw.pop("options", OPTIONS), now=now, **kw)
-    assert committed is not None
-    return committed
-
-
-def types(committed: Committed) -> list[str]:
-    return [event.type for event in committed.events]
-
-
 # --- schema and file ------------------------------------------------------------------------------
 
 
@@ -155,6 +101,7 @@ def test_new_database_has_current_schema_version_and_wal(db_path: Path, store: S
     with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental, from the first table on
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"schema_version", "fine_tunes", "checkpoints", "events"} <= tables
 
@@ -210,6 +157,7 @@ def test_every_released_version_is_migrated_keeping_the_baseline(
         )
     store = stores(db_path)
     assert store.schema_version == SCHEMA_VERSION
+    assert store.auto_vacuum == "incremental"  # converted by a VACUUM after the migration
     with sqlite3.connect(db_path) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     assert apply(store, PollUnchanged("h1")).events == ()
@@ -281,43 +229,6 @@ def test_readonly_store_reads_but_never_writes(db_path: Path, store: SqliteStore
 # --- apply_poll ---------------------------------------------------------------------------------------
 
 
-def test_first_poll_is_a_silent_baseline_then_changes_are_announced(db_path: Path, store: SqliteStore) -> None:
-    baseline = apply(store, success(cp(1), cp(2)))
-    assert baseline.events == ()
-    assert baseline.state.baselined
-    assert sorted(baseline.state.checkpoints) == [1, 2]
-
-    created = apply(store, success(cp(1), cp(2), cp(3, loss=0.01)), now=T0 + 10)
-    assert types(created) == [CHECKPOINT_CREATED]
-    [event] = created.events
-    assert event.data["checkpoint"] == cp(3, loss=0.01)
-    assert event.data["fine_tune"] == REF.as_data()
-    assert event.fine_tune_key == REF.key
-    assert event.timestamp.endswith("Z")
-    assert sorted(created.state.checkpoints) == [1, 2, 3]
-    # the committed events are exactly what the store returns later
-    assert store.recent_events() == list(created.events)
-    assert [e for _, e in store.events_after(0)] == list(created.events)
-    assert event_rows(db_path) == [(event.id, CHECKPOINT_CREATED, REF.key)]
-
-
-def test_returned_state_is_the_committed_state(db_path: Path, store: SqliteStore, stores: Any) -> None:
-    apply(store, success(cp(1)))
-    committed = apply(store, success(cp(1), cp(2, status="ACTIVE")), now=T0 + 1)
-    fresh = stores(db_path)
-    assert fresh.load_state(REF.key) == committed.state
-    assert committed.state.body_hash == success(cp(1), cp(2, status="ACTIVE")).body_hash
-
-
-def test_updates_deployments_and_removals(store: SqliteStore) -> None:
-    apply(store, success(cp(1), cp(2), cp(3)))
-    changed = apply(
-        store, success(cp(1, loss=0.123), cp(2, status="DEPLOYING")), now=T0 + 1
-    )  # step 1 updated, step 2 deployed, step 3 gone
-    assert sorted(types(changed)) == sorted([CHECKPOINT_UPDATED, CHECKPOINT_DEPLOYMENT_CHANGED, CHECKPOINT_REMOVED])
-    assert sorted(changed.state.checkpoints) == [1, 2]
-
-
 def test_state_and_events_commit_in_one_transaction(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
     ids = iter(["evt_a", "evt_b", "evt_dup", "evt_dup", "evt_c", "evt_d"])
     store = stores(db_path, new_id=lambda: next(ids))
@@ -369,16 +280,6 @@ def test_poll_unchanged_with_another_hash_returns_none_and_writes_nothing(db_pat
     assert snapshot(db_path) == before
 
 
-def test_poll_unchanged_with_the_stored_hash_commits_a_quiet_poll(db_path: Path, store: SqliteStore) -> None:
-    poll = success(cp(1), cp(2))
-    apply(store, poll)
-    committed = apply(store, PollUnchanged(poll.body_hash), now=T0 + 5)
-    assert committed.events == ()
-    assert sorted(committed.state.checkpoints) == [1, 2]
-    [status] = store.statuses()
-    assert (status.last_poll_at, status.last_outcome, status.last_success_at) == (T0 + 5, "ok", T0 + 5)
-
-
 def test_commit_false_writes_nothing(db_path: Path, store: SqliteStore) -> None:
     apply(store, success(cp(1)))
     before = snapshot(db_path)
@@ -418,15 +319,6 @@ def test_a_poll_without_change_writes_no_checkpoint_rows(db_path: Path, store: S
     assert writes() == {"insert": 1, "update": 1, "delete": 1}
 
 
-def test_a_failed_poll_never_changes_known_checkpoints(db_path: Path, store: SqliteStore) -> None:
-    apply(store, success(cp(1), cp(2)))
-    rows = snapshot(db_path)["checkpoints"]
-    for i, result in enumerate([failed(503), failed(401, outcome="unauthorized"), failed(None)]):
-        apply(store, result, now=T0 + 1 + i)
-    assert snapshot(db_path)["checkpoints"] == rows
-    assert sorted(store.load_state(REF.key).checkpoints) == [1, 2]
-
-
 def test_two_stores_on_one_file_announce_a_change_once(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
     a = stores(db_path, new_id=counter_ids("evt_a"))
     b = stores(db_path, new_id=counter_ids("evt_b"))
@@ -460,201 +352,213 @@ def test_two_stores_on_one_file_announce_a_change_once(db_path: Path, stores: Ca
     assert len({row[0] for row in rows}) == len(rows)
 
 
-# --- reports ------------------------------------------------------------------------------------------
-
-
-def build_history(store: SqliteStore) -> None:
-    apply(store, success(cp(1)), now=T0)
-    apply(store, success(cp(1), cp(2)), now=T0 + 1)  # created 2
-    apply(store, success(cp(1), cp(2, status="ACTIVE")), now=T0 + 2)  # deployment_changed 2
-    apply(store, success(cp(2, status="ACTIVE")), now=T0 + 3)  # removed 1
-    apply(store, PollNotFound(), ref=OTHER, now=T0 + 4)  # not_found (other)
-    apply(store, success(cp(2, status="ACTIVE"), cp(3)), now=T0 + 5)  # created 3
-
-
-def test_recent_events_newest_first_with_limit_and_glob(store: SqliteStore) -> None:
-    build_history(store)
-    all_types = [
-        CHECKPOINT_CREATED,
-        FINE_TUNE_NOT_FOUND,
-        CHECKPOINT_REMOVED,
-        CHECKPOINT_DEPLOYMENT_CHANGED,
-        CHECKPOINT_CREATED,
-    ]
-    recent = store.recent_events()
-    assert [e.type for e in recent] == all_types
-    assert [e.timestamp for e in recent] == sorted((e.timestamp for e in recent), reverse=True)
-    assert [e.type for e in store.recent_events(limit=2)] == all_types[:2]
-    assert [e.type for e in store.recent_events(limit=1)] == all_types[:1]
-    created = store.recent_events(type_glob="checkpoint.created")
-    assert [e.data["checkpoint"]["step"] for e in created] == [3, 2]
-    assert [e.type for e in store.recent_events(type_glob="checkpoint.*")] == [
-        t for t in all_types if t.startswith("checkpoint.")
-    ]
-    assert [e.fine_tune_key for e in store.recent_events(type_glob="fine_tune.*")] == [OTHER.key]
-    assert [e.type for e in store.recent_events(type_glob="checkpoint.*", limit=2)] == [
-        CHECKPOINT_CREATED,
-        CHECKPOINT_REMOVED,
-    ]
-    assert store.recent_events(type_glob="nothing.*") == []
-    assert store.recent_events(type_glob="CHECKPOINT.*") == []  # types match case-sensitively
-
-
-def test_recent_events_limit_zero_returns_nothing(store: SqliteStore) -> None:
-    build_history(store)
-    assert store.recent_events(limit=0) == []
-
-
-def test_events_after_is_oldest_first_and_exclusive(store: SqliteStore) -> None:
-    build_history(store)
-    everything = store.events_after(0)
-    seqs = [seq for seq, _ in everything]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) == 5
-    assert [e for _, e in everything] == list(reversed(store.recent_events()))
-    assert store.events_after(seqs[1]) == everything[2:]
-    assert store.events_after(seqs[-1]) == []
-    assert store.events_after(0, limit=2) == everything[:2]
-    new = apply(store, success(cp(2, status="ACTIVE"), cp(3), cp(4)), now=T0 + 9)
-    assert [e for _, e in store.events_after(seqs[-1])] == list(new.events)
-
-
-def test_statuses(store: SqliteStore) -> None:
-    options = DiffOptions(failure_threshold=2)
-    apply(store, success(cp(1, loss=0.9), cp(5, loss=0.4, status="ACTIVE"), cp(3, status="deploying")), now=T0)
-    apply(store, PollNotFound(), ref=OTHER, now=T0 + 1)
-    unknown = "ox/models/ft_unknown"
-
-    ok, not_found, never = store.statuses([REF.key, OTHER.key, unknown])
-    assert [s.key for s in store.statuses()] == sorted([REF.key, OTHER.key])
-    assert (ok.key, ok.last_poll_at, ok.last_outcome, ok.last_http_status, ok.last_error) == (
-        REF.key,
-        T0,
-        "ok",
-        200,
-        None,
-    )
-    assert (ok.baselined, ok.not_found, ok.failing, ok.consecutive_failures) == (True, False, False, 0)
-    assert (ok.checkpoints, ok.latest_step, ok.latest_loss, ok.last_success_at) == (3, 5, 0.4, T0)
-    assert ok.latest_created_at == cp(5)["created_at"]
-    assert ok.deployments == {3: "deploying", 5: "ACTIVE"}
-    assert ok.metrics["loss"] == 0.4 and ok.metrics["learning_rate"] == 1e-5
-    assert (not_found.not_found, not_found.last_outcome, not_found.last_http_status, not_found.checkpoints) == (
-        True,
-        "not_found",
-        404,
-        0,
-    )
-    assert (never.key, never.last_poll_at, never.baselined, never.checkpoints, never.latest_step) == (
-        unknown,
-        None,
-        False,
-        0,
-        None,
-    )
-
-    first = apply(store, failed(502), now=T0 + 10, options=options)
-    second = apply(store, failed(503), now=T0 + 20, options=options)
-    third = apply(store, failed(503), now=T0 + 30, options=options)
-    assert (types(first), types(second), types(third)) == ([], [FINE_TUNE_POLL_FAILING], [])
-    [status] = store.statuses([REF.key])
-    assert (status.consecutive_failures, status.failing, status.last_outcome, status.last_http_status) == (
-        3,
-        True,
-        "error",
-        503,
-    )
-    assert status.last_error == "Hub answered 503"
-    assert (status.last_poll_at, status.last_success_at) == (T0 + 30, T0)
-    assert status.checkpoints == 3  # failures keep what is known
-
-    recovered = apply(
-        store,
-        success(cp(1, loss=0.9), cp(5, loss=0.4, status="ACTIVE"), cp(3, status="deploying")),
-        now=T0 + 40,
-        options=options,
-    )
-    assert types(recovered) == [FINE_TUNE_POLL_RECOVERED]
-    [status] = store.statuses([REF.key])
-    assert (status.consecutive_failures, status.failing, status.last_error, status.last_success_at) == (
-        0,
-        False,
-        None,
-        T0 + 40,
-    )
-
-
-def test_not_found_is_announced_on_the_transition_only(store: SqliteStore) -> None:
-    assert types(apply(store, PollNotFound())) == [FINE_TUNE_NOT_FOUND]
-    assert types(apply(store, PollNotFound(), now=T0 + 1)) == []
-    back = apply(store, success(cp(1)), now=T0 + 2)
-    assert back.events == () and back.state.not_found is False  # the first answer is still the baseline
-    assert types(apply(store, PollNotFound(), now=T0 + 3)) == [FINE_TUNE_NOT_FOUND]
-
-
-def test_not_before_is_persisted_from_retry_after(
-    db_path: Path, store: SqliteStore, stores: Callable[..., SqliteStore]
-) -> None:
-    apply(store, success(cp(1)))
-    apply(store, failed(429, retry_after_s=120.0), now=T0 + 10)
-    assert store.not_before(REF.key) == T0 + 130
-    assert store.statuses([REF.key])[0].not_before == T0 + 130
-    store.close()
-
-    restarted = stores(db_path)
-    assert restarted.not_before(REF.key) == T0 + 130
-    assert restarted.statuses([REF.key])[0].not_before == T0 + 130
-    assert open_store(db_path, readonly=True).not_before(REF.key) == T0 + 130
-
-    apply(restarted, failed(503), now=T0 + 200)  # a failure without Retry-After holds nothing back
-    assert restarted.not_before(REF.key) is None
-    apply(restarted, failed(503, retry_after_s=30.0), now=T0 + 300)
-    assert restarted.not_before(REF.key) == T0 + 330
-    apply(restarted, success(cp(1)), now=T0 + 400)  # an answer clears it
-    assert restarted.not_before(REF.key) is None
-    assert restarted.not_before("ox/models/never") is None
-
-
-def test_restart_keeps_the_baseline(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
-    first = stores(db_path, new_id=counter_ids("evt_1_"))
-    poll = success(cp(1), cp(2, status="ACTIVE"))
-    assert apply(first, poll).events == ()
-    apply(first, PollNotFound(), ref=OTHER)
-    first.close()
-    events_before = event_rows(db_path)
-
-    second = stores(db_path, new_id=counter_ids("evt_2_"))
-    assert apply(second, poll, now=T0 + 1).events == ()  # no re-announcement
-    other_body = success(cp(2, status="ACTIVE"), cp(1), salt="x")
-    assert apply(second, other_body, now=T0 + 2).events == ()
-    assert apply(second, PollUnchanged(other_body.body_hash), now=T0 + 3).events == ()
-    assert apply(second, PollNotFound(), ref=OTHER, now=T0 + 3).events == ()  # still not found: no repeat
-    assert event_rows(db_path) == events_before
-    later = apply(second, success(cp(1), cp(2, status="ACTIVE"), cp(3)), now=T0 + 4)
-    assert [(e.type, e.data["checkpoint"]["step"]) for e in later.events] == [(CHECKPOINT_CREATED, 3)]
-
-
-def test_fine_tunes_are_independent(store: SqliteStore) -> None:
-    apply(store, success(cp(1)))
-    assert apply(store, success(cp(1)), ref=OTHER).events == ()  # OTHER's own baseline
-    assert types(apply(store, success(cp(1), cp(2)), ref=OTHER, now=T0 + 1)) == [CHECKPOINT_CREATED]
-    assert sorted(store.load_state(REF.key).checkpoints) == [1]
-    assert [s.latest_step for s in store.statuses([REF.key, OTHER.key])] == [1, 2]
-
-
-def test_restart_remembers_the_last_body_hash(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
-    first = stores(db_path)
-    poll = success(cp(1), cp(2))
-    apply(first, poll)
-    first.close()
-    second = stores(db_path)
-    assert second.apply_poll(REF, PollUnchanged("some-other-hash"), options=OPTIONS, now=T0 + 1) is None
-    quiet = apply(second, PollUnchanged(poll.body_hash), now=T0 + 1)
-    assert quiet.events == () and quiet.state.body_hash == poll.body_hash
-    assert sorted(quiet.state.checkpoints) == [1, 2]
-
-
 def test_readonly_sqlite_store_on_a_missing_file_fails_without_creating_it(tmp_path: Path) -> None:
     path = tmp_path / "missing.db"
     with pytest.raises(StoreError):
         SqliteStore(path, readonly=True)
     assert not path.exists()
+
+
+# --- retention and a large history --------------------------------------------------------------------------
+
+
+def everywhere(event: Any) -> list[str]:
+    return ["hook", "slack"]
+
+
+def many_events(store: SqliteStore, *, polls: int, per_poll: int, start: float, step_s: float) -> list[str]:
+    """`polls` polls `step_s` apart, each adding `per_poll` checkpoints (an event and two outbox rows each)."""
+    ids: list[str] = []
+    for i in range(polls):
+        steps = range(1, (i + 1) * per_poll + 1)
+        poll = success(*(cp(s, note="x" * 200) for s in steps))
+        ids += [e.id for e in apply(store, poll, now=start + i * step_s, route=everywhere).events]
+    return ids
+
+
+def deliver_all(store: SqliteStore, ids: list[str], now: float) -> None:
+    for notifier in ("hook", "slack"):
+        store.record_delivery(notifier, ids, state="delivered", now=now)
+
+
+def test_an_old_database_is_converted_to_incremental_auto_vacuum_keeping_its_rows(
+    db_path: Path, stores: Callable[..., SqliteStore]
+) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as db:  # a release-2 database, as it was created then
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (2)")
+        for statements in MIGRATIONS[:2]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute("INSERT INTO events (id, type, fine_tune_key, created_at, envelope) VALUES ('e', 't', 'k', 1, '{}')")
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    store = stores(db_path)
+    assert (store.auto_vacuum, store.schema_version) == ("incremental", SCHEMA_VERSION)
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT id FROM events").fetchall() == [("e",)]
+        indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"events_created", "events_type", "deliveries_pending_lane", "deliveries_pending_due"} <= indexes
+    assert "deliveries_lane" not in indexes  # replaced by the pending-only indexes
+
+
+def test_the_conversion_runs_beside_a_reading_process(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as db:  # a release-2 database, in WAL mode as that release left it
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (2)")
+        for statements in MIGRATIONS[:2]:
+            for statement in statements:
+                db.execute(statement)
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM events").fetchall()  # another process in a read transaction
+    try:
+        store = stores(db_path, busy_timeout_s=0.2)
+        assert (store.auto_vacuum, store.schema_version) == ("incremental", SCHEMA_VERSION)
+        assert apply(store, success(cp(1))).state.baselined
+        assert reader.execute("SELECT COUNT(*) FROM events").fetchall() == [(0,)]  # its snapshot still reads
+    finally:
+        reader.execute("ROLLBACK")
+        reader.close()
+    assert stores(db_path).load_state(REF.key).baselined
+
+
+def plan(store: SqliteStore, sql: str, args: tuple[Any, ...] = ()) -> str:
+    return " | ".join(row[-1] for row in store._db.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+
+
+def test_hot_queries_read_pending_rows_only_and_events_by_index(store: SqliteStore) -> None:
+    from watcher.store.sqlite_prune import _OLD
+
+    stats = plan(
+        store, "SELECT notifier, COUNT(*), MIN(queued_at) FROM deliveries WHERE state = 'pending' GROUP BY notifier"
+    )
+    assert "COVERING INDEX deliveries_pending_due" in stats  # pending rows only, never the table
+    due = plan(
+        store, "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND notifier IN (?, ?)", ("a", "b")
+    )
+    assert "COVERING INDEX deliveries_pending_due" in due
+    heads = plan(
+        store,
+        "SELECT event_id FROM deliveries d WHERE d.state = 'pending' AND d.notifier = ? AND d.next_attempt_at <= ? "
+        "AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.state = 'pending' "
+        "AND h.notifier = d.notifier AND h.fine_tune_key = d.fine_tune_key) ORDER BY d.next_attempt_at, d.event_seq",
+        ("a", 1.0),
+    )
+    assert "deliveries_pending_due" in heads and "deliveries_pending_lane" in heads
+    assert "SCAN d" not in heads and "SCAN deliveries" not in heads
+    lane = plan(
+        store,
+        "SELECT event_id FROM deliveries WHERE state = 'pending' AND notifier = ? AND fine_tune_key = ? "
+        "AND batch_id = ? ORDER BY event_seq",
+        ("a", "k", "b"),
+    )
+    assert "deliveries_pending_lane" in lane
+    by_type = plan(store, "SELECT seq FROM events WHERE type = ? ORDER BY seq DESC LIMIT 5", ("t",))
+    assert "events_type" in by_type and "TEMP B-TREE" not in by_type
+    assert "events_type" in plan(store, "SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", ("a",))
+    old = plan(store, f"SELECT e.seq {_OLD} ORDER BY e.created_at LIMIT 5", (1.0,))
+    assert "events_created" in old and "TEMP B-TREE" not in old
+    assert "sqlite_autoindex_deliveries_1" in old  # the pending check reads one event's rows by primary key
+    dead = plan(store, "SELECT event_id FROM deliveries WHERE state = 'dead' AND queued_at >= ?", (1.0,))
+    assert "deliveries_dead" in dead
+
+
+def test_prune_dry_run_writes_nothing_and_estimates_close_to_the_real_pass(db_path: Path, store: SqliteStore) -> None:
+    apply(store, success(cp(0)), now=T0, route=everywhere)
+    ids = many_events(store, polls=20, per_poll=50, start=T0 + 1, step_s=1)
+    deliver_all(store, ids, T0 + 100)
+    before = snapshot(db_path), sqlite3.connect(db_path).execute("SELECT * FROM deliveries").fetchall()
+    dry = store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY, dry_run=True)
+    assert (dry.events, dry.deliveries) == (len(ids), 2 * len(ids)) and len(ids) > 1000
+    assert (snapshot(db_path), sqlite3.connect(db_path).execute("SELECT * FROM deliveries").fetchall()) == before
+    real = store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY)
+    assert (real.events, real.deliveries, real.done) == (len(ids), 2 * len(ids), True)
+    assert 0.5 < dry.bytes_freed / real.bytes_freed < 1.5, (dry.bytes_freed, real.bytes_freed)
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0  # every freed page went back
+
+
+def test_with_retention_the_file_stops_growing(db_path: Path, store: SqliteStore) -> None:
+    apply(store, success(cp(0)), now=T0, route=everywhere)
+    pages = []
+    for day in range(14):
+        now = T0 + day * DAY
+        for i in range(4):  # each poll: 25 checkpoints replace the previous 25 (50 events, 100 outbox rows)
+            first = (day * 4 + i) * 25 + 1
+            poll = success(*(cp(s, note="y" * 300) for s in range(first, first + 25)))
+            events = apply(store, poll, now=now + i, route=everywhere).events
+            deliver_all(store, [e.id for e in events], now + i)
+        store.prune(now=now + 10, retain_s=3 * DAY, batch=40)
+        pages.append(store._pragma("page_count"))
+    steady = pages[4:]  # from the day the first events fall out of the 3-day window
+    assert max(steady) <= pages[3] * 1.1, pages
+    assert store._pragma("freelist_count") == 0
+
+
+def test_prune_never_holds_the_write_lock_for_the_whole_pass(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
+    store = stores(db_path, new_id=counter_ids())
+    apply(store, success(cp(0)), now=T0, route=everywhere)
+    deliver_all(store, many_events(store, polls=10, per_poll=30, start=T0 + 1, step_s=1), T0 + 50)
+    other = stores(db_path, busy_timeout_s=5.0)
+    commits: list[int] = []
+
+    def poll_between() -> None:  # a second writer commits between the batches of one pass
+        apply(other, failed(503), ref=OTHER, now=T0 + 31 * DAY)
+        commits.append(1)
+
+    passes = 0
+    while not store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY, batch=50, max_batches=1).done:
+        passes += 1
+        poll_between()
+        assert passes < 100
+    assert passes >= 6 and len(commits) == passes
+    assert [e.fine_tune_key for _, e in store.events_after(0)] == [OTHER.key]  # only the new one is left
+
+
+def test_a_large_old_database_is_converted_by_prune_not_at_a_daemon_start(
+    db_path: Path, stores: Callable[..., SqliteStore]
+) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (2)")
+        for statements in MIGRATIONS[:2]:
+            for statement in statements:
+                db.execute(statement)
+    import structlog
+
+    with structlog.testing.capture_logs() as logs:
+        small_limit = stores(db_path, convert_max_bytes=1024)
+    assert (small_limit.auto_vacuum, small_limit.schema_version) == ("none", SCHEMA_VERSION)
+    assert [entry["event"] for entry in logs] == ["store.conversion_deferred"]
+    assert "oxen-watcher prune" in logs[0]["hint"]
+    small_limit.close()
+    assert stores(db_path, convert_max_bytes=None).auto_vacuum == "incremental"
+
+
+def test_a_large_prune_rewrites_the_file_once_and_the_daemon_defers_a_big_rewrite(
+    db_path: Path, store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import structlog
+
+    from watcher.store import sqlite_prune
+
+    apply(store, success(cp(0)), now=T0, route=everywhere)
+    deliver_all(store, many_events(store, polls=10, per_poll=40, start=T0 + 1, step_s=1), T0 + 50)
+    full = store._pragma("page_count")
+    monkeypatch.setattr(sqlite_prune, "REWRITE_MAX_BYTES", 0)  # as if the live data were larger than allowed
+    monkeypatch.setattr(sqlite_prune, "FULL_REWRITE_MIN_PAGES", 16)  # and the history long
+    with structlog.testing.capture_logs() as logs:
+        while not store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY, batch=100, max_batches=1).done:
+            pass
+        store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY, max_batches=1)
+    assert [entry["event"] for entry in logs] == ["store.vacuum_deferred"]  # logged once, not per pass
+    assert store._pragma("freelist_count") > full // 2 and store._pragma("page_count") == full
+    report = store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY)  # what `oxen-watcher prune` does
+    assert report.events == 0 and report.bytes_freed > full // 2 * 4096
+    assert store._pragma("freelist_count") == 0 and store._pragma("page_count") < full // 2

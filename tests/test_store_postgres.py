@@ -1,8 +1,7 @@
-"""PostgresStore on a throwaway PostgreSQL cluster: the store behaviour tests of test_store.py that are not about
-SQLite, the outbox, errors without the URL, and events committed out of sequence order never missed.
-
-Until the shared store contract suite lands, the behaviour tests are re-run here against PostgreSQL.
-"""
+"""PostgresStore on a throwaway PostgreSQL cluster, beyond the shared contract (tests/store_contract runs on it
+too): schema and migrations, read-only use, errors without the URL, one transaction per poll, concurrent
+writers, events committed out of sequence order never missed, the outbox per owned fine-tune, the real
+dispatcher, and a database outage."""
 
 from __future__ import annotations
 
@@ -13,13 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import wait_for
-from test_store import (
+from store_contract.support import (
     OPTIONS,
     OTHER,
     REF,
     T0,
     apply,
-    build_history,
     counter_ids,
     cp,
     failed,
@@ -27,16 +25,11 @@ from test_store import (
     types,
 )
 
-from watcher.diff import DiffOptions
 from watcher.errors import StoreError
 from watcher.models import (
     CHECKPOINT_CREATED,
     CHECKPOINT_DEPLOYMENT_CHANGED,
     CHECKPOINT_REMOVED,
-    CHECKPOINT_UPDATED,
-    FINE_TUNE_NOT_FOUND,
-    FINE_TUNE_POLL_FAILING,
-    FINE_TUNE_POLL_RECOVERED,
     PollNotFound,
     PollSuccess,
     PollUnchanged,
@@ -191,34 +184,6 @@ def test_a_server_error_is_wrapped_with_a_safe_message(pg_url: str, stores: Call
 # --- apply_poll -------------------------------------------------------------------------------------
 
 
-def test_first_poll_is_a_silent_baseline_then_changes_are_announced(pg_url: str, store: PostgresStore) -> None:
-    baseline = apply(store, success(cp(1), cp(2)))
-    assert baseline.events == () and baseline.state.baselined
-    assert sorted(baseline.state.checkpoints) == [1, 2]
-    created = apply(store, success(cp(1), cp(2), cp(3, loss=0.01)), now=T0 + 10)
-    assert types(created) == [CHECKPOINT_CREATED]
-    [event] = created.events
-    assert event.data["checkpoint"] == cp(3, loss=0.01)
-    assert event.data["fine_tune"] == REF.as_data()
-    assert sorted(created.state.checkpoints) == [1, 2, 3]
-    assert store.recent_events() == list(created.events)
-    assert [e for _, e in store.events_after(0)] == list(created.events)
-    assert event_rows(pg_url) == [(event.id, CHECKPOINT_CREATED, REF.key)]
-
-
-def test_returned_state_is_the_committed_state(store: PostgresStore, stores: Callable[..., PostgresStore]) -> None:
-    apply(store, success(cp(1)))
-    committed = apply(store, success(cp(1), cp(2, status="ACTIVE")), now=T0 + 1)
-    assert stores().load_state(REF.key) == committed.state
-
-
-def test_updates_deployments_and_removals(store: PostgresStore) -> None:
-    apply(store, success(cp(1), cp(2), cp(3)))
-    changed = apply(store, success(cp(1, loss=0.123), cp(2, status="DEPLOYING")), now=T0 + 1)
-    assert sorted(types(changed)) == sorted([CHECKPOINT_UPDATED, CHECKPOINT_DEPLOYMENT_CHANGED, CHECKPOINT_REMOVED])
-    assert sorted(changed.state.checkpoints) == [1, 2]
-
-
 def test_state_and_events_commit_in_one_transaction(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
     ids = iter(["evt_a", "evt_b", "evt_dup", "evt_dup", "evt_c", "evt_d"])
     store = stores(new_id=lambda: next(ids))
@@ -233,36 +198,6 @@ def test_state_and_events_commit_in_one_transaction(pg_url: str, stores: Callabl
     retried = apply(store, poll, now=T0 + 4)
     assert [(e.id, e.data["checkpoint"]["step"]) for e in retried.events] == [("evt_c", 4), ("evt_d", 5)]
     assert [row[0] for row in event_rows(pg_url)] == ["evt_a", "evt_b", "evt_c", "evt_d"]
-
-
-def test_poll_unchanged_with_another_hash_returns_none_and_writes_nothing(pg_url: str, store: PostgresStore) -> None:
-    apply(store, success(cp(1)))
-    before = snapshot(pg_url)
-    assert store.apply_poll(REF, PollUnchanged("not-the-stored-hash"), options=OPTIONS, now=T0 + 1) is None
-    assert store.apply_poll(OTHER, PollUnchanged("never-seen"), options=OPTIONS, now=T0 + 1) is None
-    assert snapshot(pg_url) == before
-
-
-def test_poll_unchanged_with_the_stored_hash_commits_a_quiet_poll(store: PostgresStore) -> None:
-    poll = success(cp(1), cp(2))
-    apply(store, poll)
-    committed = apply(store, PollUnchanged(poll.body_hash), now=T0 + 5)
-    assert committed.events == () and sorted(committed.state.checkpoints) == [1, 2]
-    [status] = store.statuses()
-    assert (status.last_poll_at, status.last_outcome, status.last_success_at) == (T0 + 5, "ok", T0 + 5)
-
-
-def test_commit_false_writes_nothing(pg_url: str, store: PostgresStore) -> None:
-    apply(store, success(cp(1)))
-    before = snapshot(pg_url)
-    dry = store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1, commit=False)
-    assert dry is not None and types(dry) == [CHECKPOINT_CREATED]
-    dry_new = store.apply_poll(OTHER, PollNotFound(), options=OPTIONS, now=T0 + 1, commit=False)
-    assert dry_new is not None and types(dry_new) == [FINE_TUNE_NOT_FOUND]
-    assert store.apply_poll(REF, failed(retry_after_s=60), options=OPTIONS, now=T0 + 1, commit=False) is not None
-    assert snapshot(pg_url) == before
-    assert store.not_before(REF.key) is None
-    assert types(apply(store, success(cp(1), cp(2)), now=T0 + 2)) == [CHECKPOINT_CREATED]
 
 
 def test_a_poll_without_change_writes_no_checkpoint_rows(pg_url: str, store: PostgresStore) -> None:
@@ -314,18 +249,6 @@ def test_two_stores_on_one_database_announce_a_change_once(pg_url: str, stores: 
 # --- reports ----------------------------------------------------------------------------------------
 
 
-def test_recent_events_newest_first_with_limit_and_glob(store: PostgresStore) -> None:
-    build_history(store)  # type: ignore[arg-type]
-    all_types = [CHECKPOINT_CREATED, FINE_TUNE_NOT_FOUND, CHECKPOINT_REMOVED, CHECKPOINT_DEPLOYMENT_CHANGED,
-                 CHECKPOINT_CREATED]  # fmt: skip
-    assert [e.type for e in store.recent_events()] == all_types
-    assert [e.type for e in store.recent_events(limit=2)] == all_types[:2]
-    assert [e.data["checkpoint"]["step"] for e in store.recent_events(type_glob="checkpoint.created")] == [3, 2]
-    assert [e.fine_tune_key for e in store.recent_events(type_glob="fine_tune.*")] == [OTHER.key]
-    assert store.recent_events(type_glob="CHECKPOINT.*") == []
-    assert store.recent_events(limit=0) == []
-
-
 def test_recent_events_pages_through_many_events(store: PostgresStore) -> None:
     apply(store, success(cp(1)))
     steps = list(range(1, 1202))
@@ -335,19 +258,6 @@ def test_recent_events_pages_through_many_events(store: PostgresStore) -> None:
     [oldest_created] = store.recent_events(limit=1, type_glob="fine_tune.*")
     assert oldest_created.fine_tune_key == OTHER.key
     assert [e.data["checkpoint"]["step"] for e in store.recent_events(limit=1201, type_glob="checkpoint.*")][-1] == 2
-
-
-def test_events_after_is_oldest_first_and_exclusive(store: PostgresStore) -> None:
-    build_history(store)  # type: ignore[arg-type]
-    everything = store.events_after(0)
-    seqs = [seq for seq, _ in everything]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) == 5
-    assert [e for _, e in everything] == list(reversed(store.recent_events()))
-    assert store.events_after(seqs[1]) == everything[2:]
-    assert store.events_after(seqs[-1]) == []
-    assert store.events_after(0, limit=2) == everything[:2]
-    new = apply(store, success(cp(2, status="ACTIVE"), cp(3), cp(4)), now=T0 + 9)
-    assert [e for _, e in store.events_after(seqs[-1])] == list(new.events)
 
 
 def test_events_committed_out_of_order_are_never_missed_after_a_cursor(
@@ -386,71 +296,6 @@ def test_events_committed_out_of_order_are_never_missed_after_a_cursor(
     later = apply(store, success(cp(1), cp(2)), now=T0 + 2)
     read()
     assert seen[2:] == [later.events[0].id]
-
-
-def test_statuses(store: PostgresStore) -> None:
-    options = DiffOptions(failure_threshold=2)
-    apply(store, success(cp(1, loss=0.9), cp(5, loss=0.4, status="ACTIVE"), cp(3, status="deploying")), now=T0)
-    apply(store, PollNotFound(), ref=OTHER, now=T0 + 1)
-    unknown = "ox/models/ft_unknown"
-    ok, not_found, never = store.statuses([REF.key, OTHER.key, unknown])
-    assert [s.key for s in store.statuses()] == sorted([REF.key, OTHER.key])
-    assert (ok.last_poll_at, ok.last_outcome, ok.last_http_status, ok.last_error) == (T0, "ok", 200, None)
-    assert (ok.baselined, ok.not_found, ok.failing, ok.consecutive_failures) == (True, False, False, 0)
-    assert (ok.checkpoints, ok.latest_step, ok.latest_loss, ok.last_success_at) == (3, 5, 0.4, T0)
-    assert ok.deployments == {3: "deploying", 5: "ACTIVE"}
-    assert ok.metrics["loss"] == 0.4 and ok.metrics["learning_rate"] == 1e-5
-    assert (not_found.not_found, not_found.last_outcome, not_found.last_http_status) == (True, "not_found", 404)
-    assert (never.last_poll_at, never.baselined, never.checkpoints, never.latest_step) == (None, False, 0, None)
-    assert types(apply(store, failed(502), now=T0 + 10, options=options)) == []
-    assert types(apply(store, failed(503), now=T0 + 20, options=options)) == [FINE_TUNE_POLL_FAILING]
-    [status] = store.statuses([REF.key])
-    assert (status.consecutive_failures, status.failing, status.last_http_status) == (2, True, 503)
-    assert (status.last_poll_at, status.last_success_at, status.checkpoints) == (T0 + 20, T0, 3)
-    recovered = apply(store, success(cp(1, loss=0.9)), now=T0 + 40, options=options)
-    assert FINE_TUNE_POLL_RECOVERED in types(recovered)
-    [status] = store.statuses([REF.key])
-    assert (status.consecutive_failures, status.failing, status.last_success_at) == (0, False, T0 + 40)
-
-
-def test_not_found_is_announced_on_the_transition_only(store: PostgresStore) -> None:
-    assert types(apply(store, PollNotFound())) == [FINE_TUNE_NOT_FOUND]
-    assert types(apply(store, PollNotFound(), now=T0 + 1)) == []
-    back = apply(store, success(cp(1)), now=T0 + 2)
-    assert back.events == () and back.state.not_found is False
-    assert types(apply(store, PollNotFound(), now=T0 + 3)) == [FINE_TUNE_NOT_FOUND]
-
-
-def test_not_before_is_persisted_from_retry_after(store: PostgresStore, stores: Callable[..., PostgresStore]) -> None:
-    apply(store, success(cp(1)))
-    apply(store, failed(429, retry_after_s=120.0), now=T0 + 10)
-    assert store.not_before(REF.key) == T0 + 130
-    store.close()
-    restarted = stores()
-    assert restarted.not_before(REF.key) == T0 + 130
-    assert restarted.statuses([REF.key])[0].not_before == T0 + 130
-    apply(restarted, failed(503), now=T0 + 200)
-    assert restarted.not_before(REF.key) is None
-    apply(restarted, success(cp(1)), now=T0 + 400)
-    assert restarted.not_before(REF.key) is None
-    assert restarted.not_before("ox/models/never") is None
-
-
-def test_restart_keeps_the_baseline_and_the_body_hash(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
-    first = stores(new_id=counter_ids("evt_1_"))
-    poll = success(cp(1), cp(2, status="ACTIVE"))
-    assert apply(first, poll).events == ()
-    apply(first, PollNotFound(), ref=OTHER)
-    first.close()
-    events_before = event_rows(pg_url)
-    second = stores(new_id=counter_ids("evt_2_"))
-    assert second.apply_poll(REF, PollUnchanged("some-other-hash"), options=OPTIONS, now=T0 + 1) is None
-    assert apply(second, PollUnchanged(poll.body_hash), now=T0 + 1).events == ()
-    assert apply(second, success(cp(2, status="ACTIVE"), cp(1), salt="x"), now=T0 + 2).events == ()
-    assert apply(second, PollNotFound(), ref=OTHER, now=T0 + 3).events == ()
-    assert event_rows(pg_url) == events_before
-    later = apply(second, success(cp(1), cp(2, status="ACTIVE"), cp(3)), now=T0 + 4)
-    assert [(e.type, e.data["checkpoint"]["step"]) for e in later.events] == [(CHECKPOINT_CREATED, 3)]
 
 
 def test_touch_records_quiet_polls_and_reports_rows_moved_on(

@@ -28,6 +28,7 @@ from .logs import REDACTOR
 from .metrics import Metrics
 from .poller import EventSink, PollHealth, PollReport, WatchedFineTune, Watcher, ref_of
 from .reload import apply_reload, plan_reload
+from .retention import RetentionJob
 from .runtime import Secrets, build_runtime, make_client, on_poll_retry, public_url, resolve_all
 from .scheduling import SCHEDULE_GRID_S, PollDriver, PollSchedule
 from .server import HttpServer, Verdict
@@ -110,6 +111,10 @@ class App:
         self._driver_task: asyncio.Task[None] | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
         self._ticker_task: asyncio.Task[None] | None = None
+        self.retention = RetentionJob(
+            store=self.watcher.store, in_store=self.watcher.in_store, retain_days=config.model.state.retain_days
+        )
+        self._retention_task: asyncio.Task[None] | None = None
         self._retired: list[Any] = []  # replaced clients, closed at exit (in-flight work may still hold them)
         self._reloading = asyncio.Lock()
         self._reload_pending = False
@@ -142,7 +147,12 @@ class App:
         return liveness(
             now=time.monotonic(),
             beat=self._beat,
-            tasks={"scheduler": self._driver_task, "dispatcher": self._dispatch_task, "ticker": self._ticker_task},
+            tasks={
+                "scheduler": self._driver_task,
+                "dispatcher": self._dispatch_task,
+                "ticker": self._ticker_task,
+                "retention": self._retention_task,
+            },
             dispatcher_beat=self.dispatcher.last_beat if self.delivering else None,
         )
 
@@ -180,7 +190,9 @@ class App:
             self._driver_task = asyncio.create_task(self.driver.run(), name="scheduler")
             self._dispatch_task = asyncio.create_task(self._deliver(dispatching), name="dispatcher")
             self._ticker_task = asyncio.create_task(self._tick(), name="ticker")
-            for task in (self._driver_task, self._dispatch_task, self._ticker_task):
+            # at start, then hourly; small batches on the store thread, interleaved with the polls' commits
+            self._retention_task = asyncio.create_task(self.retention.run_forever(), name="retention")
+            for task in (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task):
                 watch_task(task, what=task.get_name(), stopping=self.stop.is_set)
             log.info(
                 "watcher.started",
@@ -200,6 +212,7 @@ class App:
             # no new polls; in-flight ones get the grace period to finish and commit
             self.driver.paused = True
             self._driver_task.cancel()
+            self._retention_task.cancel()  # no new prune batches while in-flight work drains
             dispatching.set()
             await asyncio.wait([self._dispatch_task], timeout=5)
             grace = self.config.watch.shutdown_grace_s
@@ -210,7 +223,7 @@ class App:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(signum)
-            for running in (self._driver_task, self._dispatch_task, self._ticker_task):
+            for running in (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task):
                 if running is not None and not running.done():
                     running.cancel()
             await self.server.stop()

@@ -1,4 +1,4 @@
-"""The `oxen-watcher` command line: run, once, check-config, status, events, demo."""
+"""The `oxen-watcher` command line: run, once, check-config, status, events, redeliver, prune, demo."""
 
 from __future__ import annotations
 
@@ -235,17 +235,34 @@ def test_notify(config_path: str, only: str | None) -> None:
 @cli.command()
 @config_option
 @click.argument("event_ids", nargs=-1, metavar="[EVENT_ID]...")
-@click.option("--dead", is_flag=True, help="Queue every dead delivery again.")
+@click.option("--dead", is_flag=True, help="Queue the dead deliveries again (those queued within --since).")
 @click.option("--notifier", metavar="NAME", help="Only deliveries to this notifier.")
-def redeliver(config_path: str, event_ids: tuple[str, ...], dead: bool, notifier: str | None) -> None:
-    """Queue events for delivery again: the named events, or every dead delivery (--dead)."""
+@click.option(
+    "--since",
+    metavar="WHEN",
+    help="With --dead: only rows queued since WHEN, a duration back from now (7d, 12h, 30m) or an RFC 3339 time."
+    "  [default: the retention window, [state] retain_days]",
+)
+def redeliver(
+    config_path: str, event_ids: tuple[str, ...], dead: bool, notifier: str | None, since: str | None
+) -> None:
+    """Queue events for delivery again: the named events, or the dead deliveries (--dead, bounded by --since)."""
     import time
 
     from .dispatch import Dispatcher
+    from .retention import parse_since, retain_s_of
 
     if bool(event_ids) == dead:
         _fail("give EVENT_ID... or --dead (not both)", 2)
+    if since is not None and not dead:
+        _fail("--since goes with --dead", 2)
     config = _load(config_path)
+    now = time.time()
+    since_at = now - retain_s_of(config.model.state.retain_days)
+    try:
+        since_at = parse_since(since, now=now) if since is not None else since_at
+    except ValueError as err:
+        _fail(f"--since: {err}", 2)
     names = {entry.name for entry in config.notifiers}
     if notifier is not None and notifier not in names:
         _fail(f"no notifier named {notifier!r}", 2)
@@ -257,10 +274,60 @@ def redeliver(config_path: str, event_ids: tuple[str, ...], dead: bool, notifier
         _fail(str(err), 1)
     router = Dispatcher(store=store, notifiers={}, configs=config.notifiers).route
     try:
-        count = store.redeliver(now=time.time(), event_ids=list(event_ids), dead=dead, notifier=notifier, route=router)
+        count = store.redeliver(
+            now=now,
+            event_ids=list(event_ids),
+            dead=dead,
+            notifier=notifier,
+            route=router,
+            since=since_at if dead else None,
+        )
     except StoreError as err:
         _fail(str(err), 1)
     click.echo(f"queued {count} deliveries")
+
+
+@cli.command()
+@config_option
+@click.option("--dry-run", is_flag=True, help="Print what it would remove; change nothing.")
+def prune(config_path: str, dry_run: bool) -> None:
+    """Apply retention now: delete events older than [state] retain_days (never one still pending delivery)."""
+    import time
+
+    from .retention import retain_s_of
+
+    config = _load(config_path)
+    days = config.model.state.retain_days
+    if not config.state_path().exists():
+        click.echo(f"nothing to prune: no state database at {config.state_path()} yet")
+        return
+    from .store import SqliteStore, open_store
+
+    try:
+        if dry_run:
+            store = open_store(config.state_path(), readonly=True)
+        else:  # converts a database of an earlier release whatever its size (the daemon only converts small ones)
+            store = SqliteStore(config.state_path(), convert_max_bytes=None)
+        try:
+            report = store.prune(now=time.time(), retain_s=retain_s_of(days), dry_run=dry_run)
+        finally:
+            store.close()
+    except StoreError as err:
+        _fail(str(err), 1)
+    if dry_run:
+        click.echo(
+            f"would remove {report.events} events and {report.deliveries} deliveries older than {days} days, "
+            f"freeing about {_size(report.bytes_freed)}"
+        )
+    else:
+        click.echo(
+            f"removed {report.events} events and {report.deliveries} deliveries older than {days} days, "
+            f"freed {_size(report.bytes_freed)}"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 1024 * 1024 else f"{n} bytes ({n / 1024 / 1024:.1f} MiB)"
 
 
 @cli.command("check-config")

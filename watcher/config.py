@@ -84,6 +84,7 @@ class WatchConfig(_Section):
 
 class StateConfig(_Section):
     path: NonEmpty = "watcher.db"
+    retain_days: Annotated[int, Field(ge=1)] = 30  # events (and their finished deliveries) older than this go
     # setting url (inline, url_env or url_file: a secret) selects the PostgreSQL store instead of SQLite at path
     url: NonEmpty | None = None
     url_env: NonEmpty | None = None

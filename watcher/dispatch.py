@@ -8,7 +8,7 @@ import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar
 
 import httpx
 import structlog
@@ -32,11 +32,6 @@ IDLE_RECHECK_S = 1.0  # rows queued by another process (`redeliver`, `once`) are
 
 async def _direct(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return fn(*args, **kwargs)
-
-
-class _RetiringStore(Protocol):
-    # the outbox call the store branch adds to the Store protocols; until then a cast names it
-    def retire_notifiers(self, known: Sequence[str], *, now: float, reason: str = "notifier_removed") -> int: ...
 
 
 class Dispatcher:
@@ -168,9 +163,8 @@ class Dispatcher:
 
     async def _retire_removed(self) -> None:
         self._retire_due = False
-        store = cast(_RetiringStore, self._store)
         try:
-            count = await self._in_store(store.retire_notifiers, list(self.configs), now=self._clock())
+            count = await self._in_store(self._store.retire_notifiers, list(self.configs), now=self._clock())
         except StoreError as err:
             if not self._store_failing:  # an outage is logged once, by pass_once
                 log.error("dispatch.store_failed", error=str(err))

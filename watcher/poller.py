@@ -57,7 +57,6 @@ class Watcher:
     fine_tunes: dict[str, WatchedFineTune] = field(default_factory=dict)
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
-    _touched: set[str] = field(default_factory=set)
     _unauthorized: int = 0  # watched fine-tunes whose last answer was 401/403
 
     def __post_init__(self) -> None:
@@ -119,7 +118,6 @@ class Watcher:
         watched.watched = False
         if watched.unauthorized:
             self._unauthorized -= 1
-        self._touched.discard(key)
         if self.metrics is not None:
             self.metrics.drop_fine_tune(watched.ref)
 
@@ -222,7 +220,6 @@ class Watcher:
         now = self.clock()
         committed = self._unchanged(watched, result, now) if isinstance(result, PollUnchanged) else None
         if committed is None:
-            watched.touch = None  # a batched poll time must not land after (and over) this poll's outcome
             try:
                 committed, result = await self._commit(ref, result, fetched, now)
             except StoreError as err:
@@ -241,16 +238,14 @@ class Watcher:
         return PollReport(ref, result, committed.events)
 
     def _unchanged(self, watched: WatchedFineTune, result: PollUnchanged, now: float) -> Committed | None:
-        """The fast path of an unchanged 200 body: no transaction now, the poll time is written in a batch.
+        """The fast path of an unchanged 200 body: touch or diff, decided by the store (no I/O now).
 
         None when the poll must go the full way (something was failing, or not committing).
         """
-        key = watched.ref.key
-        if not self.commit or not self.store.quiet(key, result.body_hash):
+        if not self.commit:
             return None
-        watched.touch = (result.body_hash, now)
-        self._touched.add(key)
-        return Committed((), self.store.load_cached(key))
+        state = self.store.observe_unchanged(watched.ref.key, result.body_hash, now=now)
+        return None if state is None else Committed((), state)
 
     async def _commit(
         self, ref: FineTuneRef, result: PollResult, fetched: object, now: float
@@ -333,24 +328,12 @@ class Watcher:
 
     async def flush_touches(self) -> None:
         """Write the batched poll times of unchanged polls (every second or so, and at exit)."""
-        if not self._touched:
-            return
-        batch: list[tuple[str, str, float]] = []
-        for key in self._touched:
-            watched = self.fine_tunes.get(key)
-            if watched is not None and watched.touch is not None:
-                batch.append((key, *watched.touch))
-                watched.touch = None
-        self._touched = set()
-        if not batch:
+        if not self.commit:
             return
         try:
-            moved_on = await self.in_store(self.store.touch, batch)
+            await self.in_store(self.store.flush_touches)
         except StoreError as err:
-            log.warning("store.touch_failed", error=str(err), polls=len(batch))
-            return
-        for key in moved_on:  # another process committed a newer state: diff the next answer for real
-            self.store.forget(key)
+            log.warning("store.touch_failed", error=str(err))
 
     async def poll_all(self) -> list[PollReport]:
         """Poll every configured fine-tune once (bounded by max_concurrency), in parallel."""

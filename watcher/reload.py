@@ -111,6 +111,16 @@ def _swap_fine_tunes(app: App, plan: ReloadPlan) -> Undo:
     return lambda: app.watcher.restore(snapshot)
 
 
+def _swap_retention(app: App, plan: ReloadPlan) -> Undo:
+    old = app.retention.retain_days
+    app.retention.retain_days = plan.config.model.state.retain_days
+
+    def undo() -> None:
+        app.retention.retain_days = old
+
+    return undo
+
+
 def _swap_schedule(app: App, plan: ReloadPlan) -> Undo:
     old = app.config
     app.reschedule(plan.config)
@@ -123,6 +133,7 @@ STEPS: tuple[Callable[[App, ReloadPlan], Undo], ...] = (
     _swap_token,
     _swap_logging,
     _swap_fine_tunes,
+    _swap_retention,
     _swap_schedule,
 )
 

@@ -45,7 +45,6 @@ class WatchedFineTune:
     not_before: float | None = None  # the Hub's Retry-After for this fine-tune (Unix time)
     unauthorized: bool = False  # the last answer was 401/403
     status: FineTuneStatus | None = None  # what the metrics show, refreshed when the state changes
-    touch: tuple[str, float] | None = None  # an unchanged poll's (body hash, time), written in a batch
     children: PollChildren | None = None  # its poll counters (created at 0 when watching starts)
     watched: bool = True
 

@@ -134,6 +134,7 @@ MATRIX: dict[str, list[Bad]] = {
     "state.lease_s": [wrong("15"), out(0), out(3601)],
     "state.renew_s": [wrong("5"), out(0), out(3601)],
     "state.replica": [wrong(5), out("a b"), out(TOO_LONG)],
+    "state.retain_days": [wrong("30"), wrong(1.5), out(0), out(-1)],
     "http": [wrong(True)],
     "http.listen": [wrong(9464), out("9464"), out("127.0.0.1:70000"), out("")],
     "http.token": [wrong(5), out("")],

@@ -1,7 +1,7 @@
 """Durable state: protocols per concern, the SQLite implementation, the dispatch lock."""
 
 from .lock import DispatchLock
-from .protocols import Committed, Router, Store
+from .protocols import Committed, EventLog, Outbox, PruneReport, Retention, Router, StateStore, Store
 from .reports_sqlite import SqliteReports
 from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
 from .sqlite import SqliteStore, open_store, wall_clock
@@ -11,9 +11,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "Committed",
     "DispatchLock",
+    "EventLog",
+    "Outbox",
+    "PruneReport",
+    "Retention",
     "Router",
     "SqliteReports",
     "SqliteStore",
+    "StateStore",
     "Store",
     "open_store",
     "wall_clock",

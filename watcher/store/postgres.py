@@ -8,6 +8,7 @@ the epoch it polled under.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from ..models import (
 )
 from .postgres_base import open_pool, store_error
 from .postgres_outbox import PgOutbox
+from .postgres_prune import PgPrune
 from .postgres_reports import PgReports
 from .protocols import Committed, Router, Store
 from .schema_postgres import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SEQ_SHIFT
@@ -38,7 +40,7 @@ Conn = psycopg.Connection[Any]
 _STATE_COLUMNS = "baselined, not_found, consecutive_failures, failing, best_loss, body_hash, revision"
 
 
-class PostgresStore(PgOutbox, PgReports):
+class PostgresStore(PgOutbox, PgReports, PgPrune):
     """The PostgreSQL store: one transaction per poll, a cache of decoded state per fine-tune."""
 
     def __init__(
@@ -55,6 +57,9 @@ class PostgresStore(PgOutbox, PgReports):
         self._new_id = new_id
         # fine_tune_key -> (revision, state) as last read or written by this process
         self._cache: dict[str, tuple[int, FineTuneState]] = {}
+        # unchanged polls waiting for flush_touches: key -> (body hash, revision seen, poll time)
+        self._touches: dict[str, tuple[str, int, float]] = {}
+        self._touches_lock = threading.Lock()
         self._pool = open_pool(url, min_size=pool_min, max_size=pool_max, timeout_s=connect_timeout_s)
         try:
             self._tx(self._migrate if not readonly else self._check_version, what="open the state database")
@@ -160,6 +165,59 @@ class PostgresStore(PgOutbox, PgReports):
         state = cached[1]
         return state.body_hash == body_hash and not (state.consecutive_failures or state.failing or state.not_found)
 
+    def observe_unchanged(self, key: str, body_hash: str, *, now: float) -> FineTuneState | None:
+        """Touch or diff, without I/O: when a 200 with this body changes nothing (the body is the committed one
+        and nothing was failing), record the poll time for the next `flush_touches` and return the state;
+        otherwise None: the caller diffs the answer for real with apply_poll."""
+        cached = self._cache.get(key)
+        if cached is None:
+            return None
+        revision, state = cached
+        if state.body_hash != body_hash or state.consecutive_failures or state.failing or state.not_found:
+            return None
+        with self._touches_lock:
+            previous = self._touches.get(key)
+            if previous is None or previous[2] <= now:
+                self._touches[key] = (body_hash, revision, now)
+        return state
+
+    def flush_touches(self) -> list[str]:
+        """Write the batched poll times of unchanged polls in one transaction; returns the keys another writer
+        moved on (their cache is dropped). A failed write drops the batch (poll times only) and raises StoreError."""
+        with self._touches_lock:
+            batch, self._touches = self._touches, {}
+        if not batch:
+            return []
+
+        def write(conn: Conn) -> list[str]:
+            stale = []
+            for key, (digest, revision, at) in batch.items():
+                updated = conn.execute(
+                    "UPDATE fine_tunes SET last_poll_at = %s, last_success_at = %s, last_outcome = 'ok', "
+                    "last_error = NULL, last_http_status = 200, not_before = NULL "
+                    "WHERE fine_tune_key = %s AND body_hash = %s AND revision = %s "
+                    "AND (last_poll_at IS NULL OR last_poll_at <= %s)",  # never over a later outcome
+                    (at, at, key, digest, revision, at),
+                ).rowcount
+                if not updated:
+                    stale.append(key)
+            return stale
+
+        stale = self._tx(write, what="record poll times")
+        moved_on = []
+        for key in stale:
+            cached = self._cache.get(key)
+            if cached is not None and cached[0] == batch[key][1]:  # not our own later commit: another writer's
+                self._cache.pop(key, None)
+                moved_on.append(key)
+        return moved_on
+
+    def _drop_touch(self, key: str, now: float) -> None:
+        with self._touches_lock:
+            pending = self._touches.get(key)
+            if pending is not None and pending[2] <= now:
+                del self._touches[key]
+
     def forget(self, key: str) -> None:
         """Drop what this process caches of a fine-tune: the next poll reads the state from the database."""
         self._cache.pop(key, None)
@@ -186,6 +244,8 @@ class PostgresStore(PgOutbox, PgReports):
         if commit and self.readonly:
             raise StoreError("the state database is open read-only")
         key = ref.key
+        if commit:
+            self._drop_touch(key, now)
         outcome: list[Any] = []
 
         def work(conn: Conn) -> None:

@@ -116,17 +116,19 @@ class PgOutbox(PgBase):
         dead: bool = False,
         notifier: str | None = None,
         route: Router | None = None,
+        since: float | None = None,
     ) -> int:
-        """Queue events again: the dead rows (of one notifier), or the named events (to every matching notifier,
-        creating rows where `route` adds one). Returns how many rows were queued."""
+        """Queue events again: the dead rows (of one notifier; queued at or after `since`), or the named events
+        (to every matching notifier, creating rows where `route` adds one). Returns how many rows were queued."""
 
         def write(conn: psycopg.Connection[Any]) -> int:
             count = 0
             if dead:
                 count += conn.execute(
                     "UPDATE deliveries SET state = 'pending', next_attempt_at = %s, queued_at = %s, attempts = 0 "
-                    "WHERE state = 'dead' AND (%s::text IS NULL OR notifier = %s::text)",
-                    (now, now, notifier, notifier),
+                    "WHERE state = 'dead' AND (%s::text IS NULL OR notifier = %s::text) "
+                    "AND (%s::float8 IS NULL OR queued_at >= %s::float8)",
+                    (now, now, notifier, notifier, since, since),
                 ).rowcount
             for event_id in event_ids:
                 row = conn.execute(
@@ -156,3 +158,16 @@ class PgOutbox(PgBase):
             "SELECT notifier, COUNT(*), MIN(queued_at) FROM deliveries WHERE state = 'pending' GROUP BY notifier"
         )
         return [OutboxStats(notifier, count, oldest) for notifier, count, oldest in rows]
+
+    def retire_notifiers(self, known: Sequence[str], *, now: float, reason: str = "notifier_removed") -> int:
+        """Pending rows of notifiers not in `known` become dead with `reason` as their last error (rows keep
+        their queue time); returns how many."""
+
+        def write(conn: psycopg.Connection[Any]) -> int:
+            return conn.execute(
+                "UPDATE deliveries SET state = 'dead', last_error = %s, next_attempt_at = NULL "
+                "WHERE state = 'pending' AND NOT (notifier = ANY(%s))",
+                (reason, list(known)),
+            ).rowcount
+
+        return self._tx(write, what="retire removed notifiers")

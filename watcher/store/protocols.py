@@ -1,4 +1,5 @@
-"""What the rest of the watcher needs from durable state, as protocols (SQLite now, PostgreSQL later)."""
+"""What the rest of the watcher needs from durable state: one small protocol per concern (SQLite now,
+PostgreSQL later). `Store` combines them; the contract suite (tests/store_contract) runs against them."""
 
 from __future__ import annotations
 
@@ -19,11 +20,29 @@ class Committed:
     checkpoints_changed: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """What one retention pass removed (or, on a dry run, would remove)."""
+
+    events: int = 0
+    deliveries: int = 0
+    bytes_freed: int = 0
+    done: bool = True  # False when a bounded pass (max_batches) left work for the next one
+
+    def __add__(self, other: PruneReport) -> PruneReport:
+        return PruneReport(
+            self.events + other.events,
+            self.deliveries + other.deliveries,
+            self.bytes_freed + other.bytes_freed,
+            other.done,
+        )
+
+
 Router = Callable[[Event], Sequence[str]]
 
 
-class Store(Protocol):
-    """Durable state of the watcher; SQLite now, PostgreSQL later."""
+class StateStore(Protocol):
+    """The committed state of each fine-tune and the one write path that moves it on."""
 
     def apply_poll(
         self,
@@ -38,12 +57,25 @@ class Store(Protocol):
         """Diff a poll result against the stored state; commit state, events and outbox rows in one transaction."""
         ...
 
+    def load_state(self, key: str) -> FineTuneState:
+        """The committed state of one fine-tune, read from the database (an empty state when never seen)."""
+        ...
+
     def load_cached(self, key: str) -> FineTuneState:
         """The state of a fine-tune as this process last saw it (no I/O)."""
         ...
 
+    def observe_unchanged(self, key: str, body_hash: str, *, now: float) -> FineTuneState | None:
+        """Touch or diff: the state when a 200 with this body changes nothing but the poll time (recorded in a
+        batch written by `flush_touches`); None when the answer must be diffed for real (apply_poll)."""
+        ...
+
+    def flush_touches(self) -> list[str]:
+        """Write the batched poll times; returns the keys another writer moved on (their cache is dropped)."""
+        ...
+
     def quiet(self, key: str, body_hash: str) -> bool:
-        """Whether a 200 with this body would change nothing but the poll times."""
+        """Whether a 200 with this body would change nothing but the poll times (older form of observe_unchanged)."""
         ...
 
     def touch(self, polls: Sequence[tuple[str, str, float]]) -> list[str]:
@@ -53,6 +85,38 @@ class Store(Protocol):
     def forget(self, key: str) -> None:
         """Drop the cached state of a fine-tune."""
         ...
+
+    def body_hash(self, key: str) -> str | None:
+        """The hash of the last committed 200 body of a fine-tune."""
+        ...
+
+    def not_before(self, key: str) -> float | None:
+        """The Unix time before which the Hub asked not to be polled for this fine-tune."""
+        ...
+
+    def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
+        """Per fine-tune status, for `status` and metrics."""
+        ...
+
+
+class EventLog(Protocol):
+    """The committed events, in commit order."""
+
+    def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
+        """Committed events, newest first; `type_glob` as fnmatch (case-sensitive) on the type."""
+        ...
+
+    def events_after(self, seq: int, *, limit: int = 1000) -> list[tuple[int, Event]]:
+        """Committed events with a sequence number above `seq`, oldest first."""
+        ...
+
+    def events_by_id(self, event_ids: Sequence[str]) -> dict[str, Event]:
+        """Committed events by id."""
+        ...
+
+
+class Outbox(Protocol):
+    """One row per (event, notifier), delivered in order per (notifier, fine-tune) lane."""
 
     def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
         """The due head of each (notifier, fine-tune) lane."""
@@ -64,10 +128,6 @@ class Store(Protocol):
 
     def lane_batch(self, head: Delivery, *, limit: int = 1000) -> list[Delivery]:
         """The pending rows of the head's lane that came from the same poll."""
-        ...
-
-    def events_by_id(self, event_ids: Sequence[str]) -> dict[str, Event]:
-        """Committed events by id."""
         ...
 
     def record_delivery(
@@ -96,33 +156,39 @@ class Store(Protocol):
         dead: bool = False,
         notifier: str | None = None,
         route: Router | None = None,
+        since: float | None = None,
     ) -> int:
-        """Queue dead rows or named events again."""
+        """Queue dead rows (queued at or after `since`) or named events again."""
         ...
 
     def outbox_stats(self) -> list[OutboxStats]:
         """Pending rows per notifier."""
         ...
 
-    def body_hash(self, key: str) -> str | None:
-        """The hash of the last committed 200 body of a fine-tune."""
+    def retire_notifiers(self, known: Sequence[str], *, now: float, reason: str = "notifier_removed") -> int:
+        """Pending rows of notifiers not in `known` become dead with `reason`; returns how many."""
         ...
 
-    def not_before(self, key: str) -> float | None:
-        """The Unix time before which the Hub asked not to be polled for this fine-tune."""
+
+class Retention(Protocol):
+    """Bounded history: old events leave with their finished outbox rows."""
+
+    def prune(
+        self,
+        *,
+        now: float,
+        retain_s: float,
+        batch: int = 500,
+        dry_run: bool = False,
+        max_batches: int | None = None,
+    ) -> PruneReport:
+        """Delete events older than `retain_s` (never one with a pending delivery) with their delivered and dead
+        rows, `batch` events per short transaction, then give the space back to the file system."""
         ...
 
-    def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
-        """Per fine-tune status, for `status` and metrics."""
-        ...
 
-    def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
-        """Committed events, newest first."""
-        ...
-
-    def events_after(self, seq: int, *, limit: int = 1000) -> list[tuple[int, Event]]:
-        """Committed events with a sequence number above `seq`, oldest first."""
-        ...
+class Store(StateStore, EventLog, Outbox, Retention, Protocol):
+    """Durable state of the watcher: every concern, one database."""
 
     def close(self) -> None:
         """Release the database."""

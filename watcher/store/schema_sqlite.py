@@ -55,5 +55,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX deliveries_lane ON deliveries (notifier, state, fine_tune_key, event_seq)",
     ),
+    (
+        # A large history stays cheap: retention finds old events by time, `events --type` reads one type's
+        # rows newest first, and the outbox queries read pending (or dead) rows only: partial indexes hold
+        # nothing of the delivered rows, which are almost all of them.
+        "CREATE INDEX events_created ON events (created_at)",
+        "CREATE INDEX events_type ON events (type, seq)",
+        "CREATE INDEX deliveries_pending_lane ON deliveries (notifier, fine_tune_key, event_seq) "
+        "WHERE state = 'pending'",
+        # state is a column too (always 'pending') so the statistics and next_due_at read this index alone
+        "CREATE INDEX deliveries_pending_due ON deliveries (notifier, next_attempt_at, queued_at, state) "
+        "WHERE state = 'pending'",
+        "CREATE INDEX deliveries_dead ON deliveries (queued_at) WHERE state = 'dead'",
+        "DROP INDEX deliveries_lane",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -7,25 +7,26 @@ produced it does, whatever crashes in between.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
+import structlog
 
 from ..diff import DiffOptions, diff
 from ..errors import StoreError
 from ..events import stamp
 from ..models import (
-    Delivery,
     Event,
     FineTuneRef,
     FineTuneState,
     FineTuneStatus,
     KnownCheckpoint,
-    OutboxStats,
     PollFailed,
     PollResult,
     PollSuccess,
@@ -35,22 +36,23 @@ from ..models import (
 )
 from .protocols import Committed, Router
 from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
+from .sqlite_base import REWRITE_MAX_BYTES, event_from_row
+from .sqlite_outbox import SqliteOutbox
+from .sqlite_prune import SqlitePrune
 
-T = TypeVar("T")
+log = structlog.get_logger("watcher.store")
+
+# The WAL file is cut back to this size after a checkpoint, so a burst (a large prune) does not leave it big.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+
+# Converting an older database to incremental auto_vacuum rewrites the file (VACUUM), which takes minutes for
+# a file of gigabytes. At a daemon's start only a file up to this size is converted, so start-up stays within
+# systemd's start timeout; `oxen-watcher prune` converts any size. Until then pruned pages are reused, not
+# given back.
+CONVERT_AT_START_MAX_BYTES = REWRITE_MAX_BYTES
 
 
-def _event_from_row(envelope: str, fine_tune_key: str) -> Event:
-    doc = orjson.loads(envelope)
-    return Event(doc["id"], doc["type"], doc["timestamp"], doc["data"], fine_tune_key)
-
-
-_DELIVERY_COLUMNS = (
-    "event_seq, event_id, notifier, fine_tune_key, batch_id, state, attempts, next_attempt_at, queued_at, "
-    "last_error, last_status"
-)
-
-
-class SqliteStore:
+class SqliteStore(SqliteOutbox, SqlitePrune):
     """The SQLite store: WAL mode, one writer transaction per poll, a cache of decoded state per fine-tune."""
 
     def __init__(
@@ -60,12 +62,17 @@ class SqliteStore:
         readonly: bool = False,
         busy_timeout_s: float = 5.0,
         new_id: Callable[[], str] | None = None,
+        convert_max_bytes: int | None = CONVERT_AT_START_MAX_BYTES,
     ) -> None:
         self.path = str(path)
         self.readonly = readonly
         self._new_id = new_id
         # fine_tune_key -> (revision, state) as last read or written by this process
         self._cache: dict[str, tuple[int, FineTuneState]] = {}
+        # unchanged polls waiting for flush_touches: key -> (body hash, revision seen, poll time); filled on the
+        # event loop's thread, written on the store's thread
+        self._touches: dict[str, tuple[str, int, float]] = {}
+        self._touches_lock = threading.Lock()
         try:
             if readonly:
                 uri = f"file:{Path(self.path).resolve()}?mode=ro"
@@ -78,10 +85,14 @@ class SqliteStore:
                 self._db = sqlite3.connect(
                     self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
                 )
+                # before the first table (and before WAL mode writes the header): a new file frees its pages
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
                 # NORMAL in WAL mode survives process crashes (kill -9); only power loss may drop the last commits.
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._migrate()
+                self._convert_to_incremental_vacuum(max_bytes=convert_max_bytes)
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             if readonly:
                 self._check_version()
@@ -123,6 +134,40 @@ class SqliteStore:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+
+    def _convert_to_incremental_vacuum(self, *, max_bytes: int | None) -> None:
+        """Give a database created before retention `auto_vacuum = INCREMENTAL`, so pruning can shrink it.
+
+        Only a VACUUM (outside any transaction) changes the mode of a database that has tables; it rewrites the
+        file once. If it cannot run now (another process is busy with the file, the disk is full), the store
+        works as before and the next start tries again.
+        """
+        if self.path == ":memory:" or self._pragma("auto_vacuum") == 2:
+            return
+        size = self._pragma("page_count") * self._pragma("page_size")
+        if max_bytes is not None and size > max_bytes:
+            log.warning(
+                "store.conversion_deferred",
+                change="auto_vacuum = INCREMENTAL",
+                size_bytes=size,
+                hint="run `oxen-watcher prune` once to convert it (it rewrites the file); until then pruned space "
+                "is reused but not given back",
+            )
+            return
+        log.info("store.converting", change="auto_vacuum = INCREMENTAL", reason="retention can shrink the file")
+        started = time.monotonic()
+        try:
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("VACUUM")
+        except sqlite3.OperationalError as err:
+            log.warning("store.conversion_deferred", error=str(err), hint="tried again at the next start")
+            return
+        log.info("store.converted", change="auto_vacuum = INCREMENTAL", seconds=round(time.monotonic() - started, 3))
+
+    @property
+    def auto_vacuum(self) -> str:
+        """The database's auto_vacuum mode: none, full or incremental."""
+        return ("none", "full", "incremental")[self._pragma("auto_vacuum")]
 
     @property
     def schema_version(self) -> int:
@@ -203,6 +248,8 @@ class SqliteStore:
         With commit=False (a dry run) nothing is written.
         """
         key = ref.key
+        if commit:
+            self._drop_touch(key, now)
         try:
             # IMMEDIATE takes the write lock before reading, so two processes polling the same fine-tune
             # (`once` beside `run`) serialize and never announce one change twice.
@@ -326,14 +373,72 @@ class SqliteStore:
                 updated = self._db.execute(
                     "UPDATE fine_tunes SET last_poll_at = ?, last_success_at = ?, last_outcome = 'ok', "
                     "last_error = NULL, last_http_status = 200, not_before = NULL "
-                    "WHERE fine_tune_key = ? AND body_hash = ? AND revision = ?",
-                    (at, at, key, digest, cached[0] if cached else -1),
+                    "WHERE fine_tune_key = ? AND body_hash = ? AND revision = ? "
+                    "AND (last_poll_at IS NULL OR last_poll_at <= ?)",  # never over a later outcome
+                    (at, at, key, digest, cached[0] if cached else -1, at),
                 ).rowcount
                 if not updated:
                     moved_on.append(key)
             return moved_on
 
         return self._write_tx(write, what="record poll times")
+
+    def observe_unchanged(self, key: str, body_hash: str, *, now: float) -> FineTuneState | None:
+        """Touch or diff, without I/O: when a 200 with this body changes nothing (the body is the committed one
+        and nothing was failing), record the poll time for the next `flush_touches` and return the state;
+        otherwise None: the caller diffs the answer for real with apply_poll."""
+        cached = self._cache.get(key)
+        if cached is None:
+            return None
+        revision, state = cached
+        if state.body_hash != body_hash or state.consecutive_failures or state.failing or state.not_found:
+            return None
+        with self._touches_lock:
+            previous = self._touches.get(key)
+            if previous is None or previous[2] <= now:
+                self._touches[key] = (body_hash, revision, now)
+        return state
+
+    def flush_touches(self) -> list[str]:
+        """Write the batched poll times of unchanged polls in one transaction (every second or so, and at exit).
+
+        A row that moved on since its poll was observed is left alone: by this process (apply_poll committed a
+        later outcome: nothing to do) or by another writer (its key is returned and its cache dropped, so the
+        next answer is diffed for real). A failed write drops the batch (poll times only) and raises StoreError.
+        """
+        with self._touches_lock:
+            batch, self._touches = self._touches, {}
+        if not batch:
+            return []
+
+        def write() -> list[str]:
+            stale = []
+            for key, (digest, revision, at) in batch.items():
+                updated = self._db.execute(
+                    "UPDATE fine_tunes SET last_poll_at = ?, last_success_at = ?, last_outcome = 'ok', "
+                    "last_error = NULL, last_http_status = 200, not_before = NULL "
+                    "WHERE fine_tune_key = ? AND body_hash = ? AND revision = ? "
+                    "AND (last_poll_at IS NULL OR last_poll_at <= ?)",  # never over a later outcome
+                    (at, at, key, digest, revision, at),
+                ).rowcount
+                if not updated:
+                    stale.append(key)
+            return stale
+
+        stale = self._write_tx(write, what="record poll times")
+        moved_on = []
+        for key in stale:
+            cached = self._cache.get(key)
+            if cached is not None and cached[0] == batch[key][1]:  # not our own later commit: another writer's
+                self._cache.pop(key, None)
+                moved_on.append(key)
+        return moved_on
+
+    def _drop_touch(self, key: str, now: float) -> None:
+        with self._touches_lock:
+            pending = self._touches.get(key)
+            if pending is not None and pending[2] <= now:
+                del self._touches[key]
 
     def forget(self, key: str) -> None:
         """Drop what this process caches of a fine-tune: the next poll reads the state from the database."""
@@ -398,21 +503,59 @@ class SqliteStore:
         )
 
     def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
-        """Committed events, newest first, optionally only those whose type matches a glob."""
-        found: list[Event] = []
+        """Committed events, newest first, optionally only those whose type matches a glob (fnmatch rules,
+        case-sensitive). The glob is matched against the few distinct types; each matching type's newest rows
+        then come from the (type, seq) index, so a rare type costs as little as a common one."""
         if limit <= 0:
-            return found
-        try:
-            cursor = self._db.execute("SELECT envelope, fine_tune_key, type FROM events ORDER BY seq DESC")
-            for envelope, key, kind in cursor:
-                if type_glob is None or fnmatch.fnmatchcase(kind, type_glob):
-                    found.append(_event_from_row(envelope, key))
-                    if len(found) >= limit:
-                        break
-            cursor.close()
-        except sqlite3.Error as err:
-            raise StoreError(f"cannot read events: {err}") from err
-        return found
+            return []
+        if type_glob is None:
+            rows = self._read(
+                "SELECT seq, envelope, fine_tune_key FROM events ORDER BY seq DESC LIMIT ?",
+                (limit,),
+                what="read events",
+            )
+        else:
+            # the newest seqs of each matching type straight from the (type, seq) index, then only the
+            # envelopes of the `limit` newest overall
+            seqs: list[int] = []
+            for kind in self._event_types():
+                if fnmatch.fnmatchcase(kind, type_glob):
+                    seqs += [
+                        seq
+                        for (seq,) in self._read(
+                            "SELECT seq FROM events WHERE type = ? ORDER BY seq DESC LIMIT ?",
+                            (kind, limit),
+                            what="read events",
+                        )
+                    ]
+            newest = heapq.nlargest(limit, seqs)
+            if newest and newest[0] - newest[-1] < 4 * limit:
+                # the matches are dense (the usual case): one walk down the table reads them in order
+                rows = self._read(
+                    "SELECT seq, envelope, fine_tune_key FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq DESC",
+                    (newest[-1], newest[0]),
+                    what="read events",
+                )
+                wanted = set(newest)
+                rows = [row for row in rows if row[0] in wanted]
+            else:
+                marks = ", ".join("?" for _ in newest)
+                rows = self._read(
+                    f"SELECT seq, envelope, fine_tune_key FROM events WHERE seq IN ({marks}) ORDER BY seq DESC",
+                    newest,
+                    what="read events",
+                )
+        return [event_from_row(envelope, key) for _, envelope, key in rows]
+
+    def _event_types(self) -> list[str]:
+        """The distinct event types, one index seek each (a loose index scan)."""
+        found: list[str] = []
+        while True:
+            where, args = ("WHERE type > ?", (found[-1],)) if found else ("", ())
+            rows = self._read(f"SELECT type FROM events {where} ORDER BY type LIMIT 1", args, what="read event types")
+            if not rows:
+                return found
+            found.append(rows[0][0])
 
     def events_after(self, seq: int, *, limit: int = 1000) -> list[tuple[int, Event]]:
         """Committed events with a sequence number above `seq`, oldest first."""
@@ -422,66 +565,7 @@ class SqliteStore:
             ).fetchall()
         except sqlite3.Error as err:
             raise StoreError(f"cannot read events: {err}") from err
-        return [(s, _event_from_row(envelope, key)) for s, envelope, key in rows]
-
-    # --- the outbox ------------------------------------------------------------------------------------
-
-    def _write_tx(self, fn: Callable[[], T], *, what: str = "write the outbox") -> T:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                value = fn()
-                self._db.execute("COMMIT")
-                return value
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as err:
-            raise StoreError(f"cannot {what}: {err}") from err
-
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return self._db.execute(sql, args).fetchall()
-        except sqlite3.Error as err:
-            raise StoreError(f"cannot read the outbox: {err}") from err
-
-    def due_deliveries(self, notifiers: Sequence[str], *, now: float, limit: int = 500) -> list[Delivery]:
-        """The head of each (notifier, fine-tune) lane, when it is due: one row per lane keeps event order.
-
-        `limit` applies per notifier, so a slow notifier's backlog never hides another notifier's rows.
-        """
-        found: list[Delivery] = []
-        for notifier in notifiers:
-            rows = self._read(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.state = 'pending' AND d.notifier = ? "
-                "AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
-                "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key) "
-                "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.event_seq LIMIT ?",
-                (notifier, now, limit),
-            )
-            found += [Delivery(*row) for row in rows]
-        return found
-
-    def next_due_at(self, notifiers: Sequence[str]) -> float | None:
-        """The earliest next attempt among pending rows of these notifiers."""
-        if not notifiers:
-            return None
-        marks = ", ".join("?" for _ in notifiers)
-        rows = self._read(
-            f"SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND notifier IN ({marks})",
-            tuple(notifiers),
-        )
-        return rows[0][0] if rows else None
-
-    def lane_batch(self, head: Delivery, *, limit: int = 1000) -> list[Delivery]:
-        """The pending rows of the head's lane that came from the same poll, in event order."""
-        rows = self._read(
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE notifier = ? AND fine_tune_key = ? "
-            "AND batch_id = ? AND state = 'pending' ORDER BY event_seq LIMIT ?",
-            (head.notifier, head.fine_tune_key, head.batch_id, limit),
-        )
-        return [Delivery(*row) for row in rows]
+        return [(s, event_from_row(envelope, key)) for s, envelope, key in rows]
 
     def events_by_id(self, event_ids: Sequence[str]) -> dict[str, Event]:
         """Committed events by id."""
@@ -490,122 +574,15 @@ class SqliteStore:
             chunk = event_ids[start : start + 500]
             marks = ", ".join("?" for _ in chunk)
             for envelope, key in self._read(
-                f"SELECT envelope, fine_tune_key FROM events WHERE id IN ({marks})", tuple(chunk)
+                f"SELECT envelope, fine_tune_key FROM events WHERE id IN ({marks})", tuple(chunk), what="read events"
             ):
-                event = _event_from_row(envelope, key)
+                event = event_from_row(envelope, key)
                 found[event.id] = event
         return found
-
-    def record_delivery(
-        self,
-        notifier: str,
-        event_ids: Sequence[str],
-        *,
-        state: str,
-        now: float,
-        next_attempt_at: float | None = None,
-        error: str | None = None,
-        http_status: int | None = None,
-    ) -> None:
-        """Record the outcome of one attempt at delivering these events to a notifier."""
-
-        def write() -> None:
-            self._db.executemany(
-                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
-                "last_status = ?, delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END "
-                "WHERE event_id = ? AND notifier = ? AND state = 'pending'",
-                [
-                    (state, next_attempt_at, error, http_status, state, now, event_id, notifier)
-                    for event_id in event_ids
-                ],
-            )
-
-        self._write_tx(write)
-
-    def deliveries_of(self, event_ids: Sequence[str]) -> dict[str, list[Delivery]]:
-        """The outbox rows of these events, by event id."""
-        found: dict[str, list[Delivery]] = {event_id: [] for event_id in event_ids}
-        for start in range(0, len(event_ids), 500):
-            chunk = event_ids[start : start + 500]
-            marks = ", ".join("?" for _ in chunk)
-            for row in self._read(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_id IN ({marks}) ORDER BY notifier",
-                tuple(chunk),
-            ):
-                found[row[1]].append(Delivery(*row))
-        return found
-
-    def redeliver(
-        self,
-        *,
-        now: float,
-        event_ids: Sequence[str] = (),
-        dead: bool = False,
-        notifier: str | None = None,
-        route: Router | None = None,
-    ) -> int:
-        """Queue events again: the dead rows (of one notifier), or the named events (to every matching
-        notifier, creating rows where `route` adds one). Returns how many rows were queued."""
-
-        def write() -> int:
-            count = 0
-            if dead:
-                where = "state = 'dead'"
-                args: list[Any] = [now, now]
-                if notifier is not None:
-                    where += " AND notifier = ?"
-                    args.append(notifier)
-                count += self._db.execute(
-                    "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, queued_at = ?, attempts = 0 "
-                    f"WHERE {where}",
-                    args,
-                ).rowcount
-            for event_id in event_ids:
-                row = self._db.execute(
-                    "SELECT seq, envelope, fine_tune_key FROM events WHERE id = ?", (event_id,)
-                ).fetchone()
-                if row is None:
-                    raise StoreError(f"no event with id {event_id}")
-                seq, envelope, key = row
-                targets = list(route(_event_from_row(envelope, key))) if route else []
-                if notifier is not None:
-                    targets = [notifier]
-                for target in targets:
-                    count += self._db.execute(
-                        "INSERT INTO deliveries (event_seq, event_id, notifier, fine_tune_key, batch_id, state, "
-                        "attempts, next_attempt_at, queued_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?) "
-                        "ON CONFLICT (event_id, notifier) DO UPDATE SET state = 'pending', attempts = 0, "
-                        "next_attempt_at = excluded.next_attempt_at, queued_at = excluded.queued_at",
-                        (seq, event_id, target, key, event_id, now, now),
-                    ).rowcount
-            return count
-
-        return self._write_tx(write)
-
-    def outbox_stats(self) -> list[OutboxStats]:
-        """Pending rows and the oldest pending row's queue time, per notifier."""
-        rows = self._read(
-            "SELECT notifier, COUNT(*), MIN(queued_at) FROM deliveries WHERE state = 'pending' GROUP BY notifier"
-        )
-        return [OutboxStats(notifier, count, oldest) for notifier, count, oldest in rows]
 
     def close(self) -> None:
         """Release the database."""
         self._db.close()
-
-    # provisional: the store branch owns this
-    def retire_notifiers(self, known: Sequence[str], *, now: float, reason: str = "notifier_removed") -> int:
-        """Pending rows of notifiers not in `known` become dead with `reason` as their error; returns how many."""
-
-        def write() -> int:
-            marks = ", ".join("?" for _ in known)
-            where = f"state = 'pending' AND notifier NOT IN ({marks})" if known else "state = 'pending'"
-            return self._db.execute(
-                f"UPDATE deliveries SET state = 'dead', next_attempt_at = NULL, last_error = ? WHERE {where}",
-                (reason, *known),
-            ).rowcount
-
-        return self._write_tx(write)
 
 
 def open_store(path: str | Path, *, readonly: bool = False) -> SqliteStore:
