@@ -6,13 +6,15 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint bench clean tools lock
 
 # `make test` also checks the Prometheus assets (promtool, from Debian's prometheus package) and the systemd
-# unit (systemd-analyze, from Debian's systemd package), and drives the status page in Debian's Chromium
-# (tests/browser, through Playwright: never `playwright install`); install them when missing.
+# unit (systemd-analyze, from Debian's systemd package), drives the status page in Debian's Chromium
+# (tests/browser, through Playwright: never `playwright install`), and runs the PostgreSQL store against a
+# throwaway cluster (initdb, pg_ctl, postgres, from Debian's postgresql package); install them when missing.
 tools:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v chromium >/dev/null 2>&1 || command -v chromium-headless-shell >/dev/null 2>&1 || missing="$$missing chromium"; \
+	{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \

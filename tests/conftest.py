@@ -16,6 +16,9 @@ import pytest
 
 from watcher.simhub import SimHub
 
+# the throwaway PostgreSQL cluster (`pg_cluster`, session) and a fresh database per test (`pg_url`)
+pytest_plugins = ["pgcluster"]
+
 T = TypeVar("T")
 TOKEN = "simhub-token"
 ROOT = Path(__file__).resolve().parent.parent

@@ -719,10 +719,12 @@ def _cli_case(tmp_path: Path, case: str) -> tuple[Path, dict[str, str]]:
 @pytest.mark.parametrize(
     ("case", "code", "message"),
     [
-        pytest.param("ok-inline", 0, "OK (1 fine-tunes, 0 notifiers)", id="ok-inline"),
-        pytest.param("ok-env", 0, "OK (1 fine-tunes, 0 notifiers)", id="ok-env"),
-        pytest.param("ok-credentials-file", 0, "OK (1 fine-tunes, 0 notifiers)", id="ok-credentials-file"),
-        pytest.param("ok-oxen-cli", 0, "OK (1 fine-tunes, 0 notifiers)", id="ok-oxen-cli-fallback"),
+        pytest.param("ok-inline", 0, "OK (1 fine-tunes, 0 notifiers, sqlite store)", id="ok-inline"),
+        pytest.param("ok-env", 0, "OK (1 fine-tunes, 0 notifiers, sqlite store)", id="ok-env"),
+        pytest.param(
+            "ok-credentials-file", 0, "OK (1 fine-tunes, 0 notifiers, sqlite store)", id="ok-credentials-file"
+        ),
+        pytest.param("ok-oxen-cli", 0, "OK (1 fine-tunes, 0 notifiers, sqlite store)", id="ok-oxen-cli-fallback"),
         pytest.param("unknown-key", 78, "fine_tunes[2].intervall_s: unknown key", id="unknown-key"),
         pytest.param("duplicate", 78, "fine_tunes[1]: duplicate fine-tune", id="duplicate"),
         pytest.param(
@@ -767,7 +769,7 @@ def test_check_config_cli_reads_config_path_from_environment(tmp_path: Path) -> 
     path = write_config(tmp_path / "w.toml", {"hub": {"token": "t"}, "fine_tunes": [ft(), ft(id="b")]})
     result = cli("check-config", env={"OXEN_WATCHER_CONFIG": str(path)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{path}: OK (2 fine-tunes, 0 notifiers)"
+    assert result.stdout.strip() == f"{path}: OK (2 fine-tunes, 0 notifiers, sqlite store)"
 
 
 def test_check_config_cli_never_prints_the_secret(tmp_path: Path) -> None:

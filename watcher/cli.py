@@ -336,7 +336,18 @@ def check_config(config_path: str) -> None:
     """Validate the configuration (and resolve its secrets); exit 0, or 78 naming the bad key."""
     config = _load(config_path)
     _secrets(config)
-    click.echo(f"{config.source}: OK ({len(config.fine_tunes)} fine-tunes, {len(config.notifiers)} notifiers)")
+    from .config import resolve_state_url
+    from .logs import database_url_secrets
+
+    try:
+        url = resolve_state_url(config)
+    except ConfigError as err:
+        _fail(str(err), EX_CONFIG)
+    REDACTOR.add(database_url_secrets(url) if url else ())
+    click.echo(
+        f"{config.source}: OK ({len(config.fine_tunes)} fine-tunes, {len(config.notifiers)} notifiers, "
+        f"{config.state.kind} store)"
+    )
 
 
 def _open_readonly(config: Config) -> Any:

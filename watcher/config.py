@@ -85,6 +85,36 @@ class WatchConfig(_Section):
 class StateConfig(_Section):
     path: NonEmpty = "watcher.db"
     retain_days: Annotated[int, Field(ge=1)] = 30  # events (and their finished deliveries) older than this go
+    # setting url (inline, url_env or url_file: a secret) selects the PostgreSQL store instead of SQLite at path
+    url: NonEmpty | None = None
+    url_env: NonEmpty | None = None
+    url_file: NonEmpty | None = None
+    lease_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    renew_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    replica: Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_.:@-]*$")] = ""
+
+    @model_validator(mode="after")
+    def _one_store(self) -> StateConfig:
+        _check_secret_sources(self.__dict__, "url", required=False)
+        if self.postgresql and "path" in self.model_fields_set:
+            raise ValueError("path: must not be set with url (url selects PostgreSQL)")
+        if self.renew_s >= self.lease_s / 2:
+            raise ValueError(f"renew_s: must be less than lease_s / 2 ({self.lease_s / 2:g})")
+        return self
+
+    @property
+    def postgresql(self) -> bool:
+        """Whether url (in any form) selects the PostgreSQL store."""
+        return any(v is not None for v in (self.url, self.url_env, self.url_file))
+
+    @property
+    def kind(self) -> str:
+        """The store kind: "postgresql" or "sqlite"."""
+        return "postgresql" if self.postgresql else "sqlite"
+
+    def replica_name(self) -> str:
+        """This replica's name: the configured one, else "<hostname>-<pid>"."""
+        return self.replica or f"{socket.gethostname()}-{os.getpid()}"
 
 
 class HttpConfig(_Section):
@@ -265,6 +295,11 @@ class Config:
     def log(self) -> LogConfig:
         """The [log] section."""
         return self.model.log
+
+    @property
+    def state(self) -> StateConfig:
+        """The [state] section."""
+        return self.model.state
 
     @property
     def notifiers(self) -> Sequence[NotifierConfig]:
@@ -503,6 +538,26 @@ def resolve_notifier_secrets(config: Config, environ: Mapping[str, str] | None =
         keys = tuple(signing_key(secret, where=f"{key}.secret", config=config) for secret in secrets)
         resolved[notifier.name] = NotifierSecrets(url, tuple(secrets), keys)
     return resolved
+
+
+def resolve_state_url(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
+    """The PostgreSQL URL from [state] url/url_env/url_file, validated (None for SQLite); errors never show it."""
+    url = resolve_secret(config.state, "url", key="state", config=config, environ=environ)
+    if url is None:
+        return None
+    where = next(f"state.{n}" for n in ("url", "url_env", "url_file") if getattr(config.state, n) is not None)
+    if url.partition("://")[0].lower() not in ("postgresql", "postgres") or "://" not in url:
+        raise ConfigError("must be a postgresql:// or postgres:// URL", path=config.source, key=where)
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except (PsycopgError, ValueError):
+        raise ConfigError("is not a valid PostgreSQL URL", path=config.source, key=where) from None
+    if not all(p.isdigit() for p in str(params.get("port") or "5432").split(",")):
+        raise ConfigError("is not a valid PostgreSQL URL (port)", path=config.source, key=where)
+    return url
 
 
 def oxen_cli_token(hub_url: str, environ: Mapping[str, str] | None = None) -> str | None:

@@ -57,5 +57,10 @@ class StoreError(WatcherError):
     """The state database failed (locked, read-only, full disk, corrupt); nothing was committed."""
 
 
+class LeaseLost(StoreError):
+    """A poll's commit was fenced: this replica no longer holds the fine-tune's lease at the epoch it polled
+    under (another replica took it over); nothing was committed."""
+
+
 class NotifierError(WatcherError):
     """A notifier failed to deliver one event."""

@@ -52,6 +52,17 @@ class SecretRedactor:
 REDACTOR = SecretRedactor()
 
 
+def database_url_secrets(url: str) -> list[str]:
+    """What to redact of a database URL: the URL itself and its password (raw and percent-decoded)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return [url, *([password, unquote(password)] if password else [])]
+
+
 def configure_logging(
     *, level: str = "info", fmt: str = "auto", stream: TextIO | None = None, redactor: SecretRedactor = REDACTOR
 ) -> None:

@@ -1,8 +1,9 @@
 """The implementations the contract runs over, and the `store_factory` fixture.
 
 Adding an implementation is one line in IMPLEMENTATIONS: a name and a context manager that, given a fresh
-per-test folder, prepares an empty database and yields a function opening a store on it (each call a new
-store object on the same database: a second process, or the same one after a restart) and cleans up after.
+per-test folder (and the test's request, for fixtures such as `pg_url`), prepares an empty database and yields
+a function opening a store on it (each call a new store object on the same database: a second process, or the
+same one after a restart) and cleans up after.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 import pytest
 
 from watcher.store import SqliteStore, Store
+from watcher.store.postgres import PostgresStore
 
 Opener = Callable[..., Store]  # open(new_id=None) -> a new store on the test's database
 
 
 @contextmanager
-def sqlite_database(folder: Path) -> Iterator[Opener]:
+def sqlite_database(folder: Path, request: pytest.FixtureRequest) -> Iterator[Opener]:
     path = folder / "contract.db"
 
     def open_store(*, new_id: Callable[[], str] | None = None) -> Store:
@@ -29,8 +31,20 @@ def sqlite_database(folder: Path) -> Iterator[Opener]:
     yield open_store
 
 
-IMPLEMENTATIONS: dict[str, Callable[[Path], AbstractContextManager[Opener]]] = {
+@contextmanager
+def postgresql_database(folder: Path, request: pytest.FixtureRequest) -> Iterator[Opener]:
+    # a fresh database in the session's throwaway cluster (tests/pgcluster.py), dropped after the test
+    url = request.getfixturevalue("pg_url")
+
+    def open_store(*, new_id: Callable[[], str] | None = None) -> Store:
+        return PostgresStore(url, new_id=new_id)
+
+    yield open_store
+
+
+IMPLEMENTATIONS: dict[str, Callable[[Path, pytest.FixtureRequest], AbstractContextManager[Opener]]] = {
     "sqlite": sqlite_database,
+    "postgresql": postgresql_database,
 }
 
 
@@ -38,7 +52,7 @@ IMPLEMENTATIONS: dict[str, Callable[[Path], AbstractContextManager[Opener]]] = {
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """Opens stores on one empty database of the implementation under test; all closed at the end."""
     opened: list[Store] = []
-    with IMPLEMENTATIONS[request.param](tmp_path) as open_store:
+    with IMPLEMENTATIONS[request.param](tmp_path, request) as open_store:
 
         def make(**kwargs: Any) -> Store:
             store = open_store(**kwargs)

@@ -1,0 +1,420 @@
+"""PostgresStore on a throwaway PostgreSQL cluster, beyond the shared contract (tests/store_contract runs on it
+too): schema and migrations, read-only use, errors without the URL, one transaction per poll, concurrent
+writers, events committed out of sequence order never missed, the outbox per owned fine-tune, the real
+dispatcher, and a database outage."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import wait_for
+from store_contract.support import (
+    OPTIONS,
+    OTHER,
+    REF,
+    T0,
+    apply,
+    counter_ids,
+    cp,
+    failed,
+    success,
+    types,
+)
+
+from watcher.errors import StoreError
+from watcher.models import (
+    CHECKPOINT_CREATED,
+    CHECKPOINT_DEPLOYMENT_CHANGED,
+    CHECKPOINT_REMOVED,
+    PollNotFound,
+    PollSuccess,
+    PollUnchanged,
+)
+from watcher.store.postgres import PostgresStore
+from watcher.store.protocols import Committed
+from watcher.store.schema_postgres import SCHEMA_VERSION
+
+
+def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the store's tables, read through a separate connection."""
+    with psycopg.connect(url) as db:
+        return {
+            "fine_tunes": db.execute("SELECT * FROM fine_tunes ORDER BY fine_tune_key").fetchall(),
+            "checkpoints": db.execute("SELECT ctid, * FROM checkpoints ORDER BY fine_tune_key, step").fetchall(),
+            "events": db.execute("SELECT * FROM events ORDER BY seq").fetchall(),
+            "deliveries": db.execute("SELECT * FROM deliveries ORDER BY event_seq, notifier").fetchall(),
+        }
+
+
+def event_rows(url: str) -> list[tuple[str, str, str]]:
+    with psycopg.connect(url) as db:
+        return db.execute("SELECT id, type, fine_tune_key FROM events ORDER BY seq").fetchall()
+
+
+def install_write_counter(url: str) -> Callable[[], dict[str, int]]:
+    """A trigger that logs every INSERT, UPDATE and DELETE on checkpoint rows; returns a reader of the counts."""
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CREATE TABLE checkpoint_writes (op TEXT NOT NULL)")
+        db.execute(
+            "CREATE FUNCTION count_cp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "INSERT INTO checkpoint_writes VALUES (lower(TG_OP)); RETURN NULL; END $$"
+        )
+        db.execute("CREATE TRIGGER count_cp AFTER INSERT OR UPDATE OR DELETE ON checkpoints FOR EACH ROW "
+                   "EXECUTE FUNCTION count_cp()")  # fmt: skip
+
+    def read() -> dict[str, int]:
+        with psycopg.connect(url, autocommit=True) as db:
+            rows = db.execute("SELECT op, COUNT(*) FROM checkpoint_writes GROUP BY op").fetchall()
+            db.execute("DELETE FROM checkpoint_writes")
+        return dict(rows)
+
+    return read
+
+
+@pytest.fixture
+def stores(pg_url: str) -> Iterator[Callable[..., PostgresStore]]:
+    """A factory of stores on this test's database, closed at the end of the test."""
+    opened: list[PostgresStore] = []
+
+    def make(**kwargs: Any) -> PostgresStore:
+        store = PostgresStore(pg_url, **kwargs)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(stores: Callable[..., PostgresStore]) -> PostgresStore:
+    return stores(new_id=counter_ids())
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+def test_new_database_has_the_current_schema_and_reopening_keeps_it(
+    pg_url: str, stores: Callable[..., PostgresStore]
+) -> None:
+    first = stores()
+    assert first.schema_version == SCHEMA_VERSION
+    apply(first, success(cp(1)))
+    first.close()
+    before = snapshot(pg_url)
+    again = stores()
+    assert again.schema_version == SCHEMA_VERSION
+    assert snapshot(pg_url) == before
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_replicas_starting_together_migrate_once(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            stores()
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_database_from_a_newer_version_is_refused(
+    pg_url: str, stores: Callable[..., PostgresStore], readonly: bool
+) -> None:
+    stores().close()
+    with psycopg.connect(pg_url) as db:
+        db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="newer"):
+        PostgresStore(pg_url, readonly=readonly)
+
+
+def test_readonly_store_reads_but_never_writes(pg_url: str, store: PostgresStore) -> None:
+    apply(store, success(cp(1)))
+    created = apply(store, success(cp(1), cp(2)), now=T0 + 1)
+    before = snapshot(pg_url)
+    reader = PostgresStore(pg_url, readonly=True)
+    try:
+        assert reader.recent_events() == list(created.events)
+        assert [s.latest_step for s in reader.statuses()] == [2]
+        dry = reader.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2, commit=False)
+        assert dry is not None and types(dry) == [CHECKPOINT_CREATED]
+        with pytest.raises(StoreError):
+            reader.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2)
+    finally:
+        reader.close()
+    assert snapshot(pg_url) == before
+
+
+def test_an_unreachable_database_is_a_store_error_without_the_url(tmp_path: Any) -> None:
+    url = f"postgresql://watcher:s3cret-pw-value@/nowhere?host={tmp_path}&port=5999"
+    with pytest.raises(StoreError) as caught:
+        PostgresStore(url, connect_timeout_s=1)
+    message = str(caught.value)
+    assert "unreachable" in message
+    assert "s3cret-pw-value" not in message and str(tmp_path) not in message and "5999" not in message
+
+
+def test_a_server_error_is_wrapped_with_a_safe_message(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    ids = iter(["evt_same", "evt_same"])
+    store = stores(new_id=lambda: next(ids))
+    apply(store, success(cp(1)))
+    apply(store, success(cp(1), cp(2)), now=T0 + 1)
+    with pytest.raises(StoreError) as caught:
+        store.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2)
+    assert "SQLSTATE 23505" in str(caught.value) and pg_url not in str(caught.value)
+
+
+# --- apply_poll -------------------------------------------------------------------------------------
+
+
+def test_state_and_events_commit_in_one_transaction(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    ids = iter(["evt_a", "evt_b", "evt_dup", "evt_dup", "evt_c", "evt_d"])
+    store = stores(new_id=lambda: next(ids))
+    apply(store, success(cp(1)))
+    apply(store, success(cp(1), cp(2)), now=T0 + 1)
+    apply(store, success(cp(1), cp(2), cp(3)), now=T0 + 2)
+    before = snapshot(pg_url)
+    poll = success(cp(1), cp(2), cp(3), cp(4), cp(5))
+    with pytest.raises(StoreError):
+        store.apply_poll(REF, poll, options=OPTIONS, now=T0 + 3)
+    assert snapshot(pg_url) == before
+    retried = apply(store, poll, now=T0 + 4)
+    assert [(e.id, e.data["checkpoint"]["step"]) for e in retried.events] == [("evt_c", 4), ("evt_d", 5)]
+    assert [row[0] for row in event_rows(pg_url)] == ["evt_a", "evt_b", "evt_c", "evt_d"]
+
+
+def test_a_poll_without_change_writes_no_checkpoint_rows(pg_url: str, store: PostgresStore) -> None:
+    checkpoints = [cp(1), cp(2, status="ACTIVE"), cp(3, inference_samples=[{"text": "x" * 500}])]
+    apply(store, success(*checkpoints))
+    writes = install_write_counter(pg_url)
+    rows_before = snapshot(pg_url)["checkpoints"]
+    assert apply(store, success(*reversed(checkpoints), salt="other body"), now=T0 + 3).events == ()
+    assert apply(store, PollUnchanged(store.load_state(REF.key).body_hash or ""), now=T0 + 4).events == ()
+    assert apply(store, failed(), now=T0 + 5).events == ()
+    assert apply(store, success(*checkpoints), now=T0 + 6).events == ()
+    assert writes() == {}
+    assert snapshot(pg_url)["checkpoints"] == rows_before
+    changed = success(cp(1), cp(2, status="INACTIVE"), cp(4))
+    assert sorted(types(apply(store, changed, now=T0 + 7))) == sorted(
+        [CHECKPOINT_DEPLOYMENT_CHANGED, CHECKPOINT_REMOVED, CHECKPOINT_CREATED]
+    )
+    assert writes() == {"insert": 1, "update": 1, "delete": 1}
+
+
+def test_two_stores_on_one_database_announce_a_change_once(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
+    a, b = stores(new_id=counter_ids("evt_a")), stores(new_id=counter_ids("evt_b"))
+    apply(a, success(cp(1)))
+    checkpoints = [cp(1)]
+    for round_number in range(2, 12):
+        checkpoints.append(cp(round_number))
+        poll = success(*checkpoints)
+        barrier = threading.Barrier(2)
+        results: dict[str, Committed | BaseException | None] = {}
+
+        def run(name: str, store: PostgresStore, poll: PollSuccess = poll) -> None:
+            barrier.wait()
+            try:
+                results[name] = store.apply_poll(REF, poll, options=OPTIONS, now=T0 + round_number)
+            except BaseException as err:
+                results[name] = err
+
+        threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert all(isinstance(r, Committed) for r in results.values()), results
+        announced = [e for r in results.values() if isinstance(r, Committed) for e in r.events]
+        assert [(e.type, e.data["checkpoint"]["step"]) for e in announced] == [(CHECKPOINT_CREATED, round_number)]
+    assert len([row for row in event_rows(pg_url) if row[1] == CHECKPOINT_CREATED]) == 10
+
+
+# --- reports ----------------------------------------------------------------------------------------
+
+
+def test_recent_events_pages_through_many_events(store: PostgresStore) -> None:
+    apply(store, success(cp(1)))
+    steps = list(range(1, 1202))
+    apply(store, success(*(cp(s) for s in steps)), now=T0 + 1)  # 1200 created in one poll
+    apply(store, PollNotFound(), ref=OTHER, now=T0 + 2)
+    assert len(store.recent_events(limit=5000)) == 1201
+    [oldest_created] = store.recent_events(limit=1, type_glob="fine_tune.*")
+    assert oldest_created.fine_tune_key == OTHER.key
+    assert [e.data["checkpoint"]["step"] for e in store.recent_events(limit=1201, type_glob="checkpoint.*")][-1] == 2
+
+
+def test_events_committed_out_of_order_are_never_missed_after_a_cursor(
+    pg_url: str, store: PostgresStore, stores: Callable[..., PostgresStore]
+) -> None:
+    """An older transaction that commits after a younger one: a reader that already read past the younger one's
+    events must still get the older one's."""
+    apply(store, success(cp(1)))
+    apply(store, success(cp(1)), ref=OTHER)
+    cursor = 0
+    seen: list[str] = []
+
+    def read() -> None:
+        nonlocal cursor
+        for seq, event in store.events_after(cursor):
+            assert seq > cursor
+            cursor = seq
+            seen.append(event.id)
+
+    # the older transaction: holds a transaction id, then writes an event, and stays open
+    older = psycopg.connect(pg_url)
+    older.execute("SELECT pg_current_xact_id()")
+    # the younger one commits an event through the store while the older one is open
+    younger = apply(stores(new_id=counter_ids("evt_young")), success(cp(1), cp(2)), ref=OTHER, now=T0 + 1)
+    read()
+    assert seen == []  # held back: an older transaction is still in progress
+    older.execute(
+        "INSERT INTO events (seq, xid, id, type, fine_tune_key, created_at, envelope) "
+        "SELECT (pg_current_xact_id()::text::bigint << 20), pg_current_xact_id(), 'evt_old', %s, %s, 0, %s",
+        (CHECKPOINT_CREATED, REF.key, '{"id": "evt_old", "type": "checkpoint.created", "timestamp": "t", "data": {}}'),
+    )
+    older.commit()
+    older.close()
+    read()
+    assert seen == ["evt_old", younger.events[0].id]  # both, in sequence order
+    later = apply(store, success(cp(1), cp(2)), now=T0 + 2)
+    read()
+    assert seen[2:] == [later.events[0].id]
+
+
+def test_touch_records_quiet_polls_and_reports_rows_moved_on(
+    store: PostgresStore, stores: Callable[..., PostgresStore]
+) -> None:
+    poll = success(cp(1))
+    apply(store, poll)
+    apply(store, poll, ref=OTHER)
+    assert store.quiet(REF.key, poll.body_hash) and not store.quiet(REF.key, "other")
+    apply(stores(), success(cp(1), cp(2)), ref=OTHER, now=T0 + 1)  # another writer moves OTHER on
+    assert store.touch([(REF.key, poll.body_hash, T0 + 5), (OTHER.key, poll.body_hash, T0 + 5)]) == [OTHER.key]
+    assert [s.last_poll_at for s in store.statuses([REF.key, OTHER.key])] == [T0 + 5, T0 + 1]
+    store.forget(REF.key)
+    assert store.load_cached(REF.key).checkpoints == {}
+
+
+# --- the outbox -------------------------------------------------------------------------------------
+
+
+def route_to(*names: str) -> Callable[[Any], list[str]]:
+    return lambda event: list(names)
+
+
+def test_outbox_lanes_batches_outcomes_and_redelivery(store: PostgresStore) -> None:
+    apply(store, success(cp(1)))
+    apply(store, success(cp(1)), ref=OTHER)
+    first = apply(store, success(cp(1), cp(2), cp(3)), now=T0 + 1, route=route_to("ci", "slack"))
+    second = apply(store, success(cp(1), cp(2), cp(3), cp(4)), now=T0 + 2, route=route_to("ci"))
+    other = apply(store, success(cp(1), cp(2)), ref=OTHER, now=T0 + 3, route=route_to("ci"))
+    heads = store.due_deliveries(["ci"], now=T0 + 10)
+    assert sorted((d.fine_tune_key, d.event_id) for d in heads) == sorted(
+        [(REF.key, first.events[0].id), (OTHER.key, other.events[0].id)]
+    )
+    assert store.due_deliveries(["ci"], now=T0) == []  # nothing due yet
+    # a replica delivers only the lanes of the fine-tunes it owns
+    assert [d.fine_tune_key for d in store.due_deliveries(["ci"], now=T0 + 10, fine_tunes=[OTHER.key])] == [OTHER.key]
+    assert store.due_deliveries(["ci"], now=T0 + 10, fine_tunes=[]) == []
+    assert store.next_due_at(["ci"], fine_tunes=[OTHER.key]) == T0 + 3
+    assert store.next_due_at(["ci"], fine_tunes=[]) is None
+    assert store.next_due_at(["ci", "slack"]) == T0 + 1 and store.next_due_at([]) is None
+    head = next(d for d in heads if d.fine_tune_key == REF.key)
+    assert [d.event_id for d in store.lane_batch(head)] == [e.id for e in first.events]
+    ids = [e.id for e in first.events]
+    store.record_delivery("ci", ids, state="delivered", now=T0 + 11, http_status=200)
+    [next_head] = [d for d in store.due_deliveries(["ci"], now=T0 + 20) if d.fine_tune_key == REF.key]
+    assert next_head.event_id == second.events[0].id
+    store.record_delivery("ci", [second.events[0].id], state="pending", now=T0 + 21, next_attempt_at=T0 + 99,
+                          error="HTTP 503", http_status=503)  # fmt: skip
+    rows = store.deliveries_of([second.events[0].id])[second.events[0].id]
+    assert [(d.notifier, d.state, d.attempts, d.last_status) for d in rows] == [("ci", "pending", 1, 503)]
+    store.record_delivery("ci", [second.events[0].id], state="dead", now=T0 + 22, error="HTTP 400")
+    stats = {s.notifier: s.pending for s in store.outbox_stats()}
+    assert stats == {"ci": 1, "slack": 2}
+    assert store.redeliver(now=T0 + 30, dead=True, notifier="slack") == 0
+    assert store.redeliver(now=T0 + 30, dead=True) == 1
+    assert store.redeliver(now=T0 + 31, event_ids=[ids[0]], notifier="log") == 1
+    assert [(d.notifier, d.state) for d in store.deliveries_of([ids[0]])[ids[0]]] == [
+        ("ci", "delivered"), ("log", "pending"), ("slack", "pending")
+    ]  # fmt: skip
+    with pytest.raises(StoreError, match="no event"):
+        store.redeliver(now=T0 + 32, event_ids=["evt_nope"])
+    assert set(store.events_by_id([ids[0], "evt_nope"])) == {ids[0]}
+
+
+def test_pool_stats_report_size_and_waiting_clients(store: PostgresStore) -> None:
+    stats = store.pool_stats()
+    assert set(stats) == {"pool_size", "requests_waiting"}
+    assert stats["pool_size"] >= 1 and stats["requests_waiting"] == 0
+
+
+async def test_the_dispatcher_delivers_in_lane_order_from_postgresql(pg_url: str, tmp_path: Any) -> None:
+    """The real dispatcher and a verifying receiver over PostgresStore: retries keep per-lane order."""
+    from test_delivery import SECRET, Rig, webhook
+
+    from watcher.dispatch import Dispatcher
+    from watcher.receiver import Answer, Receiver
+
+    with Receiver(secret=SECRET) as receiver:
+        receiver.script(Answer(status=500, times=2))
+        rig = Rig(tmp_path, webhook(receiver))
+        rig.store.close()
+        rig.store = PostgresStore(pg_url)  # type: ignore[assignment]
+        rig.dispatcher = Dispatcher(store=rig.store, notifiers=rig.dispatcher.notifiers, configs=rig.config.notifiers)
+        ids: list[str] = []
+        for step in range(1, 6):
+            ids += rig.commit(REF, step)
+        await rig.run_until(lambda: sum(r.status == 200 for r in receiver.deliveries()) == 5)
+        assert [r.webhook_id for r in receiver.deliveries() if r.status == 200] == ids
+        assert all(got.verified for got in receiver.deliveries())
+        assert {state for rows in rig.states(ids).values() for _, state in rows} == {"delivered"}
+        await rig.close()
+
+
+def test_a_database_outage_fails_polls_safely_and_the_store_recovers(pg_url: str, pg_cluster: Any) -> None:
+    """Like a Hub outage: polls fail with a StoreError (nothing committed, no URL in it), then work again."""
+    store = PostgresStore(pg_url, new_id=counter_ids(), connect_timeout_s=2)
+    try:
+        apply(store, success(cp(1)))
+        pg_cluster.stop()
+        try:
+            with pytest.raises(StoreError) as caught:
+                store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1)
+            assert "unreachable" in str(caught.value) and str(pg_cluster.socket_dir) not in str(caught.value)
+        finally:
+            pg_cluster.start()
+        # the same poll, retried after the outage, announces the change once
+        recovered = wait_for(
+            lambda: _try(lambda: store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 2)),
+            timeout=30,
+            what="the store to recover",
+        )
+        assert types(recovered) == [CHECKPOINT_CREATED]
+        assert [e.type for e in store.recent_events()] == [CHECKPOINT_CREATED]
+    finally:
+        store.close()
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except StoreError:
+        return None

@@ -1,0 +1,88 @@
+"""What the PostgreSQL store's parts share: the pool, transactions, and errors wrapped without any DSN part."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import orjson
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from ..errors import StoreError
+from ..models import Event
+
+T = TypeVar("T")
+
+
+def store_error(what: str, err: BaseException) -> StoreError:
+    """A StoreError for a psycopg error with a safe message: the server's primary message and SQLSTATE only.
+
+    psycopg's own messages for connection failures can quote the host, port, user or database of the DSN, so they
+    are never copied; the server's primary message names no part of the URL.
+    """
+    sqlstate = getattr(err, "sqlstate", None)
+    if isinstance(err, psycopg.Error) and sqlstate and not sqlstate.startswith("08"):
+        primary = err.diag.message_primary or type(err).__name__
+        return StoreError(f"{what}: {primary} (SQLSTATE {sqlstate})")
+    reason = f"the PostgreSQL database is unreachable or the connection was lost ({type(err).__name__})"
+    return StoreError(f"{what}: {reason}")
+
+
+def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: float = 10.0) -> ConnectionPool:
+    """A connection pool that works behind PgBouncer in transaction mode (no server-side prepared statements).
+
+    Connections are autocommit: each unit of work opens its own transaction block. Each connection is checked
+    when taken from the pool, so a database restart costs one failed check, not a failed poll.
+    """
+    pool: ConnectionPool = ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout_s,
+        kwargs={"autocommit": True, "prepare_threshold": None},
+        check=ConnectionPool.check_connection,
+        open=False,
+        name="oxen-watcher",
+    )
+    try:
+        pool.open(wait=True, timeout=timeout_s)
+    except psycopg.Error as err:
+        pool.close()
+        raise store_error("cannot open the PostgreSQL state database", err) from err
+    return pool
+
+
+def event_from_row(envelope: str, fine_tune_key: str) -> Event:
+    """An Event from its stored envelope."""
+    doc = orjson.loads(envelope)
+    return Event(doc["id"], doc["type"], doc["timestamp"], doc["data"], fine_tune_key)
+
+
+class PgBase:
+    """The pool and the two ways to use it: a transaction, or one read."""
+
+    _pool: ConnectionPool
+
+    def _tx(self, fn: Callable[[psycopg.Connection[Any]], T], *, what: str = "write the outbox") -> T:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                return fn(conn)
+        except psycopg.Error as err:
+            raise store_error(f"cannot {what}", err) from err
+
+    def _read(self, sql: str, args: Sequence[Any] = (), *, what: str = "read the outbox") -> list[tuple[Any, ...]]:
+        try:
+            with self._pool.connection() as conn:
+                return conn.execute(sql, args).fetchall()
+        except psycopg.Error as err:
+            raise store_error(f"cannot {what}", err) from err
+
+    def pool_stats(self) -> dict[str, int]:
+        """The pool's size and waiting clients (psycopg_pool's counters), for metrics."""
+        stats = self._pool.get_stats()
+        return {"pool_size": stats.get("pool_size", 0), "requests_waiting": stats.get("requests_waiting", 0)}
+
+    def close(self) -> None:
+        """Release the database."""
+        self._pool.close()

@@ -1,0 +1,84 @@
+"""The PostgreSQL schema: versioned migrations, applied in order under an advisory lock (replicas may start at once).
+
+Differences from SQLite: events carry the id of the transaction that wrote them (`xid`, an xid8) and their `seq`
+is derived from it, so a reader can stop below the oldest transaction still in progress and never skip an event
+committed out of order; leases and replica heartbeats share the fine-tunes out among replicas.
+"""
+
+# the key of the advisory lock held while migrating (any constant; "oxenwtch" in ASCII)
+MIGRATION_LOCK = 0x6F78656E77746368
+
+# Each entry upgrades the schema by one version; never edit a released one, append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE fine_tunes (
+            fine_tune_key TEXT PRIMARY KEY,
+            baselined BOOLEAN NOT NULL DEFAULT false,
+            not_found BOOLEAN NOT NULL DEFAULT false,
+            consecutive_failures INTEGER NOT NULL DEFAULT 0,
+            failing BOOLEAN NOT NULL DEFAULT false,
+            best_loss DOUBLE PRECISION,
+            body_hash TEXT,
+            not_before DOUBLE PRECISION,
+            last_poll_at DOUBLE PRECISION,
+            last_outcome TEXT,
+            last_error TEXT,
+            last_http_status INTEGER,
+            last_success_at DOUBLE PRECISION,
+            revision BIGINT NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE checkpoints (
+            fine_tune_key TEXT NOT NULL,
+            step BIGINT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (fine_tune_key, step)
+        )""",
+        # seq = (xid << 20) + position in the transaction: ordered like the writing transactions' ids
+        """CREATE TABLE events (
+            seq BIGINT PRIMARY KEY,
+            xid XID8 NOT NULL,
+            id TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            fine_tune_key TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            envelope TEXT NOT NULL
+        )""",
+        "CREATE INDEX events_fine_tune ON events (fine_tune_key, seq)",
+        """CREATE TABLE deliveries (
+            event_seq BIGINT NOT NULL,
+            event_id TEXT NOT NULL,
+            notifier TEXT NOT NULL,
+            fine_tune_key TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at DOUBLE PRECISION,
+            queued_at DOUBLE PRECISION NOT NULL,
+            last_error TEXT,
+            last_status INTEGER,
+            delivered_at DOUBLE PRECISION,
+            PRIMARY KEY (event_id, notifier)
+        )""",
+        "CREATE INDEX deliveries_lane ON deliveries (notifier, state, fine_tune_key, event_seq)",
+        # one row per live (or recently live) replica: its heartbeat
+        """CREATE TABLE replicas (
+            name TEXT PRIMARY KEY,
+            heartbeat_at TIMESTAMPTZ NOT NULL,
+            expires_at TIMESTAMPTZ NOT NULL
+        )""",
+        # one row per fine-tune ever claimed: owner (NULL when free), epoch (the fencing token), expiry
+        """CREATE TABLE leases (
+            fine_tune_key TEXT PRIMARY KEY,
+            owner TEXT,
+            epoch BIGINT NOT NULL DEFAULT 0,
+            expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+            acquired_at TIMESTAMPTZ
+        )""",
+        "CREATE INDEX leases_owner ON leases (owner)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# events per transaction fit in the low bits of seq
+SEQ_SHIFT = 20
