@@ -139,6 +139,9 @@ def once(config_path: str, dry_run: bool) -> None:
     async def main() -> list[Any]:
         try:
             await watcher.load()
+            from .lifecycle_poller import LifecycleJobs
+
+            await LifecycleJobs(watcher).once()  # sources and statuses first: what they find is polled too
             reports = await watcher.poll_all()
             if not dry_run and dispatcher.notifiers:
                 await _deliver_once(config, dispatcher)

@@ -1,0 +1,184 @@
+"""Issue 9 end to end in the daemon (App in-process against the simulated Hub): discovery, status changes,
+the final checkpoint, stalls, a fine-tune both listed and discovered, reloads adding and removing a source."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import base_config, write_config
+from prometheus_client import CollectorRegistry, generate_latest
+
+from watcher.app import App, resolve_all
+from watcher.config import load_config
+from watcher.models import Event
+from watcher.simhub import SimHub
+
+pytestmark = pytest.mark.asyncio
+
+
+async def until(condition: Callable[[], Any], *, timeout: float = 20.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+def config_of(hub: SimHub, tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    sections.setdefault("lifecycle", {"status_interval_s": 0.5, "idle_interval_s": 30})
+    sections.setdefault("discover", [{"name": "support", "namespace": "acme", "repo": "bot", "interval_s": 0.5}])
+    return base_config(hub, tmp_path, **sections)
+
+
+@asynccontextmanager
+async def running(path: Path) -> AsyncIterator[tuple[App, list[Event]]]:
+    events: list[Event] = []
+    config = load_config(str(path))
+    app = App(config, resolve_all(config), config_path=str(path), registry=CollectorRegistry(), sinks=[events.append])
+    task = asyncio.create_task(app.run())
+    try:
+        await until(lambda: app.started, what="start")
+        yield app, events
+    finally:
+        app.stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def of_type(events: list[Event], kind: str, fine_tune_id: str | None = None) -> list[Event]:
+    return [e for e in events if e.type == kind and (fine_tune_id is None or e.data["fine_tune"]["id"] == fine_tune_id)]
+
+
+async def test_a_new_source_is_baselined_silently_and_later_runs_are_announced_with_their_checkpoints(
+    hub: SimHub, tmp_path: Path
+) -> None:
+    old = hub.add_fine_tune("acme", "bot", "ft_old", name="old-run")
+    hub.add_checkpoint(old, 100, loss=1.0)
+    path = write_config(tmp_path / "w.toml", config_of(hub, tmp_path))
+    async with running(path) as (app, events):
+        await until(lambda: "acme/bot/ft_old" in app.watcher.fine_tunes, what="the baseline read")
+        new = hub.add_fine_tune("acme", "bot", "ft_new", name="new-run", created_by="alice")
+        hub.add_checkpoint(new, 10, loss=2.0)
+        (found,) = await until(lambda: of_type(events, "fine_tune.discovered"), what="discovery")
+        assert found.data["source"] == "support" and found.data["created_by"] == "alice"
+        assert found.data["status"] == "running" and found.data["fine_tune"]["name"] == "new-run"
+        # a discovered run is new: its checkpoints are announced, not baselined
+        await until(lambda: of_type(events, "checkpoint.created", "ft_new"), what="its checkpoint")
+        assert app.watcher.fine_tunes["acme/bot/ft_new"].source == "support"
+        text = generate_latest(app.metrics.registry).decode()
+        assert 'oxen_watcher_watched_fine_tunes{source="support"} 2.0' in text
+        assert 'status="running"' in text and 'oxen_watcher_hub_requests_total{endpoint="list",outcome="ok"}' in text
+        assert 'oxen_watcher_hub_requests_total{endpoint="checkpoints",outcome="ok"}' in text
+    assert not of_type(events, "fine_tune.discovered", "ft_old")
+    assert not of_type(events, "checkpoint.created", "ft_old")
+    assert not of_type(events, "fine_tune.status_changed")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error"), [("completed", None), ("errored", "CUDA out of memory"), ("stopped", None)]
+)
+async def test_the_final_checkpoint_is_committed_before_the_terminal_status_event(
+    hub: SimHub, tmp_path: Path, outcome: str, error: str | None
+) -> None:
+    sections = config_of(hub, tmp_path, lifecycle={"status_interval_s": 0.5, "idle_interval_s": 3600})
+    # checkpoints every 60 s: only the final poll can see them in time
+    sections["watch"]["interval_s"] = 60
+    path = write_config(tmp_path / "w.toml", sections)
+    async with running(path) as (app, events):
+        await until(lambda: app.lifecycle.baselined("support"), what="the baseline read")
+        key = hub.add_fine_tune("acme", "bot", "ft_run", name="run")
+        for step, loss in ((100, 1.5), (200, 0.7), (300, 0.9)):
+            hub.add_checkpoint(key, step, loss=loss)
+        await until(lambda: of_type(events, "fine_tune.discovered"), what="discovery")
+        hub.set_status(key, outcome, error=error)
+        (changed,) = await until(lambda: of_type(events, "fine_tune.status_changed"), what="the status change")
+        store = app.watcher.store
+        committed = store.recent_events(limit=20)
+    data = changed.data
+    assert data["previous_status"] == "running" and data["status"] == outcome
+    assert data["checkpoints"] == 3 and data["latest_step"] == 300
+    assert data["best_loss"] == 0.7 and data["best_step"] == 200
+    assert data["error"] == (error if outcome == "errored" else None)
+    assert data["duration_s"] is not None and data["finished_at"] and data["started_at"]
+    order = [e.type for e in reversed(committed)]
+    assert order.index("fine_tune.status_changed") > max(
+        i for i, kind in enumerate(order) if kind == "checkpoint.created"
+    )
+
+
+async def test_every_status_transition_of_a_scripted_run_is_announced_once(hub: SimHub, tmp_path: Path) -> None:
+    key = hub.add_fine_tune("acme", "bot", "ft_run", status="created")
+    path = write_config(tmp_path / "w.toml", config_of(hub, tmp_path))
+    async with running(path) as (app, events):
+        await until(lambda: key in app.watcher.fine_tunes, what="the baseline read")
+        await until(lambda: app.watcher.fine_tunes[key].lifecycle.state.status == "created", what="first status")
+        hub.script_run(key, step_s=1.0, run_s=1.5, outcome="completed")
+        await until(
+            lambda: [e.data["status"] for e in of_type(events, "fine_tune.status_changed")][-1:] == ["completed"],
+            what="the run's end",
+        )
+    pairs = [(e.data["previous_status"], e.data["status"]) for e in of_type(events, "fine_tune.status_changed")]
+    assert pairs == [
+        ("created", "tokenizing"),
+        ("tokenizing", "enqueued"),
+        ("enqueued", "running"),
+        ("running", "completed"),
+    ]
+
+
+async def test_a_running_fine_tune_without_new_checkpoints_stalls_once(hub: SimHub, tmp_path: Path) -> None:
+    key = hub.add_fine_tune("acme", "bot", "ft_run", name="run")
+    sections = config_of(hub, tmp_path, lifecycle={"status_interval_s": 0.5, "stall_after_s": 1.5})
+    path = write_config(tmp_path / "w.toml", sections)
+    async with running(path) as (app, events):
+        (stalled,) = await until(lambda: of_type(events, "fine_tune.stalled"), what="the stall")
+        assert stalled.data["status"] == "running" and stalled.data["stalled_for_s"] >= 1.5
+        hub.add_checkpoint(key, 100, loss=1.0)  # ends the stall ...
+        await until(lambda: app.watcher.fine_tunes[key].lifecycle.state.newest_step == 100, what="the checkpoint")
+        await until(lambda: len(of_type(events, "fine_tune.stalled")) == 2, what="... and a new one can begin")
+
+
+async def test_a_fine_tune_listed_and_discovered_is_watched_once_with_the_listed_settings(
+    hub: SimHub, tmp_path: Path
+) -> None:
+    key = hub.add_fine_tune("acme", "bot", "ft_both", name="hub-name")
+    listed = {"namespace": "acme", "repo": "bot", "id": "ft_both", "name": "listed-name", "interval_s": 7}
+    path = write_config(tmp_path / "w.toml", config_of(hub, tmp_path, fine_tunes=[listed]))
+    async with running(path) as (app, _events):
+        await until(lambda: app.lifecycle.baselined("support"), what="the first read")
+        await until(lambda: key in app.watcher.discovered, what="the source sees it")
+        assert list(app.watcher.fine_tunes) == [key]
+        watched = app.watcher.fine_tunes[key]
+        assert (watched.ref.name, watched.source, watched.interval_s) == ("listed-name", "config", 7)
+        assert app.driver.schedule.interval_of(key) == 7
+
+
+async def test_reload_adds_and_removes_a_source_keeping_its_state(hub: SimHub, tmp_path: Path) -> None:
+    key = hub.add_fine_tune("acme", "bot", "ft_a")
+    other = hub.add_fine_tune("acme", "lab", "ft_b")
+    first = config_of(hub, tmp_path)
+    path = write_config(tmp_path / "w.toml", first)
+    async with running(path) as (app, events):
+        await until(lambda: key in app.watcher.fine_tunes, what="the first source")
+        both = {
+            **first,
+            "discover": [*first["discover"], {"name": "lab", "namespace": "acme", "repo": "lab", "interval_s": 0.5}],
+        }
+        write_config(path, both)
+        assert await app.reload()
+        await until(lambda: other in app.watcher.fine_tunes, what="the added source")
+        assert app.watcher.fine_tunes[other].source == "lab"
+        write_config(path, {**first, "discover": both["discover"][1:]})
+        assert await app.reload()
+        await until(lambda: key not in app.watcher.fine_tunes, what="the removed source's fine-tunes go")
+        assert other in app.watcher.fine_tunes
+        assert app.watcher.store.load_source("support").baselined  # its state is kept
+        assert app.watcher.store.load_lifecycle([key])[key].state.status == "running"
+    assert not of_type(events, "fine_tune.discovered")
