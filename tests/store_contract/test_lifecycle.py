@@ -81,6 +81,7 @@ def test_source_state_and_discovered_events_commit_together(store_factory: Opene
     assert records[OTHER.key].announce_checkpoints and records[OTHER.key].source == "support"
     assert not records[REF.key].announce_checkpoints
     assert [d.notifier for d in again.deliveries_of([event.id])[event.id]] == ["hook"]
+    assert again.discovered_names() == {OTHER.key: ("support", "second"), REF.key: ("support", "first")}
     # ids are never forgotten, even when a later state omits them
     again.apply_discovery("support", SourceState(baselined=True, known_ids=frozenset()), [], now=T0 + 1)
     assert again.load_source("support").known_ids == {REF.id, OTHER.id}

@@ -243,6 +243,10 @@ class LifecycleStore(Protocol):
         and commit the state, its events and their outbox rows in one transaction (nothing when unchanged)."""
         ...
 
+    def discovered_names(self) -> dict[str, tuple[str, str]]:
+        """Every fine-tune a source found: key -> (source name, the Hub's name for it), for `status`."""
+        ...
+
     def load_source(self, name: str) -> SourceState:
         """A source's persisted state (an empty one when never read)."""
         ...

@@ -75,6 +75,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE lifecycle (
             fine_tune_key TEXT PRIMARY KEY,
             source TEXT,
+            name TEXT,
             status TEXT,
             error TEXT,
             started_at TEXT,

@@ -137,6 +137,14 @@ class SqliteLifecycle(SqliteBase):
             ),
         )
 
+    def discovered_names(self) -> dict[str, tuple[str, str]]:
+        """Every fine-tune a source found: key -> (source, name as the Hub names it), for `status`."""
+        rows = self._read(
+            "SELECT fine_tune_key, source, name FROM lifecycle WHERE source IS NOT NULL AND source != 'config'",
+            what="read lifecycle state",
+        )
+        return {key: (source, name or key.rsplit("/", 1)[-1]) for key, source, name in rows}
+
     def load_source(self, name: str) -> SourceState:
         """A source's persisted state (an empty one when never read)."""
         rows = self._read("SELECT baselined FROM sources WHERE name = ?", (name,), what="read source state")
@@ -174,11 +182,11 @@ class SqliteLifecycle(SqliteBase):
             for ref, announce in sources:
                 # a fine-tune listed in [[fine_tunes]] keeps "config" as its source
                 self._db.execute(
-                    "INSERT INTO lifecycle (fine_tune_key, source, announce_checkpoints) VALUES (?, ?, ?) "
+                    "INSERT INTO lifecycle (fine_tune_key, source, name, announce_checkpoints) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (fine_tune_key) DO UPDATE SET source = CASE WHEN lifecycle.source = 'config' "
-                    "THEN 'config' ELSE excluded.source END, "
+                    "THEN 'config' ELSE excluded.source END, name = excluded.name, "
                     "announce_checkpoints = MAX(lifecycle.announce_checkpoints, excluded.announce_checkpoints)",
-                    (ref.key, name, int(announce)),
+                    (ref.key, name, ref.name, int(announce)),
                 )
             self._insert_events(stamped, now=now, route=route)
             return stamped
