@@ -10,16 +10,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
-from conftest import base_config, write_config
+from conftest import Daemon, base_config, cli, wait_for, write_config
 from prometheus_client import CollectorRegistry, generate_latest
 
 from watcher.app import App, resolve_all
 from watcher.config import load_config
 from watcher.models import Event
 from watcher.simhub import SimHub
-
-pytestmark = pytest.mark.asyncio
+from watcher.store import SqliteReports
 
 
 async def until(condition: Callable[[], Any], *, timeout: float = 20.0, what: str = "") -> Any:
@@ -101,6 +101,9 @@ async def test_the_final_checkpoint_is_committed_before_the_terminal_status_even
         (changed,) = await until(lambda: of_type(events, "fine_tune.status_changed"), what="the status change")
         store = app.watcher.store
         committed = store.recent_events(limit=20)
+        # the status page's "Hub status" comes from the persisted lifecycle
+        await until(lambda: SqliteReports(app.config.state_path()).summaries([key]).get(key), what="a summary")
+        assert SqliteReports(app.config.state_path()).summaries([key])[key].hub_status == outcome
     data = changed.data
     assert data["previous_status"] == "running" and data["status"] == outcome
     assert data["checkpoints"] == 3 and data["latest_step"] == 300
@@ -182,3 +185,47 @@ async def test_reload_adds_and_removes_a_source_keeping_its_state(hub: SimHub, t
         assert app.watcher.store.load_source("support").baselined  # its state is kept
         assert app.watcher.store.load_lifecycle([key])[key].state.status == "running"
     assert not of_type(events, "fine_tune.discovered")
+
+
+def _events(config: Path) -> list[dict[str, Any]]:
+    out = cli("events", "-c", str(config), "--json", "--type", "fine_tune.*", "--limit", "100").stdout
+    return [orjson.loads(line) for line in out.splitlines()]
+
+
+def _count(config: Path, kind: str, fine_tune_id: str) -> int:
+    return sum(1 for e in _events(config) if e["type"] == kind and e["data"]["fine_tune"]["id"] == fine_tune_id)
+
+
+def test_a_restart_while_a_run_completes_announces_it_exactly_once(
+    hub: SimHub, tmp_path: Path, daemons: Callable[..., Daemon]
+) -> None:
+    run = hub.add_fine_tune("acme", "bot", "ft_run")
+    hub.add_checkpoint(run, 100, loss=1.0)
+    config = write_config(tmp_path / "w.toml", config_of(hub, tmp_path))
+    daemon = daemons(config)
+    status = lambda: [orjson.loads(line) for line in cli("status", "-c", str(config), "--json").stdout.splitlines()]
+    wait_for(lambda: any(row["hub_status"] == "running" for row in status()), what="the baseline")
+    hub.add_fine_tune("acme", "bot", "ft_new")
+    wait_for(lambda: _count(config, "fine_tune.discovered", "ft_new"), what="a discovery")
+    daemon.kill9()
+    hub.add_checkpoint(run, 200, loss=0.5)
+    hub.set_status(run, "completed")  # while nobody watches
+    hub.add_fine_tune("acme", "bot", "ft_later")
+    daemon = daemons(config)
+    wait_for(lambda: _count(config, "fine_tune.status_changed", "ft_run"), what="the completion")
+    wait_for(lambda: _count(config, "fine_tune.discovered", "ft_later"), what="the discovery made while down")
+    daemon.kill9()
+    daemon = daemons(config)
+    lists = len(hub.requests("acme/bot", endpoint="list"))
+    wait_for(lambda: len(hub.requests("acme/bot", endpoint="list")) >= lists + 4, what="reads after the restart")
+    assert daemon.terminate() == 0
+    (completed,) = [e for e in _events(config) if e["type"] == "fine_tune.status_changed"]
+    assert completed["data"]["status"] == "completed" and completed["data"]["latest_step"] == 200
+    assert completed["data"]["checkpoints"] == 2
+    assert (
+        _count(config, "fine_tune.discovered", "ft_new") == 1
+        and _count(config, "fine_tune.discovered", "ft_later") == 1
+    )
+    assert not _count(config, "fine_tune.discovered", "ft_run")
+    rows = {row["id"]: row for row in status()}
+    assert rows["ft_run"]["hub_status"] == "completed" and rows["ft_later"]["source"] == "support"
