@@ -20,7 +20,7 @@ from .client import FetchedNotFound
 from .config import Config
 from .config_discovery import DiscoverConfig
 from .discovery import ListRead, SourceReader, discover, ref_of
-from .errors import PollError
+from .errors import PollError, StoreError
 from .lifecycle import LifecycleOptions, checkpoint_interval, wants_final_poll
 from .models import FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess, SourceState
 from .poller import PollReport, WatchedFineTune, Watcher
@@ -58,6 +58,9 @@ class LifecycleJobs:
         self._sources: dict[str, _Source] = {}
         self._listed: set[str] = set()  # keys whose status a source's list keeps fresh
         self.scheduled: Callable[[str], float | None] | None = None  # a key's interval in the PollDriver now
+        self._batching = False
+        self._pending = False
+        self._store_failing = False
 
     async def list_fine_tunes(
         self,
@@ -132,6 +135,9 @@ class LifecycleJobs:
         metrics.lifecycle.retain(self.watcher.fine_tunes)
 
     def _changed(self) -> None:
+        if self._batching:  # one reschedule at the end of a list read, not one per fine-tune in it
+            self._pending = True
+            return
         self.update_metrics()
         if self.on_change is not None:
             self.on_change()
@@ -146,12 +152,21 @@ class LifecycleJobs:
                 return None
             if key.startswith(SOURCE_PREFIX):
                 return await self.read_source(key.removeprefix(SOURCE_PREFIX))
-            return await self.poll(key)
+            result = await self.poll(key)
         except asyncio.CancelledError:
             raise
+        except StoreError as err:  # the store failing: said once (the polls say it too), tried again next time
+            if not self._store_failing:
+                log.error("lifecycle.store_failed", job=key.lstrip("\x00"), error=str(err))
+            self._store_failing = True
+            return None
         except Exception as err:  # the top of a job: the next one still runs
             log.exception("lifecycle.job_crashed", job=key.lstrip("\x00"), error=type(err).__name__)
             return None
+        if self._store_failing and isinstance(result, PollReport) and result.error is None:
+            log.info("lifecycle.store_recovered")
+            self._store_failing = False
+        return result
 
     async def poll(self, key: str) -> PollReport | None:
         """A checkpoint poll, then the lifecycle's view of it (newest checkpoint, stall end, interval)."""
@@ -190,12 +205,16 @@ class LifecycleJobs:
             route=self.watcher.route,
         )
         old = watched.lifecycle
-        watched.lifecycle = committed.record
+        record = committed.record
+        if old is not None and (old.status_at or 0.0) > (record.status_at or 0.0):
+            # statuses read without a change are fresh in memory only (no write per list read)
+            record = replace(record, status_at=old.status_at)
+        watched.lifecycle = record
         for event in committed.events:
             self.watcher.publish(event)
-        if watched.watched and (old is None or old.state.status != committed.record.state.status):
+        if watched.watched and (old is None or old.state.status != record.state.status):
             if old is not None and old.state.status is not None:
-                log.info("lifecycle.status", fine_tune=watched.ref.key, status=committed.record.state.status)
+                log.info("lifecycle.status", fine_tune=watched.ref.key, status=record.state.status)
             self._changed()
 
     async def observe_status(self, watched: WatchedFineTune, fine_tune: HubFineTune) -> None:
@@ -263,7 +282,8 @@ class LifecycleJobs:
             if record is None:
                 continue
             # a list read refreshes it: a GET only when that read is late (failing); else just in time
-            slack = config.watch.jitter_s + 2 * step if key in self._listed else -step
+            late = max(2 * step, config.lifecycle.status_interval_s / 2)
+            slack = config.watch.jitter_s + late if key in self._listed else -step
             if record.status_at is None or now - record.status_at >= config.lifecycle.status_interval_s + slack:
                 due.append(watched)
             elif (
@@ -304,13 +324,19 @@ class LifecycleJobs:
                 await self.not_found(self.watcher.discovered[key][0])
             return None
         entry.missing = False
-        await self._adopt(source, entry, read, mine)
-        if source.interval_s <= self.config.lifecycle.status_interval_s:
-            self._listed |= {f"{source.namespace}/{source.repo}/{ft.id}" for ft in read.fine_tunes}
-        for fine_tune in read.fine_tunes:
-            watched = self.watcher.fine_tunes.get(f"{source.namespace}/{source.repo}/{fine_tune.id}")
-            if watched is not None and watched.watched:
-                await self.observe_status(watched, fine_tune)
+        self._batching, self._pending = True, False
+        try:
+            await self._adopt(source, entry, read, mine)
+            if source.interval_s <= self.config.lifecycle.status_interval_s:
+                self._listed |= {f"{source.namespace}/{source.repo}/{ft.id}" for ft in read.fine_tunes}
+            for fine_tune in read.fine_tunes:
+                watched = self.watcher.fine_tunes.get(f"{source.namespace}/{source.repo}/{fine_tune.id}")
+                if watched is not None and watched.watched:
+                    await self.observe_status(watched, fine_tune)
+        finally:
+            self._batching = False
+            if self._pending:
+                self._changed()
         return read
 
     async def _adopt(self, source: DiscoverConfig, entry: _Source, read: ListRead, mine: set[str]) -> None:
