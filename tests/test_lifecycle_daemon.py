@@ -229,3 +229,65 @@ def test_a_restart_while_a_run_completes_announces_it_exactly_once(
     assert not _count(config, "fine_tune.discovered", "ft_run")
     rows = {row["id"]: row for row in status()}
     assert rows["ft_run"]["hub_status"] == "completed" and rows["ft_later"]["source"] == "support"
+
+
+async def test_filters_decide_what_a_source_watches(hub: SimHub, tmp_path: Path) -> None:
+    old = time.time() - 30 * 86400
+    hub.add_fine_tune("acme", "bot", "ft_keep", name="prod-sft", created_by="alice")
+    hub.add_fine_tune("acme", "bot", "ft_scratch", name="scratch-1", created_by="alice")
+    hub.add_fine_tune("acme", "bot", "ft_dpo", name="prod-dpo", created_by="alice")  # exclude wins
+    hub.add_fine_tune("acme", "bot", "ft_other", name="prod-rl", created_by="bob")  # created_by alone
+    hub.add_fine_tune("acme", "bot", "ft_aged", name="prod-old", created_by="alice", status="completed",
+                      created_at=old, finished_at=old)  # fmt: skip
+    source = {
+        "name": "support",
+        "namespace": "acme",
+        "repo": "bot",
+        "interval_s": 0.5,
+        "include": ["prod-*"],
+        "exclude": ["*-dpo"],
+        "created_by": "alice",
+        "max_age_days": 7,
+    }
+    path = write_config(tmp_path / "w.toml", config_of(hub, tmp_path, discover=[source]))
+    async with running(path) as (app, events):
+        await until(lambda: app.lifecycle.baselined("support"), what="the baseline read")
+        assert set(app.watcher.fine_tunes) == {"acme/bot/ft_keep"}
+        hub.add_fine_tune("acme", "bot", "ft_new", name="prod-v2", created_by="alice")
+        hub.add_fine_tune("acme", "bot", "ft_new_scratch", name="scratch-2", created_by="alice")
+        await until(lambda: of_type(events, "fine_tune.discovered"), what="the new run")
+        assert set(app.watcher.fine_tunes) == {"acme/bot/ft_keep", "acme/bot/ft_new"}
+    assert [e.data["fine_tune"]["id"] for e in of_type(events, "fine_tune.discovered")] == ["ft_new"]
+
+
+async def test_a_run_created_while_the_list_is_read_is_discovered_by_the_next_read(hub: SimHub, tmp_path: Path) -> None:
+    for index in range(150):  # two pages
+        hub.add_fine_tune("acme", "bot", f"ft_{index:03d}", created_at=1_700_000_000 + index)
+    path = write_config(tmp_path / "w.toml", config_of(hub, tmp_path))
+    shifted: list[str] = []
+
+    def shift(repo: str, page: int) -> None:
+        if page == 2 and not shifted:  # a run starts between the reads of page 1 and page 2
+            shifted.append(hub.add_fine_tune("acme", "bot", "ft_during"))
+
+    async with running(path) as (app, events):
+        await until(lambda: app.lifecycle.baselined("support"), what="the baseline read")
+        hub.on_list = shift
+        (found,) = await until(lambda: of_type(events, "fine_tune.discovered"), what="the run created mid-read")
+        assert found.data["fine_tune"]["id"] == "ft_during"
+        await until(lambda: len(hub.requests("acme/bot", endpoint="list")) > 10, what="more reads")
+        assert len(app.watcher.fine_tunes) == 151
+    assert len(of_type(events, "fine_tune.discovered")) == 1
+
+
+def test_once_reads_sources_and_statuses(hub: SimHub, tmp_path: Path) -> None:
+    hub.add_fine_tune("acme", "bot", "ft_run", status="running")
+    hub.add_fine_tune("acme", "lab", "ft_listed", status="enqueued")
+    listed = {"namespace": "acme", "repo": "lab", "id": "ft_listed"}
+    config = write_config(tmp_path / "w.toml", config_of(hub, tmp_path, fine_tunes=[listed]))
+    result = cli("once", "-c", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["id"]: row for row in map(orjson.loads, cli("status", "-c", str(config), "--json").stdout.split())}
+    assert rows["ft_run"]["hub_status"] == "running" and rows["ft_run"]["source"] == "support"
+    assert rows["ft_listed"]["hub_status"] == "enqueued" and rows["ft_listed"]["source"] == "config"
+    assert hub.requests("acme/lab/ft_listed", endpoint="fine_tune")
