@@ -252,11 +252,12 @@ async def test_filters_decide_what_a_source_watches(hub: SimHub, tmp_path: Path)
     path = write_config(tmp_path / "w.toml", config_of(hub, tmp_path, discover=[source]))
     async with running(path) as (app, events):
         await until(lambda: app.lifecycle.baselined("support"), what="the baseline read")
-        assert set(app.watcher.fine_tunes) == {"acme/bot/ft_keep"}
+        await until(lambda: set(app.watcher.fine_tunes) == {"acme/bot/ft_keep"}, what="only the matching run")
         hub.add_fine_tune("acme", "bot", "ft_new", name="prod-v2", created_by="alice")
         hub.add_fine_tune("acme", "bot", "ft_new_scratch", name="scratch-2", created_by="alice")
         await until(lambda: of_type(events, "fine_tune.discovered"), what="the new run")
-        assert set(app.watcher.fine_tunes) == {"acme/bot/ft_keep", "acme/bot/ft_new"}
+        wanted = {"acme/bot/ft_keep", "acme/bot/ft_new"}
+        await until(lambda: set(app.watcher.fine_tunes) == wanted, what="the new run watched")
     assert [e.data["fine_tune"]["id"] for e in of_type(events, "fine_tune.discovered")] == ["ft_new"]
 
 
