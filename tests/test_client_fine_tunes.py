@@ -312,7 +312,7 @@ async def test_against_the_simulated_hub() -> None:
             hub.inject("acme/bot", Fault(status=200, body=b"{not json", endpoint="list"))
             with pytest.raises(InvalidResponse):
                 await client.list_fine_tunes("acme", "bot", page=1, page_size=100)
-        assert [r.status for r in hub.requests(key) if r.endpoint == "fine_tune"] == [200, 503, 500]
+        assert [r.status for r in hub.requests(key, endpoint="fine_tune")] == [200, 503, 500]
 
 
 async def test_a_wrong_token_is_unauthorized_on_the_simulated_hub() -> None:

@@ -244,12 +244,14 @@ class SimHub(Serving):
             else:
                 self._queue_of(key).clear()
 
-    def requests(self, key: str | None = None, *, endpoint: str | None = "checkpoints") -> list[RequestRecord]:
-        """The requests received so far; for one fine-tune (or repository) when key is given, then only those
-        of `endpoint` (its checkpoint polls by default; None: every endpoint)."""
+    def requests(self, key: str | None = None, *, endpoint: str | None = "") -> list[RequestRecord]:
+        """The requests received so far; for one fine-tune ("namespace/repo/id": its checkpoint polls unless
+        `endpoint` says otherwise, None: every endpoint) or one repository ("namespace/repo": its list reads)."""
         with self._lock:
             if key is None:
                 return list(self._requests)
+            if endpoint == "":
+                endpoint = "checkpoints" if key.count("/") == 2 else None
             return [r for r in self._requests if r.key == key and (endpoint is None or r.endpoint == endpoint)]
 
     def set_request_log(self, enabled: bool) -> None:
