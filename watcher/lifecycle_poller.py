@@ -276,4 +276,8 @@ class LifecycleJobs(SourceReads):
             or watched.lifecycle.status_at is None
             or watched.lifecycle.status_at < read_at - 1
         ]
-        await asyncio.gather(*(self.refresh_status(watched) for watched in stale))
+        for outcome in await asyncio.gather(*(self.refresh_status(w) for w in stale), return_exceptions=True):
+            if isinstance(outcome, StoreError):  # e.g. a read-only database from before lifecycle (--dry-run)
+                log.error("lifecycle.store_failed", job="once", error=str(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
