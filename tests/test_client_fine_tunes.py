@@ -312,7 +312,7 @@ async def test_against_the_simulated_hub() -> None:
             hub.inject("acme/bot", Fault(status=200, body=b"{not json", endpoint="list"))
             with pytest.raises(InvalidResponse):
                 await client.list_fine_tunes("acme", "bot", page=1, page_size=100)
-        assert [r.status for r in hub.requests(key) if r.endpoint == "fine_tune"] == [200, 503, 500]
+        assert [r.status for r in hub.requests(key, endpoint="fine_tune")] == [200, 503, 500]
 
 
 async def test_a_wrong_token_is_unauthorized_on_the_simulated_hub() -> None:
@@ -321,3 +321,36 @@ async def test_a_wrong_token_is_unauthorized_on_the_simulated_hub() -> None:
         async with HubClient(base_url=hub.url, token="wrong") as client:
             with pytest.raises(HubUnauthorized):
                 await client.list_fine_tunes("acme", "bot", page=1, page_size=100)
+
+
+# --- the Hub-wide gate and request counts (issue 9 wiring) ----------------------------------------------
+
+
+async def test_a_429_on_the_list_closes_the_gate_for_every_endpoint_and_every_request_is_counted() -> None:
+    hub = Recorder(
+        httpx.Response(429, headers={"Retry-After": "30"}),
+        httpx.Response(200, content=body({"fine_tunes": []})),
+    )
+    counted: list[tuple[str, str]] = []
+    async with client_for(hub, retry_budget_s=1) as client:
+        client.on_request = lambda endpoint, outcome: counted.append((endpoint, outcome))
+        with pytest.raises(HubUnavailable):
+            await client.list_fine_tunes("acme", "bot", page=1, page_size=100)
+        assert client.gate.throttled
+        with pytest.raises(HubUnavailable, match="held back"):
+            await client.get_fine_tune("acme", "bot", "ft_1")
+        deferred = await client.fetch(FineTuneRef("acme", "bot", "ft_1", "ft_1"))
+    assert len(hub.requests) == 1  # nothing reached the Hub while the gate was closed
+    assert type(deferred).__name__ == "FetchedDeferred"
+    assert counted == [("list", "error")]
+
+
+async def test_checkpoint_polls_are_counted_by_outcome() -> None:
+    hub = Recorder(httpx.Response(200, content=b'{"checkpoints": []}'), httpx.Response(404))
+    counted: list[tuple[str, str]] = []
+    async with client_for(hub) as client:
+        client.on_request = lambda endpoint, outcome: counted.append((endpoint, outcome))
+        ref = FineTuneRef("acme", "bot", "ft_1", "ft_1")
+        await client.fetch(ref)
+        await client.fetch(ref)
+    assert counted == [("checkpoints", "ok"), ("checkpoints", "not_found")]

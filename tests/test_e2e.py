@@ -216,7 +216,16 @@ def test_status_and_events_need_no_secrets(hub, tmp_path):
     assert cli("events", "-c", str(config)).returncode == 0
 
 
-def test_demo_prints_created_and_deployment_events_within_30s(tmp_path):
+DEMO_WANTED = (
+    "checkpoint.created",
+    "checkpoint.deployment_changed",
+    "fine_tune.discovered",
+    "running -> completed",
+    "running -> errored",
+)
+
+
+def test_demo_prints_created_deployment_and_lifecycle_events_within_40s(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "watcher", "demo"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -228,7 +237,7 @@ def test_demo_prints_created_and_deployment_events_within_30s(tmp_path):
         selector = selectors.DefaultSelector()
         assert proc.stdout is not None
         selector.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
             if selector.select(timeout=max(0.0, deadline - time.monotonic())):
                 line = proc.stdout.readline()
@@ -236,14 +245,16 @@ def test_demo_prints_created_and_deployment_events_within_30s(tmp_path):
                     break
                 seen.append(line)
             text = "".join(seen)
-            if "checkpoint.created" in text and "checkpoint.deployment_changed" in text:
+            if all(wanted in text for wanted in DEMO_WANTED):
                 break
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(20)
     text = "".join(seen)
-    assert "checkpoint.created" in text and "checkpoint.deployment_changed" in text, text
+    assert all(wanted in text for wanted in DEMO_WANTED), text
     assert "fine_tune.not_found" in text
+    assert "sweep-lr-3e-5: new fine-tune" in text and "loss diverged" in text
+    assert "baseline-run" not in text  # found by the source's first read: recorded silently
     assert code == 0
 
 

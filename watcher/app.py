@@ -24,6 +24,7 @@ from .client import HubClient
 from .config import Config, load_config
 from .errors import ConfigError
 from .health import liveness, readiness, status_line, watch_task
+from .lifecycle_poller import LifecycleJobs
 from .logs import REDACTOR
 from .metrics import Metrics
 from .poller import EventSink, PollHealth, PollReport, WatchedFineTune, Watcher, ref_of
@@ -103,7 +104,11 @@ class App:
         )
         # housekeeping jobs (hourly and the like); the polls have their own monotonic driver (scheduling.py)
         self.scheduler: AsyncIOScheduler | None = None
-        self.driver = PollDriver(PollSchedule(grid_s=SCHEDULE_GRID_S), self.watcher.poll, on_skip=self._skipped)
+        self.watcher.client.on_request = self.metrics.observe_hub_request
+        # checkpoint polls, source reads and the status sweep: one monotonic schedule (lifecycle_poller.py)
+        self.lifecycle = LifecycleJobs(self.watcher, on_change=lambda: self.reschedule(self.config))
+        self.driver = PollDriver(PollSchedule(grid_s=SCHEDULE_GRID_S), self.lifecycle.run, on_skip=self._skipped)
+        self.lifecycle.scheduled = self.driver.schedule.interval_of
         self.stop = asyncio.Event()
         self.started = False
         self._loaded = False
@@ -127,7 +132,9 @@ class App:
 
     def make_client(self, config: Config, token: str) -> HubClient:
         """A Hub client for a (re)loaded config."""
-        return make_client(config, token, transport=self.hub_transport)
+        client = make_client(config, token, transport=self.hub_transport)
+        client.on_request = self.metrics.observe_hub_request
+        return client
 
     def retire(self, closable: Any) -> None:
         """Close a replaced Hub client once the polls running now (which may still use it) have ended."""
@@ -148,9 +155,10 @@ class App:
                 self._retired.remove(closable)
 
     def reschedule(self, config: Config) -> None:
-        """Schedule the fine-tunes of a config (unchanged ones keep their phase)."""
-        wanted = {ft.key: config.interval_of(ft) for ft in config.fine_tunes}
-        self.driver.reschedule(wanted, jitter_s=config.watch.jitter_s)
+        """Schedule the jobs of a config (unchanged ones keep their phase): each fine-tune's checkpoint polls at
+        the interval of its status, source reads, the status sweep."""
+        self.driver.reschedule(self.lifecycle.wanted(config), jitter_s=config.watch.jitter_s)
+        self.lifecycle.update_metrics()
 
     def _skipped(self, key: str) -> None:
         self.metrics.polls_skipped.inc()
@@ -195,6 +203,7 @@ class App:
             self.request_reload()
         try:
             await self.watcher.load()
+            await self.lifecycle.load_records()
             await self.dispatcher.report_outbox()
             self._loaded = True
             await self.server.start()

@@ -139,6 +139,9 @@ def once(config_path: str, dry_run: bool) -> None:
     async def main() -> list[Any]:
         try:
             await watcher.load()
+            from .lifecycle_poller import LifecycleJobs
+
+            await LifecycleJobs(watcher).once()  # sources and statuses first: what they find is polled too
             reports = await watcher.poll_all()
             if not dry_run and dispatcher.notifiers:
                 await _deliver_once(config, dispatcher)
@@ -364,13 +367,21 @@ def _time(epoch: float | None) -> str | None:
     return rfc3339(epoch) if epoch is not None else None
 
 
-def _status_json(config: Config, status: FineTuneStatus) -> dict[str, Any]:
-    fine_tune = next(ft for ft in config.fine_tunes if ft.key == status.key)
+def _status_json(
+    config: Config, status: FineTuneStatus, lifecycle: Any, discovered: dict[str, tuple[str, str]]
+) -> dict[str, Any]:
+    fine_tune = next((ft for ft in config.fine_tunes if ft.key == status.key), None)
+    namespace, repo, fine_tune_id = status.key.split("/", 2)
+    record = lifecycle.get(status.key)
     return {
-        "namespace": fine_tune.namespace,
-        "repo": fine_tune.repo,
-        "id": fine_tune.id,
-        "name": fine_tune.display_name,
+        "namespace": namespace,
+        "repo": repo,
+        "id": fine_tune_id,
+        "name": fine_tune.display_name if fine_tune is not None else discovered[status.key][1],
+        "source": "config" if fine_tune is not None else discovered[status.key][0],
+        "hub_status": record.state.status if record is not None else None,
+        "hub_error": record.state.error if record is not None else None,
+        "stalled": record.state.stalled if record is not None else False,
         "last_poll_at": _time(status.last_poll_at),
         "last_outcome": status.last_outcome,
         "last_error": status.last_error,
@@ -395,7 +406,14 @@ def status(config_path: str, as_json: bool) -> None:
     config = _load(config_path)
     store = _open_readonly(config)
     try:
-        rows = [_status_json(config, s) for s in store.statuses([ft.key for ft in config.fine_tunes])]
+        keys = [ft.key for ft in config.fine_tunes]
+        try:
+            sources = {source.name for source in config.discover}
+            discovered = {k: v for k, v in store.discovered_names().items() if v[0] in sources and k not in keys}
+            lifecycle = store.load_lifecycle([*keys, *discovered])
+        except StoreError:  # a database from before lifecycle (read-only: not migrated yet)
+            discovered, lifecycle = {}, {}
+        rows = [_status_json(config, s, lifecycle, discovered) for s in store.statuses([*keys, *sorted(discovered)])]
     except StoreError as err:
         _fail(str(err), 1)
     if as_json:
@@ -406,13 +424,16 @@ def status(config_path: str, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "fine-tune", "last poll", "outcome", "fails", "ckpts", "latest step", "loss", "deployments"):
+    columns = ("name", "fine-tune", "source", "hub status", "last poll", "outcome", "fails", "ckpts", "latest step")
+    for column in (*columns, "loss", "deployments"):
         table.add_column(column)
     for row in rows:
         loss = row["latest_loss"]
         table.add_row(
             row["name"],
             f"{row['namespace']}/{row['repo']}/{row['id']}",
+            row["source"],
+            (row["hub_status"] or "-") + (" (stalled)" if row["stalled"] else ""),
             row["last_poll_at"] or "never",
             (row["last_outcome"] or "-") + (f" ({row['last_error']})" if row["last_error"] else ""),
             str(row["consecutive_failures"]),

@@ -184,6 +184,22 @@ class HubClient:
         return request
 
     async def _fetch_once(self, ref: FineTuneRef) -> FetchedBody | FetchedNotFound:
+        outcome = "error"
+        try:
+            fetched = await self._fetch_answer(ref)
+            outcome = "ok" if isinstance(fetched, FetchedBody) else "not_found"
+            return fetched
+        except HubUnauthorized:
+            outcome = "unauthorized"
+            raise
+        except asyncio.CancelledError:
+            outcome = ""
+            raise
+        finally:
+            if self.on_request is not None and outcome:
+                self.on_request("checkpoints", outcome)
+
+    async def _fetch_answer(self, ref: FineTuneRef) -> FetchedBody | FetchedNotFound:
         try:
             # Straight to the transport: a bodiless GET needs none of the client's redirect, auth or cookie
             # handling (redirects are never followed, and the Hub sets no cookies we want).
@@ -246,8 +262,8 @@ class HubClient:
     # The same error wrapping and quick retries as fetch(); a follow-up can route fetch() through
     # _get_with_retries() too, so that every endpoint shares one retry and back-off path.
 
-    # called once per HTTP attempt with (endpoint, outcome): endpoint in list, fine_tune (fetch() does not call
-    # it yet); outcome in ok, not_found, unauthorized, error. Set it to Metrics.observe_hub_request.
+    # called once per HTTP attempt with (endpoint, outcome): endpoint in checkpoints, list, fine_tune; outcome in
+    # ok, not_found, unauthorized, error. The daemon sets it to Metrics.observe_hub_request.
     on_request: Callable[[str, str], None] | None = None
 
     async def list_fine_tunes(
@@ -294,16 +310,26 @@ class HubClient:
                 return False
             remaining = self._retry_budget_s - (time.monotonic() - started)
             wait = exc.retry_after_s
-            if remaining <= 0 or (wait is not None and wait > remaining):
+            gate_wait = self.gate.wait_s()
+            if gate_wait > 0:  # the Hub-wide back-off binds every retry too
+                wait = max(wait or 0.0, gate_wait)
+            if remaining <= 0 or (wait is not None and wait > remaining) or not self.gate.take_retry():
                 return False
             if self._on_retry is not None:
                 self._on_retry(ref, exc, wait if wait is not None else 0.0)
             return wait if wait is not None else True
 
+        last_error: HubUnavailable | None = None
         while True:
+            # the Hub-wide back-off holds every endpoint, not only checkpoints: no request while it is closed
+            if not self.gate.admit():
+                raise last_error or HubUnavailable(
+                    "held back: the Hub asked to slow down", retry_after_s=self.gate.wait_s()
+                )
             try:
                 return await self._get_once(request, endpoint=endpoint)
             except HubUnavailable as err:
+                last_error = err
                 wait = backoff(err)
                 if wait is False:
                     raise
@@ -319,6 +345,7 @@ class HubClient:
                 try:
                     status = response.status_code
                     if status == 200:
+                        self.gate.on_answer()
                         body = await self._read_capped(response)
                         outcome = "ok"
                         return body
@@ -328,18 +355,25 @@ class HubClient:
             except BodyTooLarge as err:
                 raise PollError(str(err), http_status=200) from err
             except httpx.TimeoutException as err:
+                self.gate.release_probe()
                 raise HubUnavailable(f"timed out ({type(err).__name__})") from err
             except httpx.TransportError as err:
+                self.gate.release_probe()
                 raise HubUnavailable(f"connection failed ({type(err).__name__})") from err
             except asyncio.CancelledError:
+                self.gate.release_probe()
                 outcome = ""
                 raise
             except httpx.HTTPError as err:
                 raise PollError(f"HTTP error ({type(err).__name__})") from err
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
+            if status == 429 or (retry_after is not None and status in RETRYABLE_STATUSES):
+                self.gate.on_throttle(retry_after)
+            else:
+                self.gate.on_answer()
             if status == 404:
                 outcome = "not_found"
                 return FetchedNotFound()
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
             if status in RETRYABLE_STATUSES:
                 raise HubUnavailable(f"Hub answered {status}", http_status=status, retry_after_s=retry_after)
             if status in (401, 403):

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .simhub import SimHub
+from .simhub import SimHub, StatusStep
 
 DEMO_TOKEN = "demo-token"
 DEMO_WEBHOOK_URL = "http://127.0.0.1:9000/hooks/oxen"
@@ -15,6 +15,9 @@ DEMO_WEBHOOK_SECRET = "whsec_" + "b3hlbi13YXRjaGVyLWRlbW8tc2VjcmV0LTMyLWJ5dGVz"
 TRAINING = "acme/support-bot/ft_support"
 SLOW_TRAINING = "acme/summarizer/ft_summarize"
 MISSING = "acme/ghost/ft_missing"
+# runs started after the demo starts, found by the [[discover]] source of acme/experiments
+SWEEP_DONE = "acme/experiments/ft_sweep_a"
+SWEEP_FAILED = "acme/experiments/ft_sweep_b"
 
 
 class DemoTrainer:
@@ -35,6 +38,8 @@ class DemoTrainer:
         self.hub.add_checkpoint(TRAINING, 100, loss=2.31)
         self.hub.add_checkpoint(TRAINING, 200, loss=1.87)
         self.hub.add_checkpoint(SLOW_TRAINING, 500, loss=1.42)
+        # an experiment that finished before the demo started: the source's first read records it silently
+        self.hub.add_fine_tune("acme", "experiments", "ft_baseline", name="baseline-run", status="completed")
 
     def start(self) -> None:
         """Start training in the background."""
@@ -70,10 +75,24 @@ class DemoTrainer:
             self.hub.set_deployment_status(TRAINING, self._deploy_step, "DEPLOYING")
         if n == 12 and self._deploy_step is not None:
             self.hub.set_deployment_status(TRAINING, self._deploy_step, "ACTIVE")
+        self._experiments(n)
         if n % 9 == 0:
             steps = [c["step"] for c in self.hub.checkpoints(SLOW_TRAINING)]
             step = max(steps) + 500
             self.hub.add_checkpoint(SLOW_TRAINING, step, loss=round(1.42 * 0.93 ** (step / 500 - 1), 4))
+
+    def _experiments(self, n: int) -> None:
+        """Two short runs started after the demo: one completes (tick 2 + 6 s), one errors (tick 3 + 7 s)."""
+        if n == 2:
+            self.hub.add_fine_tune("acme", "experiments", "ft_sweep_a", name="sweep-lr-3e-5", created_by="alice")
+            self.hub.script(SWEEP_DONE, StatusStep(6.0, "completed"))
+        if n == 3:
+            self.hub.add_fine_tune("acme", "experiments", "ft_sweep_b", name="sweep-lr-1e-3", created_by="alice")
+            self.hub.script(SWEEP_FAILED, StatusStep(7.0, "errored", "Training failed: loss diverged (NaN) at step 60"))
+        if n in (4, 6):
+            self.hub.add_checkpoint(SWEEP_DONE, 50 * (n - 2), loss=round(1.6 - 0.2 * n, 4))
+        if n == 5:
+            self.hub.add_checkpoint(SWEEP_FAILED, 50, loss=3.2)
 
 
 def demo_config(hub: SimHub, state_dir: Path) -> dict[str, Any]:
@@ -94,6 +113,9 @@ def demo_config(hub: SimHub, state_dir: Path) -> dict[str, Any]:
                 "timeout_s": 5,
             },
         ],
+        # every fine-tune of acme/experiments, as runs start; statuses fresh within a second
+        "discover": [{"name": "experiments", "namespace": "acme", "repo": "experiments", "interval_s": 1}],
+        "lifecycle": {"status_interval_s": 1, "idle_interval_s": 30},
         "fine_tunes": [
             {"namespace": "acme", "repo": "support-bot", "id": "ft_support", "name": "support-bot-sft"},
             {

@@ -55,6 +55,8 @@ class Watcher:
     route: Router | None = None
     metrics: Metrics | None = None
     fine_tunes: dict[str, WatchedFineTune] = field(default_factory=dict)
+    # fine-tunes the [[discover]] sources watch: key -> (ref, source name); set_fine_tunes() adopts them
+    discovered: dict[str, tuple[FineTuneRef, str]] = field(default_factory=dict)
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
     _unauthorized: int = 0  # watched fine-tunes whose last answer was 401/403
@@ -73,17 +75,25 @@ class Watcher:
         return {key: ft.health for key, ft in self.fine_tunes.items()}
 
     def set_fine_tunes(self, config: Config) -> None:
-        """Adopt the fine-tunes (and options) of a config: new ones start, removed ones are dropped whole."""
+        """Adopt the fine-tunes (and options) of a config, plus those its [[discover]] sources found: new ones
+        start, removed ones are dropped whole. One both listed and discovered is watched with the listed settings.
+        """
         self.config = config
-        wanted = {ft.key: ref_of(ft) for ft in config.fine_tunes}
+        wanted = {ft.key: (ref_of(ft), "config", config.interval_of(ft)) for ft in config.fine_tunes}
+        sources = {source.name for source in config.discover}
+        for key, (ref, source) in self.discovered.items():
+            if source in sources and key not in wanted:
+                wanted[key] = (ref, source, config.watch.interval_s)
         for key in [k for k in self.fine_tunes if k not in wanted]:
             self.drop(key)
-        for key, ref in wanted.items():
+        for key, (ref, source, interval) in wanted.items():
             watched = self.fine_tunes.get(key)
             if watched is None:
                 children = self.metrics.poll_children(ref) if self.metrics is not None and self.commit else None
-                self.fine_tunes[key] = WatchedFineTune(ref, children=children)
-            elif watched.ref != ref:  # renamed: the gauges show the new name
+                self.fine_tunes[key] = WatchedFineTune(ref, children=children, source=source, interval_s=interval)
+                continue
+            watched.source, watched.interval_s = source, interval
+            if watched.ref != ref:  # renamed: the gauges show the new name
                 watched.ref = ref
                 if self.metrics is not None and watched.status is not None:
                     self.metrics.state.set_fine_tune(ref, watched.status)
@@ -108,7 +118,7 @@ class Watcher:
             if watched.unauthorized:
                 self._unauthorized += 1
             self.fine_tunes[key] = watched
-        self.config = config
+        self.set_fine_tunes(config)  # the old sources and intervals of the objects kept
 
     def drop(self, key: str) -> None:
         """Stop watching a fine-tune: its object, health, hold-back, flags and metric series go at once."""
@@ -263,8 +273,13 @@ class Watcher:
         return committed, result
 
     async def _apply(self, ref: FineTuneRef, result: PollResult, now: float) -> Committed | None:
+        options = self.options
+        watched = self.fine_tunes.get(ref.key)
+        if watched is not None and watched.lifecycle is not None and watched.lifecycle.announce_checkpoints:
+            # discovered after its source's first read: a new run, every checkpoint it has is news
+            options = DiffOptions(baseline=False, failure_threshold=options.failure_threshold)
         return await self.in_store(
-            self.store.apply_poll, ref, result, options=self.options, now=now, commit=self.commit, route=self.route
+            self.store.apply_poll, ref, result, options=options, now=now, commit=self.commit, route=self.route
         )
 
     async def _record_crash(self, ref: FineTuneRef, err: Exception) -> None:
@@ -308,6 +323,10 @@ class Watcher:
             log.info("hub.authorized")
         for event in committed.events:
             self._publish(event)
+
+    def publish(self, event: Event) -> None:
+        """Count, log and hand a committed event to the sinks (the lifecycle jobs' events too)."""
+        self._publish(event)
 
     def _publish(self, event: Event) -> None:
         if self.metrics is not None and self.commit:

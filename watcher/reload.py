@@ -61,6 +61,8 @@ def plan_reload(app: App, config: Config, secrets: Secrets) -> ReloadPlan:
             app.retire(client)
         raise
     before, after = set(app.watcher.fine_tunes), {ft.key for ft in config.fine_tunes}
+    sources = {source.name for source in config.discover}
+    after |= {key for key, (_, source) in app.watcher.discovered.items() if source in sources}
     return ReloadPlan(config, secrets, client, notifiers, sorted(after - before), sorted(before - after))
 
 

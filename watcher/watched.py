@@ -9,6 +9,7 @@ import structlog
 from .config import FineTuneConfig
 from .metrics import PollChildren
 from .models import Event, FineTuneRef, FineTuneStatus, PollFailed, PollResult, PollSuccess, PollUnchanged, outcome_of
+from .store import LifecycleRecord
 
 log = structlog.get_logger("watcher")
 
@@ -47,6 +48,9 @@ class WatchedFineTune:
     status: FineTuneStatus | None = None  # what the metrics show, refreshed when the state changes
     children: PollChildren | None = None  # its poll counters (created at 0 when watching starts)
     watched: bool = True
+    source: str = "config"  # "config" ([[fine_tunes]]) or the [[discover]] source that found it
+    interval_s: float = 60.0  # its checkpoint interval while running ([[fine_tunes]] interval_s, else [watch])
+    lifecycle: LifecycleRecord | None = None  # its lifecycle as last committed (None: not loaded yet)
 
     def record(self, result: PollResult, now: float) -> int:
         """Take in a committed poll's outcome (health, hold-back, state-change log lines).

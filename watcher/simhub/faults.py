@@ -48,13 +48,14 @@ def _fault_fields(fault: Fault) -> dict[str, Any]:
     return {name: getattr(fault, name) for name in Fault.__dataclass_fields__}
 
 
-def next_fault(queues: tuple[deque[Fault] | None, ...], endpoint: Endpoint) -> Fault | None:
-    """Take the first fault for this endpoint from the first queue that has one (global faults first)."""
+def next_fault(queues: tuple[deque[Fault] | None, ...], endpoint: Endpoint, *, explicit: bool = False) -> Fault | None:
+    """Take the first fault for this endpoint from the first queue that has one (global faults first);
+    `explicit`: only faults naming this endpoint."""
     for faults in queues:
         if not faults:
             continue
         for index, fault in enumerate(faults):
-            if fault.endpoint is not None and fault.endpoint != endpoint:
+            if fault.endpoint != endpoint and (explicit or fault.endpoint is not None):
                 continue
             if fault.times is not None:
                 if fault.times <= 1:

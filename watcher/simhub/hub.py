@@ -220,8 +220,9 @@ class SimHub(Serving):
             return [dict(fine_tune.checkpoints[s]) for s in sorted(fine_tune.checkpoints)]
 
     def inject(self, key: str | None, *faults: Fault) -> None:
-        """Queue faults for one fine-tune ("namespace/repo/id": its checkpoints and fine_tune endpoints), one
-        repository's list ("namespace/repo"), or every request (None); answered in order per endpoint."""
+        """Queue faults for one fine-tune ("namespace/repo/id": its checkpoints endpoint, or the fine_tune one when
+        the fault says so), one repository's list ("namespace/repo"), or every request (None); answered in order
+        per endpoint."""
         with self._lock:
             self._queue_of(key).extend(faults)
 
@@ -243,10 +244,15 @@ class SimHub(Serving):
             else:
                 self._queue_of(key).clear()
 
-    def requests(self, key: str | None = None) -> list[RequestRecord]:
-        """The requests received so far (for one fine-tune when key is given)."""
+    def requests(self, key: str | None = None, *, endpoint: str | None = "") -> list[RequestRecord]:
+        """The requests received so far; for one fine-tune ("namespace/repo/id": its checkpoint polls unless
+        `endpoint` says otherwise, None: every endpoint) or one repository ("namespace/repo": its list reads)."""
         with self._lock:
-            return [r for r in self._requests if key is None or r.key == key]
+            if key is None:
+                return list(self._requests)
+            if endpoint == "":
+                endpoint = "checkpoints" if key.count("/") == 2 else None
+            return [r for r in self._requests if r.key == key and (endpoint is None or r.endpoint == endpoint)]
 
     def set_request_log(self, enabled: bool) -> None:
         """Turn request recording off for long benchmark runs."""

@@ -103,7 +103,8 @@ class Serving:
             }
             return orjson.dumps(document)
 
-        return await self._serve(request, key, "fine_tune", lambda: self._faults_of(key), answer)
+        # a fine-tune's faults without an endpoint are its checkpoint polls' (the watcher reads statuses too)
+        return await self._serve(request, key, "fine_tune", lambda: self._faults_of(key), answer, explicit=True)
 
     async def _handle_list(self, request: web.Request) -> web.StreamResponse:
         info = request.match_info
@@ -136,13 +137,15 @@ class Serving:
         endpoint: Endpoint,
         faults: Callable[[], deque[Fault] | None],
         answer: Callable[[], bytes | None],
+        *,
+        explicit: bool = False,
     ) -> web.StreamResponse:
         """Faults first, then 401, then the answer (None: 404); every request recorded."""
         authorized = self.token is None or request.headers.get("Authorization") == f"Bearer {self.token}"
         body: bytes | None = None
         bad_query: str | None = None
         with self._lock:
-            fault = next_fault((self._global_faults, faults()), endpoint)
+            fault = next_fault((self._global_faults,), endpoint) or next_fault((faults(),), endpoint, explicit=explicit)
             if fault is None and authorized:
                 try:
                     body = answer()

@@ -8,7 +8,20 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..diff import DiffOptions
-from ..models import Delivery, Event, FineTuneRef, FineTuneState, FineTuneStatus, OutboxStats, PollResult
+from ..lifecycle import LifecycleOptions
+from ..models import (
+    Delivery,
+    Event,
+    EventDraft,
+    FineTuneRef,
+    FineTuneState,
+    FineTuneStatus,
+    HubFineTune,
+    LifecycleState,
+    OutboxStats,
+    PollResult,
+    SourceState,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +200,74 @@ class Retention(Protocol):
         ...
 
 
-class Store(StateStore, EventLog, Outbox, Retention, Protocol):
+@dataclass(frozen=True, slots=True)
+class LifecycleRecord:
+    """One fine-tune's persisted lifecycle: its state, the source that watches it ("config" or a [[discover]]
+    name), when its status was last read (Unix time), and whether its checkpoints are announced rather than
+    baselined (a fine-tune discovered after its source's first read is new: everything it has is news)."""
+
+    state: LifecycleState
+    source: str | None = None
+    status_at: float | None = None
+    announce_checkpoints: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleCommitted:
+    """What one lifecycle evaluation committed: its events and the record after it."""
+
+    events: tuple[Event, ...]
+    record: LifecycleRecord
+    poll_checkpoints_now: bool = False
+
+
+class LifecycleStore(Protocol):
+    """Lifecycle state per fine-tune and discovery state per source, committed with their events and outbox."""
+
+    def load_lifecycle(self, keys: Sequence[str] | None = None) -> dict[str, LifecycleRecord]:
+        """The persisted lifecycle records of these fine-tunes (all when None); absent ones were never seen."""
+        ...
+
+    def apply_lifecycle(
+        self,
+        ref: FineTuneRef,
+        fine_tune: HubFineTune | None,
+        *,
+        options: LifecycleOptions,
+        now: float,
+        source: str | None = None,
+        commit: bool = True,
+        route: Router | None = None,
+    ) -> LifecycleCommitted:
+        """advance() the stored state with a status read (or, fine_tune None, the committed checkpoints alone)
+        and commit the state, its events and their outbox rows in one transaction (nothing when unchanged)."""
+        ...
+
+    def discovered_names(self) -> dict[str, tuple[str, str]]:
+        """Every fine-tune a source found: key -> (source name, the Hub's name for it), for `status`."""
+        ...
+
+    def load_source(self, name: str) -> SourceState:
+        """A source's persisted state (an empty one when never read)."""
+        ...
+
+    def apply_discovery(
+        self,
+        name: str,
+        state: SourceState,
+        events: Sequence[tuple[FineTuneRef, EventDraft]],
+        *,
+        now: float,
+        sources: Sequence[tuple[FineTuneRef, bool]] = (),
+        commit: bool = True,
+        route: Router | None = None,
+    ) -> tuple[Event, ...]:
+        """Commit a source's new state and its discovered events (with outbox rows) in one transaction;
+        `sources` names fine-tunes this source now watches (True: announce their checkpoints, they are new)."""
+        ...
+
+
+class Store(StateStore, EventLog, Outbox, Retention, LifecycleStore, Protocol):
     """Durable state of the watcher: every concern, one database."""
 
     def close(self) -> None:

@@ -96,6 +96,10 @@ class SqliteReports:
             "SELECT fine_tune_key, revision, last_poll_at, last_outcome, last_error, last_http_status, "
             "last_success_at, consecutive_failures, failing, not_found FROM fine_tunes"
         ).fetchall()
+        try:  # the Hub status the lifecycle jobs persisted (absent in a database from before them)
+            hub_statuses = dict(db.execute("SELECT fine_tune_key, status FROM lifecycle").fetchall())
+        except sqlite3.OperationalError:
+            hub_statuses = {}
         for key, revision, *state in rows:
             if key not in wanted:
                 continue
@@ -114,7 +118,7 @@ class SqliteReports:
                 consecutive_failures=failures,
                 failing=bool(failing),
                 not_found=bool(not_found),
-                hub_status="not found" if not_found else None,
+                hub_status="not found" if not_found else hub_statuses.get(key),
                 **cached[1],
             )
         for key in [k for k in self._cache if k not in wanted]:

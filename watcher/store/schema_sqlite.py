@@ -69,5 +69,33 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX deliveries_dead ON deliveries (queued_at) WHERE state = 'dead'",
         "DROP INDEX deliveries_lane",
     ),
+    (
+        # Lifecycle (issue 9): each fine-tune's last Hub status and stall clock, and each [[discover]] source's
+        # baseline and every id it ever listed (never removed: a fine-tune missing from a list is not gone).
+        """CREATE TABLE lifecycle (
+            fine_tune_key TEXT PRIMARY KEY,
+            source TEXT,
+            name TEXT,
+            status TEXT,
+            error TEXT,
+            started_at TEXT,
+            finished_at TEXT,
+            first_seen_at DOUBLE PRECISION,
+            newest_step BIGINT,
+            newest_seen_at DOUBLE PRECISION,
+            stalled INTEGER NOT NULL DEFAULT 0,
+            status_at DOUBLE PRECISION,
+            announce_checkpoints INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE sources (
+            name TEXT PRIMARY KEY,
+            baselined INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE source_ids (
+            source TEXT NOT NULL,
+            fine_tune_id TEXT NOT NULL,
+            PRIMARY KEY (source, fine_tune_id)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -11,7 +11,7 @@ import heapq
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from ..models import (
 from .protocols import Committed, Router
 from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
 from .sqlite_base import REWRITE_MAX_BYTES, event_from_row
+from .sqlite_lifecycle import SqliteLifecycle
 from .sqlite_outbox import SqliteOutbox
 from .sqlite_prune import SqlitePrune
 
@@ -52,7 +53,7 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 CONVERT_AT_START_MAX_BYTES = REWRITE_MAX_BYTES
 
 
-class SqliteStore(SqliteOutbox, SqlitePrune):
+class SqliteStore(SqliteOutbox, SqlitePrune, SqliteLifecycle):
     """The SQLite store: WAL mode, one writer transaction per poll, a cache of decoded state per fine-tune."""
 
     def __init__(
@@ -207,6 +208,9 @@ class SqliteStore(SqliteOutbox, SqlitePrune):
             "FROM fine_tunes WHERE fine_tune_key = ?",
             (key,),
         ).fetchone()
+
+    def _committed_checkpoints(self, key: str) -> Mapping[int, KnownCheckpoint]:
+        return self._load_state(key, self._state_row(key))[1].checkpoints
 
     def load_state(self, key: str) -> FineTuneState:
         """The committed state of one fine-tune (an empty state when never seen)."""

@@ -1,0 +1,195 @@
+"""Lifecycle and discovery state in SQLite: per fine-tune (status, stall clock) and per source (baseline, ids).
+
+Like apply_poll, each write commits the state with the events it yields and their outbox rows in one
+transaction, so a crash never leaves an announced status without its state (no re-announce) or the reverse.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import StoreError
+from ..events import stamp
+from ..lifecycle import LifecycleOptions, advance
+from ..models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, LifecycleState, SourceState
+from .protocols import LifecycleCommitted, LifecycleRecord, Router
+from .sqlite_base import SqliteBase
+
+COLUMNS = (
+    "fine_tune_key, source, status, error, started_at, finished_at, first_seen_at, newest_step, newest_seen_at, "
+    "stalled, status_at, announce_checkpoints"
+)
+
+
+def _record(row: Sequence[Any]) -> LifecycleRecord:
+    _, source, status, error, started, finished, first_seen, newest, newest_at, stalled, status_at, announce = row
+    state = LifecycleState(
+        status=status,
+        error=error,
+        started_at=started,
+        finished_at=finished,
+        first_seen_at=first_seen,
+        newest_step=newest,
+        newest_seen_at=newest_at,
+        stalled=bool(stalled),
+    )
+    return LifecycleRecord(state, source, status_at, bool(announce))
+
+
+class SqliteLifecycle(SqliteBase):
+    """The LifecycleStore half of SqliteStore (it supplies the checkpoints and the event inserts)."""
+
+    _new_id: Any
+
+    def _committed_checkpoints(self, key: str) -> Mapping[int, KnownCheckpoint]:
+        raise NotImplementedError  # SqliteStore: the committed checkpoints, read inside the open transaction
+
+    def _insert_events(self, events: Sequence[Event], *, now: float, route: Router | None) -> None:
+        raise NotImplementedError  # SqliteStore: events and their outbox rows
+
+    def _stamp(self, draft: EventDraft, key: str, now: float) -> Event:
+        return stamp(draft, fine_tune_key=key, now=now, event_id=self._new_id() if self._new_id else None)
+
+    def load_lifecycle(self, keys: Sequence[str] | None = None) -> dict[str, LifecycleRecord]:
+        """The persisted lifecycle records of these fine-tunes (all when None)."""
+        if keys is None:
+            rows = self._read(f"SELECT {COLUMNS} FROM lifecycle", what="read lifecycle state")
+        else:
+            rows = []
+            for start in range(0, len(keys), 500):
+                chunk = tuple(keys[start : start + 500])
+                marks = ", ".join("?" for _ in chunk)
+                rows += self._read(
+                    f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key IN ({marks})",
+                    chunk,
+                    what="read lifecycle state",
+                )
+        return {row[0]: _record(row) for row in rows}
+
+    def apply_lifecycle(
+        self,
+        ref: FineTuneRef,
+        fine_tune: HubFineTune | None,
+        *,
+        options: LifecycleOptions,
+        now: float,
+        source: str | None = None,
+        commit: bool = True,
+        route: Router | None = None,
+    ) -> LifecycleCommitted:
+        """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged)."""
+        key = ref.key
+
+        def work() -> LifecycleCommitted:
+            row = self._db.execute(f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key = ?", (key,)).fetchone()
+            old = _record(row) if row else LifecycleRecord(LifecycleState())
+            transition = advance(
+                ref, old.state, fine_tune, checkpoints=self._committed_checkpoints(key), now=now, options=options
+            )
+            status_at = now if fine_tune is not None else old.status_at
+            record = LifecycleRecord(transition.state, source or old.source, status_at, old.announce_checkpoints)
+            events = tuple(self._stamp(draft, key, now) for draft in transition.events)
+            if record == old and row is not None:
+                return LifecycleCommitted((), record, transition.poll_checkpoints_now)
+            if commit:
+                self._upsert(key, record)
+                self._insert_events(events, now=now, route=route)
+            return LifecycleCommitted(events, record, transition.poll_checkpoints_now)
+
+        return self._tx(work, commit=commit, what=f"commit lifecycle of {key}")
+
+    def _tx(self, fn: Any, *, commit: bool, what: str) -> Any:
+        if commit:
+            return self._write_tx(fn, what=what)
+        try:
+            self._db.execute("BEGIN")
+            try:
+                return fn()
+            finally:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot {what}: {err}") from err
+
+    def _upsert(self, key: str, record: LifecycleRecord) -> None:
+        state = record.state
+        self._db.execute(
+            f"INSERT INTO lifecycle ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (fine_tune_key) DO UPDATE SET source = excluded.source, status = excluded.status, "
+            "error = excluded.error, started_at = excluded.started_at, finished_at = excluded.finished_at, "
+            "first_seen_at = excluded.first_seen_at, newest_step = excluded.newest_step, "
+            "newest_seen_at = excluded.newest_seen_at, stalled = excluded.stalled, status_at = excluded.status_at, "
+            "announce_checkpoints = excluded.announce_checkpoints",
+            (
+                key,
+                record.source,
+                state.status,
+                state.error,
+                state.started_at,
+                state.finished_at,
+                state.first_seen_at,
+                state.newest_step,
+                state.newest_seen_at,
+                int(state.stalled),
+                record.status_at,
+                int(record.announce_checkpoints),
+            ),
+        )
+
+    def discovered_names(self) -> dict[str, tuple[str, str]]:
+        """Every fine-tune a source found: key -> (source, name as the Hub names it), for `status`."""
+        rows = self._read(
+            "SELECT fine_tune_key, source, name FROM lifecycle WHERE source IS NOT NULL AND source != 'config'",
+            what="read lifecycle state",
+        )
+        return {key: (source, name or key.rsplit("/", 1)[-1]) for key, source, name in rows}
+
+    def load_source(self, name: str) -> SourceState:
+        """A source's persisted state (an empty one when never read)."""
+        rows = self._read("SELECT baselined FROM sources WHERE name = ?", (name,), what="read source state")
+        if not rows:
+            return SourceState()
+        ids = self._read("SELECT fine_tune_id FROM source_ids WHERE source = ?", (name,), what="read source state")
+        return SourceState(baselined=bool(rows[0][0]), known_ids=frozenset(fine_tune_id for (fine_tune_id,) in ids))
+
+    def apply_discovery(
+        self,
+        name: str,
+        state: SourceState,
+        events: Sequence[tuple[FineTuneRef, EventDraft]],
+        *,
+        now: float,
+        sources: Sequence[tuple[FineTuneRef, bool]] = (),
+        commit: bool = True,
+        route: Router | None = None,
+    ) -> tuple[Event, ...]:
+        """Commit a source's new state, its discovered events and outbox rows, in one transaction."""
+        stamped = tuple(self._stamp(draft, ref.key, now) for ref, draft in events)
+        if not commit:
+            return stamped
+
+        def work() -> tuple[Event, ...]:
+            self._db.execute(
+                "INSERT INTO sources (name, baselined) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET baselined = excluded.baselined",
+                (name, int(state.baselined)),
+            )
+            self._db.executemany(
+                "INSERT INTO source_ids (source, fine_tune_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(name, fine_tune_id) for fine_tune_id in sorted(state.known_ids)],
+            )
+            for ref, announce in sources:
+                # a fine-tune listed in [[fine_tunes]] keeps "config" as its source
+                self._db.execute(
+                    "INSERT INTO lifecycle (fine_tune_key, source, name, announce_checkpoints) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (fine_tune_key) DO UPDATE SET source = CASE WHEN lifecycle.source = 'config' "
+                    "THEN 'config' ELSE excluded.source END, name = excluded.name, "
+                    "announce_checkpoints = MAX(lifecycle.announce_checkpoints, excluded.announce_checkpoints)",
+                    (ref.key, name, ref.name, int(announce)),
+                )
+            self._insert_events(stamped, now=now, route=route)
+            return stamped
+
+        result: tuple[Event, ...] = self._write_tx(work, what=f"commit discovery of {name}")
+        return result
