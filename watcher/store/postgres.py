@@ -30,6 +30,7 @@ from ..models import (
     outcome_of,
 )
 from .postgres_base import open_pool, store_error
+from .postgres_lifecycle import PgLifecycle
 from .postgres_outbox import PgOutbox
 from .postgres_prune import PgPrune
 from .postgres_reports import PgReports
@@ -41,7 +42,7 @@ Conn = psycopg.Connection[Any]
 _STATE_COLUMNS = "baselined, not_found, consecutive_failures, failing, best_loss, body_hash, revision"
 
 
-class PostgresStore(PgTouches, PgOutbox, PgReports, PgPrune):
+class PostgresStore(PgLifecycle, PgTouches, PgOutbox, PgReports, PgPrune):
     """The PostgreSQL store: one transaction per poll, a cache of decoded state per fine-tune."""
 
     def __init__(

@@ -77,6 +77,33 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX leases_owner ON leases (owner)",
     ),
+    (
+        # lifecycle (issue 9): per fine-tune status and stall clock, per discovery source its baseline and ids
+        """CREATE TABLE lifecycle (
+            fine_tune_key TEXT PRIMARY KEY,
+            source TEXT,
+            name TEXT,
+            status TEXT,
+            error TEXT,
+            started_at TEXT,
+            finished_at TEXT,
+            first_seen_at DOUBLE PRECISION,
+            newest_step BIGINT,
+            newest_seen_at DOUBLE PRECISION,
+            stalled INTEGER NOT NULL DEFAULT 0,
+            status_at DOUBLE PRECISION,
+            announce_checkpoints INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE sources (
+            name TEXT PRIMARY KEY,
+            baselined INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE source_ids (
+            source TEXT NOT NULL,
+            fine_tune_id TEXT NOT NULL,
+            PRIMARY KEY (source, fine_tune_id)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

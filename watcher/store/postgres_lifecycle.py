@@ -1,0 +1,180 @@
+"""Lifecycle and discovery state in PostgreSQL: the same rows and semantics as sqlite_lifecycle.py.
+
+Each write commits the state with the events it yields and their outbox rows in one transaction, under the
+fine-tune's advisory lock (the one apply_poll takes), so a status change and a checkpoint poll of one fine-tune
+never interleave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+import psycopg
+
+from ..errors import StoreError
+from ..events import stamp
+from ..lifecycle import LifecycleOptions, advance
+from ..models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, LifecycleState, SourceState
+from .protocols import LifecycleCommitted, LifecycleRecord, Router
+from .sqlite_lifecycle import COLUMNS, _record
+
+Conn = psycopg.Connection[Any]
+
+
+class PgLifecycle:
+    """The LifecycleStore half of PostgresStore."""
+
+    readonly: bool
+    _new_id: Callable[[], str] | None
+    _tx: Callable[..., Any]
+    _read: Callable[..., list[tuple[Any, ...]]]
+    _insert_events: Callable[..., None]
+
+    def _stamp(self, draft: EventDraft, key: str, now: float) -> Event:
+        return stamp(draft, fine_tune_key=key, now=now, event_id=self._new_id() if self._new_id else None)
+
+    def load_lifecycle(self, keys: Sequence[str] | None = None) -> dict[str, LifecycleRecord]:
+        """The persisted lifecycle records of these fine-tunes (all when None)."""
+        if keys is None:
+            rows = self._read(f"SELECT {COLUMNS} FROM lifecycle", what="read lifecycle state")
+        else:
+            rows = self._read(
+                f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key = ANY(%s)",
+                (list(keys),),
+                what="read lifecycle state",
+            )
+        return {row[0]: _record(row) for row in rows}
+
+    def apply_lifecycle(
+        self,
+        ref: FineTuneRef,
+        fine_tune: HubFineTune | None,
+        *,
+        options: LifecycleOptions,
+        now: float,
+        source: str | None = None,
+        commit: bool = True,
+        route: Router | None = None,
+    ) -> LifecycleCommitted:
+        """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged)."""
+        if commit and self.readonly:
+            raise StoreError("the state database is open read-only")
+        key = ref.key
+        outcome: list[LifecycleCommitted] = []
+
+        def work(conn: Conn) -> None:
+            if commit:  # serializes with this fine-tune's polls (apply_poll takes the same lock)
+                conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+            row = conn.execute(f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key = %s", (key,)).fetchone()
+            old = _record(row) if row else LifecycleRecord(LifecycleState())
+            transition = advance(
+                ref, old.state, fine_tune, checkpoints=_checkpoints(conn, key), now=now, options=options
+            )
+            status_at = now if fine_tune is not None else old.status_at
+            record = LifecycleRecord(transition.state, source or old.source, status_at, old.announce_checkpoints)
+            events = tuple(self._stamp(draft, key, now) for draft in transition.events)
+            if record == old and row is not None:
+                outcome.append(LifecycleCommitted((), record, transition.poll_checkpoints_now))
+                return
+            outcome.append(LifecycleCommitted(events, record, transition.poll_checkpoints_now))
+            if not commit:
+                raise psycopg.Rollback()
+            _upsert(conn, key, record)
+            self._insert_events(conn, events, now=now, route=route)
+
+        self._tx(work, what=f"commit lifecycle of {key}")
+        return outcome[0]
+
+    def discovered_names(self) -> dict[str, tuple[str, str]]:
+        """Every fine-tune a source found: key -> (source, name as the Hub names it), for `status`."""
+        rows = self._read(
+            "SELECT fine_tune_key, source, name FROM lifecycle WHERE source IS NOT NULL AND source <> 'config'",
+            what="read lifecycle state",
+        )
+        return {key: (source, name or key.rsplit("/", 1)[-1]) for key, source, name in rows}
+
+    def load_source(self, name: str) -> SourceState:
+        """A source's persisted state (an empty one when never read)."""
+        rows = self._read("SELECT baselined FROM sources WHERE name = %s", (name,), what="read source state")
+        if not rows:
+            return SourceState()
+        ids = self._read("SELECT fine_tune_id FROM source_ids WHERE source = %s", (name,), what="read source state")
+        return SourceState(baselined=bool(rows[0][0]), known_ids=frozenset(fine_tune_id for (fine_tune_id,) in ids))
+
+    def apply_discovery(
+        self,
+        name: str,
+        state: SourceState,
+        events: Sequence[tuple[FineTuneRef, EventDraft]],
+        *,
+        now: float,
+        sources: Sequence[tuple[FineTuneRef, bool]] = (),
+        commit: bool = True,
+        route: Router | None = None,
+    ) -> tuple[Event, ...]:
+        """Commit a source's new state, its discovered events and outbox rows, in one transaction."""
+        stamped = tuple(self._stamp(draft, ref.key, now) for ref, draft in events)
+        if not commit:
+            return stamped
+        if self.readonly:
+            raise StoreError("the state database is open read-only")
+
+        def work(conn: Conn) -> None:
+            conn.execute(
+                "INSERT INTO sources (name, baselined) VALUES (%s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET baselined = excluded.baselined",
+                (name, int(state.baselined)),
+            )
+            conn.cursor().executemany(
+                "INSERT INTO source_ids (source, fine_tune_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                [(name, fine_tune_id) for fine_tune_id in sorted(state.known_ids)],
+            )
+            for ref, announce in sources:
+                # a fine-tune listed in [[fine_tunes]] keeps "config" as its source
+                conn.execute(
+                    "INSERT INTO lifecycle (fine_tune_key, source, name, announce_checkpoints) "
+                    "VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (fine_tune_key) DO UPDATE SET source = CASE WHEN lifecycle.source = 'config' "
+                    "THEN 'config' ELSE excluded.source END, name = excluded.name, "
+                    "announce_checkpoints = GREATEST(lifecycle.announce_checkpoints, excluded.announce_checkpoints)",
+                    (ref.key, name, ref.name, int(announce)),
+                )
+            self._insert_events(conn, stamped, now=now, route=route)
+
+        self._tx(work, what=f"commit discovery of {name}")
+        return stamped
+
+
+def _checkpoints(conn: Conn, key: str) -> Mapping[int, KnownCheckpoint]:
+    rows = conn.execute(
+        "SELECT step, fingerprint, data FROM checkpoints WHERE fine_tune_key = %s ORDER BY step", (key,)
+    ).fetchall()
+    return {step: KnownCheckpoint(step=step, fingerprint=fp, data=orjson.loads(data)) for step, fp, data in rows}
+
+
+def _upsert(conn: Conn, key: str, record: LifecycleRecord) -> None:
+    state = record.state
+    conn.execute(
+        f"INSERT INTO lifecycle ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (fine_tune_key) DO UPDATE SET source = excluded.source, status = excluded.status, "
+        "error = excluded.error, started_at = excluded.started_at, finished_at = excluded.finished_at, "
+        "first_seen_at = excluded.first_seen_at, newest_step = excluded.newest_step, "
+        "newest_seen_at = excluded.newest_seen_at, stalled = excluded.stalled, status_at = excluded.status_at, "
+        "announce_checkpoints = excluded.announce_checkpoints",
+        (
+            key,
+            record.source,
+            state.status,
+            state.error,
+            state.started_at,
+            state.finished_at,
+            state.first_seen_at,
+            state.newest_step,
+            state.newest_seen_at,
+            int(state.stalled),
+            record.status_at,
+            int(record.announce_checkpoints),
+        ),
+    )
