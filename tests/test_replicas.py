@@ -110,6 +110,7 @@ def test_two_replicas_split_ten_fine_tunes_and_announce_each_change_once(hub, tm
         assert a.metric("oxen_watcher_replicas_live") == 2
         wait_for(lambda: a.metric("oxen_watcher_fine_tunes_unowned") == 0, what="no fine-tune unowned")
         wait_for(lambda: a.ready() and b.ready(), what="both ready (each polled what it owns)")
+        assert a.metric("oxen_watcher_db_pool_size") >= 1 and a.metric("oxen_watcher_db_pool_waiting") == 0
         # per-fine-tune series only on the owner: 5 fine-tunes x 4 outcomes each
         text = scrape(a.port)
         assert sum(1 for line in text.splitlines() if line.startswith("oxen_watcher_polls_total{")) == 20
@@ -253,3 +254,34 @@ def _toml_of(path: Path) -> dict[str, Any]:
     import tomllib
 
     return tomllib.loads(path.read_text())
+
+
+def test_retention_runs_on_one_replica_at_a_time(pg_url):
+    import asyncio
+
+    from watcher.replicas import AdvisoryGate
+    from watcher.retention import RetentionJob
+    from watcher.store.postgres import PostgresStore
+
+    first, second = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        gate_a, gate_b = AdvisoryGate(first.pool), AdvisoryGate(second.pool)
+        assert gate_a.acquire()
+        assert not gate_b.acquire()  # held by the other replica: never waits
+        calls: list[str] = []
+
+        async def in_store(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(getattr(fn, "__name__", ""))
+            return fn(*args, **kwargs)
+
+        job = RetentionJob(store=second, in_store=in_store, retain_days=1, gate=gate_b)
+        report = asyncio.run(job.run_once())
+        assert report is not None and report.events == 0 and "prune" not in calls
+        gate_a.release()
+        asyncio.run(job.run_once())
+        assert "prune" in calls
+        assert gate_a.acquire()  # job released the lock after its pass
+        gate_a.release()
+    finally:
+        first.close()
+        second.close()
