@@ -122,6 +122,8 @@ def test_two_replicas_split_ten_fine_tunes_and_announce_each_change_once(hub, tm
         assert a.daemon.terminate() == 0
         # a clean exit releases at once: the other replica owns everything well within one lease
         wait_for(lambda: b.owned() == 10, timeout=RENEW_S + 2, what="takeover after a clean exit")
+        # the new owner exports the per-fine-tune series of all ten now
+        wait_for(lambda: scrape(b.port).count("oxen_watcher_polls_total{") == 40, what="b's series for every fine-tune")
         assert any(e.get("event") == "replica.left" for e in a.daemon.logs())
         assert b.metric("oxen_watcher_lease_changes_total", change="fenced") == 0
         assert b.daemon.terminate() == 0

@@ -173,6 +173,7 @@ class App:
                 "dispatcher": self._dispatch_task,
                 "ticker": self._ticker_task,
                 "retention": self._retention_task,
+                **({"leases": self._leases_task} if self.keeper is not None and self.started else {}),
             },
             dispatcher_beat=self.dispatcher.last_beat if self.delivering else None,
         )
