@@ -431,11 +431,13 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=5000)
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument(
-        "--only", choices=["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged"], action="append"
+        "--only",
+        choices=["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged", "replicas"],
+        action="append",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    only = set(args.only or ["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged"])
+    only = set(args.only or ["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged", "replicas"])
     print(
         f"oxen-watcher bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
@@ -459,6 +461,10 @@ def main() -> None:
         import aged
 
         figures["aged"] = aged.run()
+    if "replicas" in only:  # PostgreSQL against SQLite, and takeover after kill -9 (its own throwaway cluster)
+        import replicas
+
+        figures["replicas"] = replicas.run()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 
