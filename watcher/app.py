@@ -28,6 +28,7 @@ from .logs import REDACTOR
 from .metrics import Metrics
 from .poller import EventSink, PollHealth, PollReport, WatchedFineTune, Watcher, ref_of
 from .reload import apply_reload, plan_reload
+from .replicas import attach
 from .retention import RetentionJob
 from .runtime import Secrets, build_runtime, make_client, on_poll_retry, public_url, resolve_all
 from .scheduling import SCHEDULE_GRID_S, PollDriver, PollSchedule
@@ -91,6 +92,7 @@ class App:
             sinks=sinks,
             hub_transport=hub_transport,
             notifier_transport=notifier_transport,
+            state_url=secrets.state_url,
         )
         self.server = HttpServer(
             host=config.http.host,
@@ -120,8 +122,11 @@ class App:
         self._reloading = asyncio.Lock()
         self._reload_pending = False
         self._reloads: set[asyncio.Task[bool]] = set()
-        self._dispatch_lock = DispatchLock(config.state_path())
+        # SQLite: one process delivers the outbox; replicas on PostgreSQL each deliver the lanes they own
+        self._dispatch_lock = None if config.state.postgresql else DispatchLock(config.state_path())
         self.delivering = False  # holds the dispatch lock
+        self.keeper = attach(self)  # the lease keeper on PostgreSQL; None on SQLite (this process owns everything)
+        self._leases_task: asyncio.Task[None] | None = None
 
     # --- parts the reload steps use -----------------------------------------------------------------
 
@@ -149,7 +154,8 @@ class App:
 
     def reschedule(self, config: Config) -> None:
         """Schedule the fine-tunes of a config (unchanged ones keep their phase)."""
-        wanted = {ft.key: config.interval_of(ft) for ft in config.fine_tunes}
+        owned = self.watcher.fine_tunes  # replicas: the fine-tunes this one owns; SQLite: every configured one
+        wanted = {ft.key: config.interval_of(ft) for ft in config.fine_tunes if ft.key in owned}
         self.driver.reschedule(wanted, jitter_s=config.watch.jitter_s)
 
     def _skipped(self, key: str) -> None:
@@ -158,8 +164,8 @@ class App:
     # --- health -------------------------------------------------------------------------------------
 
     def liveness(self) -> Verdict:
-        """Alive while the poll driver, the dispatcher and the ticker run."""
-        return liveness(
+        """Alive while the poll driver, the dispatcher and the ticker run (and, replicas, lease renewals work)."""
+        verdict = liveness(
             now=time.monotonic(),
             beat=self._beat,
             tasks={
@@ -170,6 +176,10 @@ class App:
             },
             dispatcher_beat=self.dispatcher.last_beat if self.delivering else None,
         )
+        problem = self.keeper.problem() if self.keeper is not None else None
+        if problem is None:
+            return verdict
+        return Verdict(False, "; ".join(part for part in (verdict.reason, problem) if part))
 
     def readiness(self) -> Verdict:
         """Ready once the store is open and every fine-tune has been polled once."""
@@ -195,6 +205,8 @@ class App:
             self.request_reload()
         try:
             await self.watcher.load()
+            if self.keeper is not None:  # the first round: claim a share before polling
+                await self.keeper.step()
             await self.dispatcher.report_outbox()
             self._loaded = True
             await self.server.start()
@@ -207,6 +219,9 @@ class App:
             self._ticker_task = asyncio.create_task(self._tick(), name="ticker")
             # at start, then hourly; small batches on the store thread, interleaved with the polls' commits
             self._retention_task = asyncio.create_task(self.retention.run_forever(), name="retention")
+            if self.keeper is not None:
+                self._leases_task = asyncio.create_task(self.keeper.run_forever(), name="leases")
+                watch_task(self._leases_task, what="leases", stopping=self.stop.is_set)
             for task in (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task):
                 watch_task(task, what=task.get_name(), stopping=self.stop.is_set)
             log.info(
@@ -232,17 +247,23 @@ class App:
             await asyncio.wait([self._dispatch_task], timeout=5)
             grace = self.config.watch.shutdown_grace_s
             await asyncio.gather(self.watcher.drain(grace), self.dispatcher.drain(grace))
+            if self._leases_task is not None:
+                self._leases_task.cancel()
+            if self.keeper is not None:  # the other replicas take this one's fine-tunes over at once
+                await self.keeper.leave()
             self.scheduler.shutdown(wait=False)
             self._ticker_task.cancel()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(signum)
-            for running in (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task):
+            tasks = (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task, self._leases_task)
+            for running in tasks:
                 if running is not None and not running.done():
                     running.cancel()
             await self.server.stop()
-            self._dispatch_lock.release()
+            if self._dispatch_lock is not None:
+                self._dispatch_lock.release()
             await self.dispatcher.aclose()
             await self.watcher.aclose()
             for closing in list(self._closing):
@@ -255,7 +276,7 @@ class App:
     async def _deliver(self, stop: asyncio.Event) -> None:
         """Deliver only while holding the dispatch lock; until then, try again every second."""
         waiting = False
-        while not self._dispatch_lock.acquire():
+        while self._dispatch_lock is not None and not self._dispatch_lock.acquire():
             if not waiting:
                 log.warning("dispatch.lock_busy", hint="another process delivers this outbox; waiting for it")
                 waiting = True

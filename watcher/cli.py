@@ -119,7 +119,12 @@ def _make_runtime(config: Config, secrets: Any, *, readonly: bool = False, sinks
 
     try:
         return build_runtime(
-            config, token=secrets.hub_token, secrets=secrets.notifiers, readonly=readonly, sinks=sinks or []
+            config,
+            token=secrets.hub_token,
+            secrets=secrets.notifiers,
+            readonly=readonly,
+            sinks=sinks or [],
+            state_url=secrets.state_url,
         )
     except StoreError as err:
         _fail(str(err), 1)
@@ -135,6 +140,14 @@ def once(config_path: str, dry_run: bool) -> None:
     _setup_logging(config)
     sinks = [lambda event: _json_line(event.envelope())] if dry_run else []
     watcher, dispatcher = _make_runtime(config, secrets, readonly=dry_run, sinks=sinks)
+    leases = None
+    if config.state.postgresql and not dry_run:  # replicas may be running: poll only free or expired leases
+        from .replicas import claim_for_once
+
+        try:
+            leases = claim_for_once(watcher, dispatcher)
+        except StoreError as err:
+            _fail(str(err), 1)
 
     async def main() -> list[Any]:
         try:
@@ -146,18 +159,31 @@ def once(config_path: str, dry_run: bool) -> None:
         finally:
             await dispatcher.aclose()
             await watcher.aclose()
+            if leases is not None:
+                try:
+                    leases.leave()  # release what it claimed: the replicas take them over at once
+                except StoreError as err:
+                    click.echo(f"oxen-watcher: {err} (the leases expire by themselves)", err=True)
 
     reports = asyncio.run(main())
     if not dry_run:
         for report in reports:
             detail = report.error or getattr(report.result, "error", None) or ""
             click.echo(f"{report.ref.key}\t{_outcome_word(report)}\t{len(report.events)} events\t{detail}".rstrip())
+        polled = {report.ref.key for report in reports}
+        for ft in config.fine_tunes:
+            if ft.key not in polled:  # not counted as a failure: a running replica polls it
+                click.echo(f"{ft.key}\tskipped\t0 events\towned by a running replica")
     sys.exit(0 if all(report.answered_200 for report in reports) else 1)
 
 
 async def _deliver_once(config: Config, dispatcher: Any) -> None:
     from .store import DispatchLock
 
+    if config.state.postgresql:  # the lanes of the fine-tunes it claimed, and only those
+        longest = max((entry.timeout_s for entry in config.notifiers), default=15.0)
+        await dispatcher.deliver_due(deadline_s=longest + 5)
+        return
     lock = DispatchLock(config.state_path())
     if not lock.acquire():
         log_event = "delivery.left_to_daemon"
@@ -266,10 +292,11 @@ def redeliver(
     names = {entry.name for entry in config.notifiers}
     if notifier is not None and notifier not in names:
         _fail(f"no notifier named {notifier!r}", 2)
-    from .store import SqliteStore
+    from .runtime import open_state
 
+    state_url = _state_url(config)
     try:
-        store = SqliteStore(config.state_path())
+        store = open_state(config, state_url)
     except StoreError as err:
         _fail(str(err), 1)
     router = Dispatcher(store=store, notifiers={}, configs=config.notifiers).route
@@ -298,14 +325,16 @@ def prune(config_path: str, dry_run: bool) -> None:
 
     config = _load(config_path)
     days = config.model.state.retain_days
-    if not config.state_path().exists():
+    state_url = _state_url(config)
+    if state_url is None and not config.state_path().exists():
         click.echo(f"nothing to prune: no state database at {config.state_path()} yet")
         return
-    from .store import SqliteStore, open_store
+    from .runtime import open_state
+    from .store import SqliteStore
 
     try:
-        if dry_run:
-            store = open_store(config.state_path(), readonly=True)
+        if dry_run or state_url is not None:
+            store = open_state(config, state_url, readonly=dry_run)
         else:  # converts a database of an earlier release whatever its size (the daemon only converts small ones)
             store = SqliteStore(config.state_path(), convert_max_bytes=None)
         try:
@@ -350,12 +379,26 @@ def check_config(config_path: str) -> None:
     )
 
 
-def _open_readonly(config: Config) -> Any:
-    """The state database read-only (an empty state when it does not exist yet)."""
-    from .store import open_store
+def _state_url(config: Config) -> str | None:
+    """The PostgreSQL URL of a config (None for SQLite), added to the redactor; a bad one exits 78."""
+    from .config import resolve_state_url
+    from .logs import database_url_secrets
 
     try:
-        return open_store(config.state_path(), readonly=True)
+        url = resolve_state_url(config)
+    except ConfigError as err:
+        _fail(str(err), EX_CONFIG)
+    REDACTOR.add(database_url_secrets(url) if url else ())
+    return url
+
+
+def _open_readonly(config: Config) -> Any:
+    """The state database read-only (SQLite: an empty state when it does not exist yet)."""
+    from .runtime import open_state
+
+    state_url = _state_url(config)
+    try:
+        return open_state(config, state_url, readonly=True)
     except StoreError as err:
         _fail(str(err), 1)
 

@@ -71,6 +71,8 @@ class Dispatcher:
         self._set = NotifierSet()
         self._retire_due = True  # rows of notifiers no longer configured: retired by the loop at start, reload
         self._deferred_until: float | None = None  # the earliest first attempt held back by retry_schedule_s[0]
+        # replicas: the fine-tunes whose lanes this process delivers (those it owns); None: every lane (SQLite)
+        self.lanes: Callable[[], Sequence[str]] | None = None
         self.configure(notifiers, configs)
 
     def configure(self, notifiers: Mapping[str, Notifier], configs: Sequence[NotifierConfig]) -> None:
@@ -146,7 +148,7 @@ class Dispatcher:
             timeout = IDLE_RECHECK_S
             if not self._store_failing:
                 try:
-                    next_due = await self._in_store(self._store.next_due_at, self.active)
+                    next_due = await self._in_store(self._store.next_due_at, self.active, **self._scope())
                 except StoreError:
                     next_due = None
                 if next_due is not None:
@@ -160,6 +162,10 @@ class Dispatcher:
             finally:
                 for waiter in waiters:
                     waiter.cancel()
+
+    def _scope(self) -> dict[str, Any]:
+        # only the PostgreSQL store takes `fine_tunes`; a replica owning nothing delivers nothing
+        return {} if self.lanes is None else {"fine_tunes": list(self.lanes())}
 
     async def _retire_removed(self) -> None:
         self._retire_due = False
@@ -184,7 +190,7 @@ class Dispatcher:
         older than max_age_s without sending them; returns how many heads it started or gave up on."""
         now = self._clock()
         try:
-            heads = await self._in_store(self._store.due_deliveries, self.active, now=now)
+            heads = await self._in_store(self._store.due_deliveries, self.active, now=now, **self._scope())
         except StoreError as err:
             if not self._store_failing:
                 log.error("dispatch.store_failed", error=str(err))

@@ -29,6 +29,7 @@ from .schema import parse_time
 
 POLL_OUTCOMES = ("ok", "not_found", "unauthorized", "error")
 DELIVERY_OUTCOMES = ("delivered", "retried", "dead")
+LEASE_CHANGES = ("acquired", "released", "expired", "fenced")
 HUB_ENDPOINTS = ("checkpoints", "fine_tune", "list")
 PollChildren = Mapping[str, tuple[Any, Any]]  # outcome -> (polls counter child, duration histogram child)
 FINE_TUNE_LABELS = ("namespace", "repo", "fine_tune_id", "name")
@@ -275,6 +276,30 @@ class Metrics:
         )
         self.lifecycle = LifecycleCollector()
         registry.register(self.lifecycle)
+
+    def enable_replicas(self) -> None:
+        """The replica metrics (PostgreSQL store only): leases, live replicas, unowned fine-tunes, the pool."""
+        registry = self.registry
+        self.leases_owned = Gauge("oxen_watcher_leases_owned", "Leases this replica holds.", registry=registry)
+        self.lease_changes = Counter(
+            "oxen_watcher_lease_changes",
+            "Lease changes of this replica: acquired, released, expired (lost to a takeover), fenced (a poll's "
+            "commit refused because the lease had moved on).",
+            ("change",),
+            registry=registry,
+        )
+        for change in LEASE_CHANGES:
+            self.lease_changes.labels(change)
+        self.replicas_live = Gauge("oxen_watcher_replicas_live", "Replicas with a live heartbeat.", registry=registry)
+        self.fine_tunes_unowned = Gauge(
+            "oxen_watcher_fine_tunes_unowned",
+            "Configured fine-tunes no live replica holds a lease on (from the database).",
+            registry=registry,
+        )
+        self.db_pool_size = Gauge("oxen_watcher_db_pool_size", "Connections in the database pool.", registry=registry)
+        self.db_pool_waiting = Gauge(
+            "oxen_watcher_db_pool_waiting", "Callers waiting for a database pool connection.", registry=registry
+        )
 
     def poll_children(self, ref: FineTuneRef) -> PollChildren:
         """The poll counters of a fine-tune that starts being watched, every outcome shown at 0."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -14,7 +14,7 @@ import structlog
 from .client import FetchedBody, FetchedDeferred, FetchedNotFound, HubClient
 from .config import Config
 from .diff import DiffOptions
-from .errors import PollError, StoreError
+from .errors import LeaseLost, PollError, StoreError
 from .metrics import Metrics
 from .models import (
     Event,
@@ -58,6 +58,11 @@ class Watcher:
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
     _unauthorized: int = 0  # watched fine-tunes whose last answer was 401/403
+    # replicas (replicas.LeaseKeeper): which fine-tunes this process owns, the lease a poll commits under, and
+    # what to do when a commit was fenced; None on SQLite (one process owns everything)
+    owns: Callable[[str], bool] | None = None
+    fences: Callable[[str], tuple[str, int] | None] | None = None
+    on_fenced: Callable[[str, int], None] | None = None
 
     def __post_init__(self) -> None:
         self.set_fine_tunes(self.config)
@@ -75,7 +80,8 @@ class Watcher:
     def set_fine_tunes(self, config: Config) -> None:
         """Adopt the fine-tunes (and options) of a config: new ones start, removed ones are dropped whole."""
         self.config = config
-        wanted = {ft.key: ref_of(ft) for ft in config.fine_tunes}
+        owns = self.owns
+        wanted = {ft.key: ref_of(ft) for ft in config.fine_tunes if owns is None or owns(ft.key)}
         for key in [k for k in self.fine_tunes if k not in wanted]:
             self.drop(key)
         for key, ref in wanted.items():
@@ -131,9 +137,13 @@ class Watcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def load(self) -> None:
-        """Read persisted hold-backs (Retry-After) and the state the metrics show, so a restart resets neither."""
-        statuses = await self.in_store(self.store.statuses, list(self.fine_tunes))
+    async def load(self, keys: Collection[str] | None = None) -> None:
+        """Read persisted hold-backs (Retry-After) and the state the metrics show, so a restart resets neither
+        (of `keys` only, e.g. fine-tunes whose leases this replica just acquired)."""
+        wanted = list(self.fine_tunes) if keys is None else [key for key in keys if key in self.fine_tunes]
+        if not wanted:
+            return
+        statuses = await self.in_store(self.store.statuses, wanted)
         for status in statuses:
             watched = self.fine_tunes.get(status.key)
             if watched is None:
@@ -205,6 +215,9 @@ class Watcher:
         if hold is not None and now < hold:
             log.debug("poll.deferred", fine_tune=key, until=hold)
             return None
+        fence = self.fences(key) if self.fences is not None else None
+        if self.fences is not None and fence is None:  # no longer owned (or renewing failed): not ours to poll
+            return None
         fetched: FetchedBody | FetchedNotFound | FetchedDeferred | None = None
         try:
             fetched = await self.client.fetch(ref)
@@ -221,7 +234,12 @@ class Watcher:
         committed = self._unchanged(watched, result, now) if isinstance(result, PollUnchanged) else None
         if committed is None:
             try:
-                committed, result = await self._commit(ref, result, fetched, now)
+                committed, result = await self._commit(ref, result, fetched, now, fence)
+            except LeaseLost as err:  # another replica took the fine-tune over: nothing was committed
+                log.warning("poll.fenced", fine_tune=key, error=str(err))
+                if self.on_fenced is not None and fence is not None:
+                    self.on_fenced(key, fence[1])
+                return PollReport(ref, result, error=str(err))
             except StoreError as err:
                 if watched.watched:
                     if not watched.health.store_failing:
@@ -248,9 +266,9 @@ class Watcher:
         return None if state is None else Committed((), state)
 
     async def _commit(
-        self, ref: FineTuneRef, result: PollResult, fetched: object, now: float
+        self, ref: FineTuneRef, result: PollResult, fetched: object, now: float, fence: tuple[str, int] | None = None
     ) -> tuple[Committed, PollResult]:
-        committed = await self._apply(ref, result, now)
+        committed = await self._apply(ref, result, now, fence)
         if committed is None and isinstance(fetched, FetchedBody):
             # another process moved the state on since we last looked: diff the body for real
             try:
@@ -258,20 +276,34 @@ class Watcher:
                 result = PollSuccess(parse_checkpoint_list(fetched.body), digest)
             except PollError as err:
                 result = _failure(err)
-            committed = await self._apply(ref, result, now)
+            committed = await self._apply(ref, result, now, fence)
         assert committed is not None
         return committed, result
 
-    async def _apply(self, ref: FineTuneRef, result: PollResult, now: float) -> Committed | None:
+    async def _apply(
+        self, ref: FineTuneRef, result: PollResult, now: float, fence: tuple[str, int] | None = None
+    ) -> Committed | None:
+        fenced = {"fence": fence} if fence is not None else {}  # only the PostgreSQL store takes a fence
         return await self.in_store(
-            self.store.apply_poll, ref, result, options=self.options, now=now, commit=self.commit, route=self.route
+            self.store.apply_poll,
+            ref,
+            result,
+            options=self.options,
+            now=now,
+            commit=self.commit,
+            route=self.route,
+            **fenced,
         )
 
     async def _record_crash(self, ref: FineTuneRef, err: Exception) -> None:
         # a crashed poll is a failed poll: it counts towards failure_threshold, so a fine-tune stuck on a
         # body the watcher cannot handle ends in fine_tune.poll_failing rather than in silence
         try:
-            committed = await self._apply(ref, PollFailed(f"internal error: {type(err).__name__}", None), self.clock())
+            fence = self.fences(ref.key) if self.fences is not None else None
+            if self.fences is not None and fence is None:
+                return
+            failed = PollFailed(f"internal error: {type(err).__name__}", None)
+            committed = await self._apply(ref, failed, self.clock(), fence)
         except Exception as again:  # noqa: BLE001 - top of the job: the next poll must still happen
             log.warning("poll.crash_unrecorded", fine_tune=ref.key, error=type(again).__name__)
             return

@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -22,6 +22,18 @@ DAY_S = 86400.0
 RETENTION_EVERY_S = 3600.0
 
 InStore = Callable[..., Awaitable[Any]]
+
+
+class Gate(Protocol):
+    """A lock across replicas: one of them at a time runs retention (replicas.AdvisoryGate)."""
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another replica holds it."""
+        ...
+
+    def release(self) -> None:
+        """Give the lock back."""
+        ...
 
 
 def retain_s_of(retain_days: int) -> float:
@@ -42,11 +54,21 @@ class RetentionJob:
     runs: int = 0
     failures: int = 0
     last: PruneReport | None = field(default=None)
+    gate: Gate | None = None  # replicas: only the holder of the gate prunes
 
     async def run_once(self) -> PruneReport | None:
         """One full pass, a transaction per store call; logs `retention.pruned` when it removed something.
 
         Returns what it removed, or None when the pass failed (logged with its traceback)."""
+        gate = self.gate
+        try:
+            if gate is not None and not await self.in_store(gate.acquire):
+                log.debug("retention.left_to_another_replica")
+                return PruneReport()
+        except Exception:  # the top of a job: retention must never take the daemon down
+            self.failures += 1
+            log.exception("retention.failed", retain_days=self.retain_days)
+            return None
         try:
             total = PruneReport()
             now = self.clock()
@@ -63,6 +85,9 @@ class RetentionJob:
             self.failures += 1
             log.exception("retention.failed", retain_days=self.retain_days)
             return None
+        finally:
+            if gate is not None:  # one quick statement; also when cancelled, so never awaited
+                gate.release()
         self.runs += 1
         self.last = total
         if total.events or total.deliveries or total.bytes_freed:

@@ -16,14 +16,15 @@ from .config import (
     resolve_hub_token,
     resolve_notifier_secrets,
     resolve_secret,
+    resolve_state_url,
 )
 from .dispatch import Dispatcher
 from .errors import PollError
-from .logs import REDACTOR
+from .logs import REDACTOR, database_url_secrets
 from .metrics import Metrics
 from .models import FineTuneRef
 from .poller import EventSink, Watcher
-from .store import SqliteStore, open_store
+from .store import SqliteStore, Store, open_store
 
 log = structlog.get_logger("watcher")
 
@@ -57,19 +58,30 @@ def make_client(config: Config, token: str, *, transport: httpx.AsyncBaseTranspo
     )
 
 
+def open_state(config: Config, state_url: str | None, *, readonly: bool = False) -> Store:
+    """The store a config selects: PostgreSQL when [state] url is set, else the SQLite file at [state] path."""
+    if config.state.postgresql:
+        from .store.postgres import PostgresStore
+
+        assert state_url is not None, "resolve_all resolves the URL of a PostgreSQL config"
+        return PostgresStore(state_url, readonly=readonly, pool_max=6)
+    return open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
+
+
 def build_runtime(
     config: Config,
     *,
     token: str,
     secrets: Mapping[str, NotifierSecrets],
     readonly: bool = False,
+    state_url: str | None = None,
     metrics: Metrics | None = None,
     sinks: Sequence[EventSink] = (),
     hub_transport: httpx.AsyncBaseTransport | None = None,
     notifier_transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[Watcher, Dispatcher]:
     """The watcher and the dispatcher over one store (read-only and silent for a dry run)."""
-    store = open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
+    store = open_state(config, state_url, readonly=readonly)
     client = make_client(config, token, transport=hub_transport)
     watcher = Watcher(
         config=config, store=store, client=client, sinks=list(sinks), commit=not readonly, metrics=metrics
@@ -100,10 +112,13 @@ class Secrets:
     notifiers: Mapping[str, NotifierSecrets]
     metrics_token: str | None
     hub_url: str = ""
+    state_url: str | None = None  # the PostgreSQL URL ([state] url/url_env/url_file), None for SQLite
 
     def values(self) -> list[str]:
         """Every secret string, for the log redactor."""
         found = [self.hub_token, self.metrics_token or ""]
+        if self.state_url:
+            found += database_url_secrets(self.state_url)
         hub = urlsplit(self.hub_url)
         if hub.password:  # refused by check-config; redacted wherever it could still show up
             found += [hub.password, hub.netloc]
@@ -123,4 +138,5 @@ def resolve_all(config: Config) -> Secrets:
         notifiers=resolve_notifier_secrets(config),
         metrics_token=resolve_secret(config.http, "token", key="http", config=config),
         hub_url=config.hub.url,
+        state_url=resolve_state_url(config),
     )
