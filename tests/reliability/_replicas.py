@@ -179,7 +179,7 @@ class Producer(threading.Thread):
         self.keys = keys
         self.rng = rng
         self.per_round = per_round
-        self.reader = PostgresStore(url, readonly=True, pool_max=1)
+        self.reader = PostgresStore(url, readonly=True, pool_max=1, connect_timeout_s=1)  # an outage: no long waits
         self.stop = threading.Event()
         self.paused = threading.Event()  # set: no new changes (the observer still runs)
         self.error: BaseException | None = None
