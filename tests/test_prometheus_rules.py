@@ -43,6 +43,13 @@ EXPORTED_METRICS = frozenset(
         "oxen_fine_tune_status",
         "oxen_watcher_watched_fine_tunes",
         "oxen_watcher_hub_requests_total",
+        # replicas (PostgreSQL store only: Metrics.enable_replicas)
+        "oxen_watcher_leases_owned",
+        "oxen_watcher_lease_changes_total",
+        "oxen_watcher_replicas_live",
+        "oxen_watcher_fine_tunes_unowned",
+        "oxen_watcher_db_pool_size",
+        "oxen_watcher_db_pool_waiting",
     }
 )
 HISTOGRAMS = frozenset({"oxen_watcher_poll_duration_seconds"})
@@ -58,6 +65,7 @@ EXPECTED_ALERTS = frozenset(
         "OxenCheckpointDeploymentFailed",
         "OxenFineTuneRunErrored",
         "OxenFineTuneRunStalled",
+        "OxenWatcherFineTunesUnowned",
     }
 )
 
@@ -195,7 +203,7 @@ def test_alert_expressions_use_only_exported_metrics() -> None:
 def test_the_metric_list_matches_what_the_watcher_registers() -> None:
     """EXPORTED_METRICS above is the real interface: exactly what watcher.metrics registers."""
     registry = CollectorRegistry()
-    Metrics(registry, version="0.0.0-test")
+    Metrics(registry, version="0.0.0-test").enable_replicas()
     registered = set()
     for family in registry.collect():
         registered.add(f"{family.name}_total" if family.type == "counter" else family.name)

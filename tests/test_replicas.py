@@ -203,3 +203,53 @@ def test_a_database_outage_is_survived_and_nothing_is_lost(hub, tmp_path, daemon
         for replica in (a, b):
             assert replica.daemon.proc is not None and replica.daemon.proc.poll() is None
             assert replica.daemon.terminate() == 0
+
+
+def _lease_rows(pg_url: str) -> list[tuple[str, str | None]]:
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        return [(key, owner) for key, owner in conn.execute("SELECT fine_tune_key, owner FROM leases ORDER BY 1")]
+
+
+def test_once_claims_only_free_leases_and_releases_them_on_exit(hub, tmp_path, daemons, pg_url):
+    _seed(hub)
+    with Receiver() as receiver:
+        config = _config(hub, tmp_path, pg_url, "a", receiver)
+        first = cli("once", "-c", str(config))
+        assert first.returncode == 0, first.stderr
+        assert sorted(line.split("\t")[0] for line in first.stdout.splitlines() if "\tok\t" in line) == KEYS
+        assert [owner for _, owner in _lease_rows(pg_url)] == [None] * 10  # released on exit
+        a = _start(daemons, config)
+        wait_for(lambda: a.owned() == 10, timeout=30, what="the daemon owns everything")
+        wanted = _add_round(hub, 2)
+        beside = cli("once", "-c", str(config))
+        assert beside.returncode == 0, beside.stderr
+        assert beside.stdout.count("owned by a running replica") == 10  # nothing polled twice
+        _exactly_once(config, receiver, wanted)
+        assert pg_url not in first.stdout + first.stderr + beside.stdout + beside.stderr
+        assert a.daemon.terminate() == 0
+
+
+def test_status_events_and_prune_work_against_the_shared_database(hub, tmp_path, daemons, pg_url):
+    _seed(hub)
+    with Receiver() as receiver:
+        config = _config(hub, tmp_path, pg_url, "a", receiver)
+        assert cli("once", "-c", str(config)).returncode == 0
+        status = cli("status", "-c", str(config), "--json")
+        assert status.returncode == 0, status.stderr
+        assert len(status.stdout.splitlines()) == 10
+        pruned = cli("prune", "-c", str(config), "--dry-run")
+        assert pruned.returncode == 0 and "would remove 0 events" in pruned.stdout, pruned.stderr
+        assert cli("redeliver", "-c", str(config), "--dead").returncode == 0
+        bad = write_config(tmp_path / "bad.toml", {**_toml_of(config), "state": {"url": "mysql://u:hunter22@h/db"}})
+        for command in ("run", "once", "status", "events", "prune", "check-config"):
+            result = cli(command, "-c", str(bad))
+            assert result.returncode == 78, (command, result.stderr)
+            assert "state.url" in result.stderr and "hunter22" not in result.stdout + result.stderr
+
+
+def _toml_of(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(path.read_text())

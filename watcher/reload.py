@@ -144,6 +144,7 @@ def apply_reload(app: App, plan: ReloadPlan, *, steps: tuple[Callable[[App, Relo
     old = app.config
     for key, changed in (
         ("state.path", plan.config.state_path() != old.state_path()),
+        ("state.url", plan.secrets.state_url != app.secrets.state_url),
         ("http.listen", plan.config.http.listen != old.http.listen),
     ):
         if changed:

@@ -134,7 +134,7 @@ class LeaseKeeper:
         held = {lease.key: lease.epoch for lease in found.renewed}
         for key in found.released:
             held.pop(key, None)
-        expired = [key for key in self.owned if key not in held]
+        expired = [key for key in self.owned if key not in held and key not in found.released]
         readopted = [key for key in held if key not in self.owned]  # leases kept through an outage
         for lease in found.claim.acquired:
             held[lease.key] = lease.epoch

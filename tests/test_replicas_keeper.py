@@ -1,0 +1,199 @@
+"""The lease keeper against an in-memory Leases fake and an injected clock: what it counts, what it owns, when it
+stops polling and delivering, and how it comes back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from watcher.errors import StoreError
+from watcher.metrics import Metrics
+from watcher.replicas import LeaseKeeper
+from watcher.store.leases import Claim, Lease, fair_share
+
+KEYS = [f"acme/bot/ft_{n}" for n in range(4)]
+
+
+class FakeLeases:
+    """Leases in a dict, shared by the fakes of several replicas; `down` makes every call fail."""
+
+    def __init__(self, replica: str, table: dict[str, tuple[str | None, int]], live: list[str]) -> None:
+        self.replica = replica
+        self.table = table  # key -> (owner, epoch)
+        self.live_names = live
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreError("cannot renew leases: the PostgreSQL database is unreachable (OperationalError)")
+
+    def heartbeat(self) -> int:
+        self._check()
+        return len(self.live_names)
+
+    def claim(self, keys: Sequence[str], *, up_to: int | None = None) -> Claim:
+        self._check()
+        share = fair_share(len(keys), len(self.live_names)) if up_to is None else up_to
+        owned = sum(1 for key in keys if self.table.get(key, (None, 0))[0] == self.replica)
+        acquired = []
+        for key in sorted(keys):
+            owner, epoch = self.table.get(key, (None, 0))
+            if owner is None and owned + len(acquired) < share:
+                self.table[key] = (self.replica, epoch + 1)
+                acquired.append(Lease(key, self.replica, epoch + 1, 0.0))
+        return Claim(tuple(acquired), len(self.live_names), share, owned + len(acquired))
+
+    def renew(self) -> list[Lease]:
+        self._check()
+        return [Lease(k, o, e, 0.0) for k, (o, e) in sorted(self.table.items()) if o == self.replica]
+
+    def release(self, keys: Sequence[str]) -> list[str]:
+        self._check()
+        gone = [k for k in keys if self.table.get(k, (None, 0))[0] == self.replica]
+        for key in gone:
+            self.table[key] = (None, self.table[key][1])
+        return sorted(gone)
+
+    def release_excess(self, keys: Sequence[str]) -> list[str]:
+        self._check()
+        mine = [k for k, (o, _) in sorted(self.table.items()) if o == self.replica]
+        share = fair_share(len(keys), len(self.live_names))
+        return self.release([k for k in mine if k not in keys] + [k for k in mine if k in keys][share:])
+
+    def owned(self) -> list[Lease]:
+        return self.renew()
+
+    def live(self) -> int:
+        return len(self.live_names)
+
+    def unowned(self, keys: Sequence[str] | None = None) -> int:
+        self._check()
+        return sum(1 for key in keys or self.table if self.table.get(key, (None, 0))[0] is None)
+
+    def leave(self) -> None:
+        self._check()
+        self.release([k for k, (o, _) in self.table.items() if o == self.replica])
+        self.live_names.remove(self.replica)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _keeper(leases: FakeLeases, clock: Clock, metrics: Metrics) -> tuple[LeaseKeeper, list[list[str]], list[list[str]]]:
+    keeper = LeaseKeeper(leases, keys=lambda: KEYS, lease_s=15, renew_s=5, metrics=metrics, clock=clock)
+    gained: list[list[str]] = []
+    lost: list[list[str]] = []
+
+    async def on_change(keys: Sequence[str]) -> None:
+        gained.append(sorted(keys))
+
+    keeper.on_change = on_change
+    keeper.on_lost = lambda keys: lost.append(sorted(keys))
+    return keeper, gained, lost
+
+
+def _changes(metrics: Metrics) -> dict[str, float]:
+    return {
+        change: metrics.registry.get_sample_value("oxen_watcher_lease_changes_total", {"change": change}) or 0.0
+        for change in ("acquired", "released", "expired", "fenced")
+    }
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    found = Metrics(CollectorRegistry(), version="test")
+    found.enable_replicas()
+    return found
+
+
+def test_every_change_counter_starts_at_zero(metrics):
+    assert _changes(metrics) == {"acquired": 0, "released": 0, "expired": 0, "fenced": 0}
+
+
+def test_a_lone_replica_claims_all_then_gives_half_to_a_second_one(metrics):
+    table: dict[str, tuple[str | None, int]] = {}
+    live = ["a"]
+    clock = Clock()
+    keeper, gained, lost = _keeper(FakeLeases("a", table, live), clock, metrics)
+    asyncio.run(keeper.step())
+    assert sorted(keeper.owned) == KEYS and gained == [KEYS]
+    assert keeper.fence(KEYS[0]) == ("a", 1)
+    assert keeper.lanes() == KEYS
+    assert metrics.registry.get_sample_value("oxen_watcher_leases_owned") == 4
+    assert metrics.registry.get_sample_value("oxen_watcher_fine_tunes_unowned") == 0
+    live.append("b")
+    clock.now += 5
+    asyncio.run(keeper.step())
+    assert len(keeper.owned) == 2 and lost == [KEYS[2:]]
+    assert keeper.fence(KEYS[3]) is None and not keeper.owns(KEYS[3])
+    assert _changes(metrics) == {"acquired": 4, "released": 2, "expired": 0, "fenced": 0}
+    assert metrics.registry.get_sample_value("oxen_watcher_replicas_live") == 2
+
+
+def test_a_lease_taken_over_counts_as_expired_and_a_fenced_commit_drops_the_fine_tune(metrics):
+    table: dict[str, tuple[str | None, int]] = {}
+    clock = Clock()
+    keeper, _, lost = _keeper(FakeLeases("a", table, ["a"]), clock, metrics)
+    asyncio.run(keeper.step())
+    table[KEYS[0]] = ("b", 2)  # another replica took it over while this one was paused
+    asyncio.run(keeper.step())
+    assert not keeper.owns(KEYS[0]) and lost == [[KEYS[0]]]
+    keeper.fenced(KEYS[1], 7)  # a commit under an epoch this replica no longer holds: counted, lease kept
+    assert keeper.owns(KEYS[1])
+    keeper.fenced(KEYS[1], 1)
+    assert not keeper.owns(KEYS[1]) and lost[-1] == [KEYS[1]]
+    assert _changes(metrics)["expired"] == 1 and _changes(metrics)["fenced"] == 2
+
+
+def test_renewals_failing_past_the_lease_stop_polling_and_delivering_until_the_database_answers(metrics):
+    table: dict[str, tuple[str | None, int]] = {}
+    clock = Clock()
+    leases = FakeLeases("a", table, ["a"])
+    keeper, gained, lost = _keeper(leases, clock, metrics)
+    asyncio.run(keeper.step())
+    leases.down = True
+    clock.now += 5
+    asyncio.run(keeper.step())
+    # failing, but within the lease: still owned, still polled and delivered
+    assert keeper.problem() is None and keeper.fence(KEYS[0]) == ("a", 1) and keeper.lanes() == KEYS
+    clock.now += 11
+    assert keeper.stale() and keeper.fence(KEYS[0]) is None and keeper.lanes() == []
+    assert "lease renewals failing for 16s" in (keeper.problem() or "")
+    asyncio.run(keeper.step())
+    assert keeper.owned == {} and lost == [KEYS]
+    assert metrics.registry.get_sample_value("oxen_watcher_leases_owned") == 0
+    leases.down = False  # the database is back; nobody took the leases over, so they are still this replica's
+    clock.now += 5
+    asyncio.run(keeper.step())
+    assert keeper.problem() is None and sorted(keeper.owned) == KEYS and gained[-1] == KEYS
+    assert keeper.fence(KEYS[0]) == ("a", 1)  # same epoch: nobody polled it meanwhile
+    assert _changes(metrics) == {"acquired": 8, "released": 0, "expired": 4, "fenced": 0}
+
+
+def test_a_paused_process_keeps_its_fences_so_the_database_fences_its_commits_but_delivers_nothing(metrics):
+    table: dict[str, tuple[str | None, int]] = {}
+    clock = Clock()
+    keeper, _, _ = _keeper(FakeLeases("a", table, ["a"]), clock, metrics)
+    asyncio.run(keeper.step())
+    clock.now += 40  # SIGSTOP for longer than the lease: no renewal failed, none was tried
+    assert not keeper.stale() and keeper.problem() is None
+    assert keeper.fence(KEYS[0]) == ("a", 1)  # a poll tries, and its commit is fenced if the lease moved on
+    assert keeper.lanes() == []  # but no delivery of a lane that may be someone else's now
+
+
+def test_leave_releases_everything(metrics):
+    table: dict[str, tuple[str | None, int]] = {}
+    live = ["a"]
+    keeper, _, _ = _keeper(FakeLeases("a", table, live), Clock(), metrics)
+    asyncio.run(keeper.step())
+    asyncio.run(keeper.leave())
+    assert all(owner is None for owner, _ in table.values()) and live == []
+    assert keeper.owned == {} and _changes(metrics)["released"] == 4
