@@ -58,7 +58,7 @@ def cpu_per_poll(*, fine_tunes: int = 200, rounds: int = 15) -> dict[str, Any]:
 
     configure_logging(level="warning")
     print(
-        f"\n== 8a. CPU per poll, SQLite vs PostgreSQL: {fine_tunes} fine-tunes x 10 checkpoints, {rounds} rounds, "
+        f"\n== 7a. CPU per poll, SQLite vs PostgreSQL: {fine_tunes} fine-tunes x 10 checkpoints, {rounds} rounds, "
         "a new checkpoint on 1 in 10 between rounds =="
     )
     results: dict[str, Any] = {}
@@ -135,11 +135,16 @@ def cpu_per_poll(*, fine_tunes: int = 200, rounds: int = 15) -> dict[str, Any]:
 
 
 def _owners(url: str) -> dict[str, str]:
-    """Fine-tune key -> its live owner, from the leases table."""
+    """Fine-tune key -> its live owner, from the leases table (empty until the first replica made the schema)."""
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute("SELECT fine_tune_key, owner FROM leases WHERE owner IS NOT NULL AND expires_at > now()")
+        try:
+            rows = conn.execute(
+                "SELECT fine_tune_key, owner FROM leases WHERE owner IS NOT NULL AND expires_at > now()"
+            )
+        except psycopg.errors.UndefinedTable:
+            return {}
         return dict(rows.fetchall())
 
 
@@ -161,7 +166,7 @@ def takeover(*, fine_tunes: int = 30, kills: int = 5, lease_s: float = 3.0, rene
     from watcher.testing.pgcluster import throwaway_cluster
 
     print(
-        f"\n== 8b. Takeover: 3 replicas, {fine_tunes} fine-tunes, lease_s {lease_s:g}, renew_s {renew_s:g}, "
+        f"\n== 7b. Takeover: 3 replicas, {fine_tunes} fine-tunes, lease_s {lease_s:g}, renew_s {renew_s:g}, "
         f"{kills} kill -9 (bound: lease + renew + 2 s = {lease_s + renew_s + 2:g} s) =="
     )
     hub = Hub(fine_tunes=fine_tunes, checkpoints=10)

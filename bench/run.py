@@ -1,4 +1,4 @@
-"""oxen-watcher benchmark: scale, the bare-client yardsticks, big responses, and end-to-end latency.
+"""oxen-watcher benchmark: scale, the bare-client yardsticks, big responses, end-to-end latency, and replicas.
 
 Run with `make bench` (not part of CI). Everything runs on 127.0.0.1: the simulated Hub in its own process,
 the watcher in its own process, each yardstick loop in its own process. Prints each figure and the ratios.
