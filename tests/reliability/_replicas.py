@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,24 @@ def events(url: str) -> list[dict[str, Any]]:
     return [orjson.loads(envelope) for (envelope,) in rows]
 
 
+def diagnose(url: str, pending: dict[Change, tuple[str, int]]) -> str:
+    """What the database says about the fine-tunes of changes not seen committed (for a failure message)."""
+    keys = sorted({key for key, _ in pending.values()})
+    state = _rows(
+        url,
+        "SELECT f.fine_tune_key, f.last_outcome, f.last_error, f.consecutive_failures, f.not_before, "
+        "f.last_poll_at, l.owner, l.epoch, l.expires_at FROM fine_tunes f LEFT JOIN leases l USING (fine_tune_key) "
+        "WHERE f.fine_tune_key = ANY(%s)",
+        (keys,),
+    )
+    steps = _rows(
+        url,
+        "SELECT fine_tune_key, array_agg(step ORDER BY step) FROM checkpoints WHERE fine_tune_key = ANY(%s) GROUP BY 1",
+        (keys,),
+    )
+    return f"not committed: {sorted(pending, key=str)}\nstate: {state}\ncheckpoints stored: {steps}"
+
+
 def delivery_states(url: str) -> dict[tuple[str, str], str] | None:
     """(event id, notifier) -> outbox state."""
     rows = _rows(url, "SELECT event_id, notifier, state FROM deliveries")
@@ -103,7 +123,7 @@ class Replicas:
     def __init__(self, folder: Path, config: dict[str, Any], *, url: str, slots: int = 3) -> None:
         self.folder = folder
         self.config = config
-        self.env = {URL_ENV: url}
+        self.env = {URL_ENV: url, "PYTHONFAULTHANDLER": "1"}
         self.slots = [f"r{i + 1}" for i in range(slots)]
         self.incarnation = dict.fromkeys(self.slots, 0)
         self.daemons: dict[str, Daemon] = {}
@@ -151,9 +171,23 @@ class Replicas:
                 found[dict(labels)["change"]] = value
         return found
 
-    def stop_all(self) -> list[int]:
-        """SIGTERM every running replica; their exit codes."""
-        return [daemon.terminate() for daemon in self.daemons.values()]
+    def stop_all(self, timeout: float = 30) -> list[int | None]:
+        """SIGTERM every running replica at once; their exit codes (None for one that did not exit in time: it
+        gets SIGABRT, so its stderr shows where every thread was, through PYTHONFAULTHANDLER)."""
+        procs = [daemon.proc for daemon in self.daemons.values() if daemon.proc is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes: list[int | None] = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(10)
+                codes.append(None)
+        return codes
 
     def cleanup(self) -> None:
         """Kill whatever still runs (a failed test), resuming a stopped one first."""
