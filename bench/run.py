@@ -1,4 +1,4 @@
-"""oxen-watcher benchmark: scale, the bare-client yardsticks, big responses, and end-to-end latency.
+"""oxen-watcher benchmark: scale, the bare-client yardsticks, big responses, end-to-end latency, and replicas.
 
 Run with `make bench` (not part of CI). Everything runs on 127.0.0.1: the simulated Hub in its own process,
 the watcher in its own process, each yardstick loop in its own process. Prints each figure and the ratios.
@@ -432,12 +432,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument(
         "--only",
-        choices=["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged", "lifecycle"],
+        choices=["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged", "lifecycle", "replicas"],
         action="append",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    only = set(args.only or ["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged", "lifecycle"])
+    only = set(
+        args.only or ["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged", "lifecycle", "replicas"]
+    )
     print(
         f"oxen-watcher bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
@@ -464,7 +466,7 @@ def main() -> None:
     if "lifecycle" in only:  # discovery and adaptive polling, time sped up x20 (LIFECYCLE_SCALE)
         import lifecycle
 
-        figures["lifecycle"] = lifecycle.run()
+        figures["lifecycle", "replicas"] = lifecycle.run()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -42,9 +42,23 @@ def postgresql_database(folder: Path, request: pytest.FixtureRequest) -> Iterato
     yield open_store
 
 
+@contextmanager
+def postgresql_least_privilege(folder: Path, request: pytest.FixtureRequest) -> Iterator[Opener]:
+    # set up as README.md's "Running several replicas" says: the replicas' role holds only the documented GRANTs
+    from pg_roles import least_privilege_database
+
+    with least_privilege_database(request.getfixturevalue("pg_cluster")) as (_, replica_url):
+
+        def open_store(*, new_id: Callable[[], str] | None = None) -> Store:
+            return PostgresStore(replica_url, new_id=new_id)
+
+        yield open_store
+
+
 IMPLEMENTATIONS: dict[str, Callable[[Path, pytest.FixtureRequest], AbstractContextManager[Opener]]] = {
     "sqlite": sqlite_database,
     "postgresql": postgresql_database,
+    "postgresql-least-privilege": postgresql_least_privilege,
 }
 
 

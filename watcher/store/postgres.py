@@ -97,6 +97,8 @@ class PostgresStore(PgLifecycle, PgTouches, PgOutbox, PgReports, PgPrune):
     def _migrate(self, conn: Conn) -> None:
         # replicas starting together migrate one at a time; the later ones find the work done
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        if self._check_version(conn) == SCHEMA_VERSION:
+            return  # nothing to create: a role with only row rights (no CREATE on the schema) opens it
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         version = self._check_version(conn)
         if conn.execute("SELECT 1 FROM schema_version").fetchone() is None:
