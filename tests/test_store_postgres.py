@@ -298,20 +298,6 @@ def test_events_committed_out_of_order_are_never_missed_after_a_cursor(
     assert seen[2:] == [later.events[0].id]
 
 
-def test_touch_records_quiet_polls_and_reports_rows_moved_on(
-    store: PostgresStore, stores: Callable[..., PostgresStore]
-) -> None:
-    poll = success(cp(1))
-    apply(store, poll)
-    apply(store, poll, ref=OTHER)
-    assert store.quiet(REF.key, poll.body_hash) and not store.quiet(REF.key, "other")
-    apply(stores(), success(cp(1), cp(2)), ref=OTHER, now=T0 + 1)  # another writer moves OTHER on
-    assert store.touch([(REF.key, poll.body_hash, T0 + 5), (OTHER.key, poll.body_hash, T0 + 5)]) == [OTHER.key]
-    assert [s.last_poll_at for s in store.statuses([REF.key, OTHER.key])] == [T0 + 5, T0 + 1]
-    store.forget(REF.key)
-    assert store.load_cached(REF.key).checkpoints == {}
-
-
 # --- the outbox -------------------------------------------------------------------------------------
 
 

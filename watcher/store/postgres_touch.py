@@ -4,7 +4,6 @@ recorded in a batch (poll times only) instead of a transaction per poll."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -33,14 +32,6 @@ class PgTouches(PgBase):
         """The state of a fine-tune as this process last committed or read it (no I/O)."""
         cached = self._cache.get(key)
         return cached[1] if cached else FineTuneState()
-
-    def quiet(self, key: str, body_hash: str) -> bool:
-        """Whether a 200 with this body hash would change nothing but the poll times (a `touch` suffices)."""
-        cached = self._cache.get(key)
-        if cached is None:
-            return False
-        state = cached[1]
-        return state.body_hash == body_hash and not (state.consecutive_failures or state.failing or state.not_found)
 
     def observe_unchanged(self, key: str, body_hash: str, *, now: float) -> FineTuneState | None:
         """Touch or diff, without I/O: when a 200 with this body changes nothing (the body is the committed one
@@ -98,25 +89,3 @@ class PgTouches(PgBase):
     def forget(self, key: str) -> None:
         """Drop what this process caches of a fine-tune: the next poll reads the state from the database."""
         self._cache.pop(key, None)
-
-    def touch(self, polls: Sequence[tuple[str, str, float]]) -> list[str]:
-        """Record unchanged 200 polls (key, body hash, time) in one transaction. Rows another writer has moved
-        on since (another body, a newer revision) are left alone; their keys are returned."""
-        if not polls:
-            return []
-
-        def write(conn: Conn) -> list[str]:
-            moved_on = []
-            for key, digest, at in polls:
-                cached = self._cache.get(key)
-                updated = conn.execute(
-                    "UPDATE fine_tunes SET last_poll_at = %s, last_success_at = %s, last_outcome = 'ok', "
-                    "last_error = NULL, last_http_status = 200, not_before = NULL "
-                    "WHERE fine_tune_key = %s AND body_hash = %s AND revision = %s",
-                    (at, at, key, digest, cached[0] if cached else -1),
-                ).rowcount
-                if not updated:
-                    moved_on.append(key)
-            return moved_on
-
-        return self._tx(write, what="record poll times")

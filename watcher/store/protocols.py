@@ -87,14 +87,6 @@ class StateStore(Protocol):
         """Write the batched poll times; returns the keys another writer moved on (their cache is dropped)."""
         ...
 
-    def quiet(self, key: str, body_hash: str) -> bool:
-        """Whether a 200 with this body would change nothing but the poll times (older form of observe_unchanged)."""
-        ...
-
-    def touch(self, polls: Sequence[tuple[str, str, float]]) -> list[str]:
-        """Record unchanged 200 polls (key, body hash, time); returns the keys another writer moved on."""
-        ...
-
     def forget(self, key: str) -> None:
         """Drop the cached state of a fine-tune."""
         ...

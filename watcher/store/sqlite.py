@@ -356,37 +356,6 @@ class SqliteStore(SqliteOutbox, SqlitePrune, SqliteLifecycle):
         cached = self._cache.get(key)
         return cached[1] if cached else FineTuneState()
 
-    def quiet(self, key: str, body_hash: str) -> bool:
-        """Whether a 200 with this body hash would change nothing but the poll times (a `touch` suffices)."""
-        cached = self._cache.get(key)
-        if cached is None:
-            return False
-        state = cached[1]
-        return state.body_hash == body_hash and not (state.consecutive_failures or state.failing or state.not_found)
-
-    def touch(self, polls: Sequence[tuple[str, str, float]]) -> list[str]:
-        """Record unchanged 200 polls (key, body hash, time) in one transaction. Rows another writer has moved
-        on since (another body, a newer revision) are left alone; their keys are returned."""
-        if not polls:
-            return []
-
-        def write() -> list[str]:
-            moved_on = []
-            for key, digest, at in polls:
-                cached = self._cache.get(key)
-                updated = self._db.execute(
-                    "UPDATE fine_tunes SET last_poll_at = ?, last_success_at = ?, last_outcome = 'ok', "
-                    "last_error = NULL, last_http_status = 200, not_before = NULL "
-                    "WHERE fine_tune_key = ? AND body_hash = ? AND revision = ? "
-                    "AND (last_poll_at IS NULL OR last_poll_at <= ?)",  # never over a later outcome
-                    (at, at, key, digest, cached[0] if cached else -1, at),
-                ).rowcount
-                if not updated:
-                    moved_on.append(key)
-            return moved_on
-
-        return self._write_tx(write, what="record poll times")
-
     def observe_unchanged(self, key: str, body_hash: str, *, now: float) -> FineTuneState | None:
         """Touch or diff, without I/O: when a 200 with this body changes nothing (the body is the committed one
         and nothing was failing), record the poll time for the next `flush_touches` and return the state;
