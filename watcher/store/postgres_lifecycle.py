@@ -18,7 +18,7 @@ from ..events import stamp
 from ..lifecycle import LifecycleOptions, advance
 from ..models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, LifecycleState, SourceState
 from .protocols import LifecycleCommitted, LifecycleRecord, Router
-from .sqlite_lifecycle import COLUMNS, _record
+from .sqlite_lifecycle import COLUMNS, _record, row_of, upsert_sql
 
 Conn = psycopg.Connection[Any]
 
@@ -155,26 +155,4 @@ def _checkpoints(conn: Conn, key: str) -> Mapping[int, KnownCheckpoint]:
 
 
 def _upsert(conn: Conn, key: str, record: LifecycleRecord) -> None:
-    state = record.state
-    conn.execute(
-        f"INSERT INTO lifecycle ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-        "ON CONFLICT (fine_tune_key) DO UPDATE SET source = excluded.source, status = excluded.status, "
-        "error = excluded.error, started_at = excluded.started_at, finished_at = excluded.finished_at, "
-        "first_seen_at = excluded.first_seen_at, newest_step = excluded.newest_step, "
-        "newest_seen_at = excluded.newest_seen_at, stalled = excluded.stalled, status_at = excluded.status_at, "
-        "announce_checkpoints = excluded.announce_checkpoints",
-        (
-            key,
-            record.source,
-            state.status,
-            state.error,
-            state.started_at,
-            state.finished_at,
-            state.first_seen_at,
-            state.newest_step,
-            state.newest_seen_at,
-            int(state.stalled),
-            record.status_at,
-            int(record.announce_checkpoints),
-        ),
-    )
+    conn.execute(upsert_sql("%s"), row_of(key, record))

@@ -38,6 +38,38 @@ def _record(row: Sequence[Any]) -> LifecycleRecord:
     return LifecycleRecord(state, source, status_at, bool(announce))
 
 
+def upsert_sql(mark: str) -> str:
+    """The lifecycle upsert, with `mark` as the placeholder (`?` for SQLite, `%s` for PostgreSQL)."""
+    marks = ", ".join([mark] * len(COLUMNS.split(",")))
+    return (
+        f"INSERT INTO lifecycle ({COLUMNS}) VALUES ({marks}) "
+        "ON CONFLICT (fine_tune_key) DO UPDATE SET source = excluded.source, status = excluded.status, "
+        "error = excluded.error, started_at = excluded.started_at, finished_at = excluded.finished_at, "
+        "first_seen_at = excluded.first_seen_at, newest_step = excluded.newest_step, "
+        "newest_seen_at = excluded.newest_seen_at, stalled = excluded.stalled, status_at = excluded.status_at, "
+        "announce_checkpoints = excluded.announce_checkpoints"
+    )
+
+
+def row_of(key: str, record: LifecycleRecord) -> tuple[Any, ...]:
+    """A lifecycle record as the values of COLUMNS."""
+    state = record.state
+    return (
+        key,
+        record.source,
+        state.status,
+        state.error,
+        state.started_at,
+        state.finished_at,
+        state.first_seen_at,
+        state.newest_step,
+        state.newest_seen_at,
+        int(state.stalled),
+        record.status_at,
+        int(record.announce_checkpoints),
+    )
+
+
 class SqliteLifecycle(SqliteBase):
     """The LifecycleStore half of SqliteStore (it supplies the checkpoints and the event inserts)."""
 
@@ -113,29 +145,7 @@ class SqliteLifecycle(SqliteBase):
             raise StoreError(f"cannot {what}: {err}") from err
 
     def _upsert(self, key: str, record: LifecycleRecord) -> None:
-        state = record.state
-        self._db.execute(
-            f"INSERT INTO lifecycle ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (fine_tune_key) DO UPDATE SET source = excluded.source, status = excluded.status, "
-            "error = excluded.error, started_at = excluded.started_at, finished_at = excluded.finished_at, "
-            "first_seen_at = excluded.first_seen_at, newest_step = excluded.newest_step, "
-            "newest_seen_at = excluded.newest_seen_at, stalled = excluded.stalled, status_at = excluded.status_at, "
-            "announce_checkpoints = excluded.announce_checkpoints",
-            (
-                key,
-                record.source,
-                state.status,
-                state.error,
-                state.started_at,
-                state.finished_at,
-                state.first_seen_at,
-                state.newest_step,
-                state.newest_seen_at,
-                int(state.stalled),
-                record.status_at,
-                int(record.announce_checkpoints),
-            ),
-        )
+        self._db.execute(upsert_sql("?"), row_of(key, record))
 
     def discovered_names(self) -> dict[str, tuple[str, str]]:
         """Every fine-tune a source found: key -> (source, name as the Hub names it), for `status`."""
