@@ -6,8 +6,6 @@ produced it does, whatever crashes in between.
 
 from __future__ import annotations
 
-import fnmatch
-import heapq
 import sqlite3
 import threading
 import time
@@ -25,35 +23,27 @@ from ..models import (
     Event,
     FineTuneRef,
     FineTuneState,
-    FineTuneStatus,
     KnownCheckpoint,
     PollFailed,
     PollResult,
     PollSuccess,
     PollUnchanged,
-    metric_of,
     outcome_of,
 )
 from .protocols import Committed, Router
-from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
-from .sqlite_base import REWRITE_MAX_BYTES, event_from_row
 from .sqlite_lifecycle import SqliteLifecycle
+from .sqlite_migrate import CONVERT_AT_START_MAX_BYTES, SqliteMigrations
 from .sqlite_outbox import SqliteOutbox
 from .sqlite_prune import SqlitePrune
+from .sqlite_reads import SqliteReads
 
 log = structlog.get_logger("watcher.store")
 
 # The WAL file is cut back to this size after a checkpoint, so a burst (a large prune) does not leave it big.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
-# Converting an older database to incremental auto_vacuum rewrites the file (VACUUM), which takes minutes for
-# a file of gigabytes. At a daemon's start only a file up to this size is converted, so start-up stays within
-# systemd's start timeout; `oxen-watcher prune` converts any size. Until then pruned pages are reused, not
-# given back.
-CONVERT_AT_START_MAX_BYTES = REWRITE_MAX_BYTES
 
-
-class SqliteStore(SqliteOutbox, SqlitePrune, SqliteLifecycle):
+class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, SqliteLifecycle):
     """The SQLite store: WAL mode, one writer transaction per poll, a cache of decoded state per fine-tune."""
 
     def __init__(
@@ -99,81 +89,6 @@ class SqliteStore(SqliteOutbox, SqlitePrune, SqliteLifecycle):
                 self._check_version()
         except sqlite3.Error as err:
             raise StoreError(f"cannot open state database {self.path}: {err}") from err
-
-    # --- schema ----------------------------------------------------------------------------------
-
-    def _version(self) -> int:
-        exists = self._db.execute(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-        ).fetchone()[0]
-        if not exists:
-            return 0
-        row = self._db.execute("SELECT version FROM schema_version").fetchone()
-        return int(row[0]) if row else 0
-
-    def _check_version(self) -> None:
-        version = self._version()
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"state database {self.path} has schema version {version}, newer than this release "
-                f"({SCHEMA_VERSION}): upgrade oxen-watcher"
-            )
-
-    def _migrate(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            version = self._version()
-            self._check_version()
-            if not self._db.execute("SELECT 1 FROM schema_version").fetchone():
-                self._db.execute("INSERT INTO schema_version (version) VALUES (0)")
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    self._db.execute(statement)
-            self._db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-
-    def _convert_to_incremental_vacuum(self, *, max_bytes: int | None) -> None:
-        """Give a database created before retention `auto_vacuum = INCREMENTAL`, so pruning can shrink it.
-
-        Only a VACUUM (outside any transaction) changes the mode of a database that has tables; it rewrites the
-        file once. If it cannot run now (another process is busy with the file, the disk is full), the store
-        works as before and the next start tries again.
-        """
-        if self.path == ":memory:" or self._pragma("auto_vacuum") == 2:
-            return
-        size = self._pragma("page_count") * self._pragma("page_size")
-        if max_bytes is not None and size > max_bytes:
-            log.warning(
-                "store.conversion_deferred",
-                change="auto_vacuum = INCREMENTAL",
-                size_bytes=size,
-                hint="run `oxen-watcher prune` once to convert it (it rewrites the file); until then pruned space "
-                "is reused but not given back",
-            )
-            return
-        log.info("store.converting", change="auto_vacuum = INCREMENTAL", reason="retention can shrink the file")
-        started = time.monotonic()
-        try:
-            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            self._db.execute("VACUUM")
-        except sqlite3.OperationalError as err:
-            log.warning("store.conversion_deferred", error=str(err), hint="tried again at the next start")
-            return
-        log.info("store.converted", change="auto_vacuum = INCREMENTAL", seconds=round(time.monotonic() - started, 3))
-
-    @property
-    def auto_vacuum(self) -> str:
-        """The database's auto_vacuum mode: none, full or incremental."""
-        return ("none", "full", "incremental")[self._pragma("auto_vacuum")]
-
-    @property
-    def schema_version(self) -> int:
-        """The schema version of the open database."""
-        return self._version()
 
     # --- reads ---------------------------------------------------------------------------------------
 
@@ -416,142 +331,6 @@ class SqliteStore(SqliteOutbox, SqlitePrune, SqliteLifecycle):
     def forget(self, key: str) -> None:
         """Drop what this process caches of a fine-tune: the next poll reads the state from the database."""
         self._cache.pop(key, None)
-
-    # --- reports ---------------------------------------------------------------------------------
-
-    def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
-        """Per fine-tune status (those in `keys`, in that order, or all), for `status` and metrics."""
-        try:
-            rows = {
-                row[0]: row
-                for row in self._db.execute(
-                    "SELECT fine_tune_key, last_poll_at, last_outcome, last_error, last_http_status, "
-                    "last_success_at, consecutive_failures, failing, not_found, baselined, not_before "
-                    "FROM fine_tunes"
-                )
-            }
-            wanted = list(keys) if keys is not None else sorted(rows)
-            return [self._status(key, rows.get(key)) for key in wanted]
-        except sqlite3.Error as err:
-            raise StoreError(f"cannot read state: {err}") from err
-
-    def _status(self, key: str, row: tuple[Any, ...] | None) -> FineTuneStatus:
-        checkpoints = [
-            (step, orjson.loads(data))
-            for step, data in self._db.execute(
-                "SELECT step, data FROM checkpoints WHERE fine_tune_key = ? ORDER BY step", (key,)
-            )
-        ]
-        latest = checkpoints[-1][1] if checkpoints else {}
-        metrics: dict[str, float | None] = {}
-        for name in ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "epoch"):
-            # the latest checkpoint that reports each metric
-            metrics[name] = next(
-                (v for _, data in reversed(checkpoints) if (v := metric_of(data, name)) is not None), None
-            )
-        deployments = {
-            step: data["deployment_status"]
-            for step, data in checkpoints
-            if isinstance(data.get("deployment_status"), str)
-        }
-        values = row[1:] if row else (None, None, None, None, None, 0, 0, 0, 0, None)
-        return FineTuneStatus(
-            key=key,
-            last_poll_at=values[0],
-            last_outcome=values[1],
-            last_error=values[2],
-            last_http_status=values[3],
-            last_success_at=values[4],
-            consecutive_failures=values[5],
-            failing=bool(values[6]),
-            not_found=bool(values[7]),
-            baselined=bool(values[8]),
-            not_before=values[9],
-            checkpoints=len(checkpoints),
-            latest_step=checkpoints[-1][0] if checkpoints else None,
-            latest_loss=metric_of(latest, "loss"),
-            latest_created_at=latest.get("created_at") if isinstance(latest.get("created_at"), str) else None,
-            metrics=metrics,
-            deployments=deployments,
-        )
-
-    def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
-        """Committed events, newest first, optionally only those whose type matches a glob (fnmatch rules,
-        case-sensitive). The glob is matched against the few distinct types; each matching type's newest rows
-        then come from the (type, seq) index, so a rare type costs as little as a common one."""
-        if limit <= 0:
-            return []
-        if type_glob is None:
-            rows = self._read(
-                "SELECT seq, envelope, fine_tune_key FROM events ORDER BY seq DESC LIMIT ?",
-                (limit,),
-                what="read events",
-            )
-        else:
-            # the newest seqs of each matching type straight from the (type, seq) index, then only the
-            # envelopes of the `limit` newest overall
-            seqs: list[int] = []
-            for kind in self._event_types():
-                if fnmatch.fnmatchcase(kind, type_glob):
-                    seqs += [
-                        seq
-                        for (seq,) in self._read(
-                            "SELECT seq FROM events WHERE type = ? ORDER BY seq DESC LIMIT ?",
-                            (kind, limit),
-                            what="read events",
-                        )
-                    ]
-            newest = heapq.nlargest(limit, seqs)
-            if newest and newest[0] - newest[-1] < 4 * limit:
-                # the matches are dense (the usual case): one walk down the table reads them in order
-                rows = self._read(
-                    "SELECT seq, envelope, fine_tune_key FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq DESC",
-                    (newest[-1], newest[0]),
-                    what="read events",
-                )
-                wanted = set(newest)
-                rows = [row for row in rows if row[0] in wanted]
-            else:
-                marks = ", ".join("?" for _ in newest)
-                rows = self._read(
-                    f"SELECT seq, envelope, fine_tune_key FROM events WHERE seq IN ({marks}) ORDER BY seq DESC",
-                    newest,
-                    what="read events",
-                )
-        return [event_from_row(envelope, key) for _, envelope, key in rows]
-
-    def _event_types(self) -> list[str]:
-        """The distinct event types, one index seek each (a loose index scan)."""
-        found: list[str] = []
-        while True:
-            where, args = ("WHERE type > ?", (found[-1],)) if found else ("", ())
-            rows = self._read(f"SELECT type FROM events {where} ORDER BY type LIMIT 1", args, what="read event types")
-            if not rows:
-                return found
-            found.append(rows[0][0])
-
-    def events_after(self, seq: int, *, limit: int = 1000) -> list[tuple[int, Event]]:
-        """Committed events with a sequence number above `seq`, oldest first."""
-        try:
-            rows = self._db.execute(
-                "SELECT seq, envelope, fine_tune_key FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-            ).fetchall()
-        except sqlite3.Error as err:
-            raise StoreError(f"cannot read events: {err}") from err
-        return [(s, event_from_row(envelope, key)) for s, envelope, key in rows]
-
-    def events_by_id(self, event_ids: Sequence[str]) -> dict[str, Event]:
-        """Committed events by id."""
-        found: dict[str, Event] = {}
-        for start in range(0, len(event_ids), 500):
-            chunk = event_ids[start : start + 500]
-            marks = ", ".join("?" for _ in chunk)
-            for envelope, key in self._read(
-                f"SELECT envelope, fine_tune_key FROM events WHERE id IN ({marks})", tuple(chunk), what="read events"
-            ):
-                event = event_from_row(envelope, key)
-                found[event.id] = event
-        return found
 
     def close(self) -> None:
         """Release the database."""

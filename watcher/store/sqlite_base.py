@@ -53,3 +53,6 @@ class SqliteBase:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as err:
             raise StoreError(f"cannot {what}: {err}") from err
+
+    def _pragma(self, name: str) -> int:
+        return int(self._read(f"PRAGMA {name}", what=f"read {name}")[0][0])

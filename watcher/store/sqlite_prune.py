@@ -128,9 +128,6 @@ class SqlitePrune(SqliteBase):
         )
         return PruneReport(events=events, deliveries=deliveries, bytes_freed=event_bytes + delivery_bytes)
 
-    def _pragma(self, name: str) -> int:
-        return int(self._read(f"PRAGMA {name}", what=f"read {name}")[0][0])
-
     def _run(self, statement: str) -> None:
         try:
             self._db.executescript(statement)
