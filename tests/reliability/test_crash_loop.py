@@ -188,11 +188,14 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
             during_start_up = crash_rng.random() < 0.2
             after = crash_rng.uniform(0.0, 0.6) if during_start_up else crash_rng.uniform(0.0, 1.6)
             if not during_start_up:  # the moment is drawn from the start, so a slow machine still polls
-                wait_for(
-                    lambda: any(e.get("event") == "watcher.started" for e in daemon.logs()),
-                    timeout=30,
-                    what="watcher.started",
-                )
+                try:
+                    wait_for(
+                        lambda: any(e.get("event") == "watcher.started" for e in daemon.logs()),
+                        timeout=30,
+                        what="watcher.started",
+                    )
+                except AssertionError as err:  # say what the daemon was doing instead of starting
+                    raise AssertionError(f"{err}; its output:\n{daemon.output()[-4000:]}") from err
             pause.wait(after)
             daemon.kill9()
             pause.wait(crash_rng.uniform(0.0, 0.5))  # down: changes pile up unobserved
