@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .cli_common import (
+    EX_CONFIG,
     config_option,
     fail,
     json_line,
@@ -29,6 +30,8 @@ from .errors import StoreError
 from .events import rfc3339
 from .logs import REDACTOR
 from .models import Event
+
+__all__ = ["EX_CONFIG", "cli", "main"]
 
 
 def _exit_cleanly(signum: int, frame: Any) -> NoReturn:
