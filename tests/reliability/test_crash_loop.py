@@ -177,7 +177,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
         daemon = daemons(config)
         wait_for(
             lambda: (found := statuses(db, KEYS)) and all(s.last_outcome == "ok" for s in found.values()),
-            timeout=30,
+            timeout=60,
             what="the silent baseline of every fine-tune",
         )
         producer = Producer(hub, db, random.Random(SEED + 1))
@@ -189,11 +189,19 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
             after = crash_rng.uniform(0.0, 0.6) if during_start_up else crash_rng.uniform(0.0, 1.6)
             if not during_start_up:  # the moment is drawn from the start, so a slow machine still polls
                 try:
+                    # a loaded machine may take long to start a daemon; one that exits instead fails at once
                     wait_for(
-                        lambda: any(e.get("event") == "watcher.started" for e in daemon.logs()),
-                        timeout=30,
+                        lambda: (
+                            daemon.proc is not None
+                            and (
+                                daemon.proc.poll() is not None
+                                or any(e.get("event") == "watcher.started" for e in daemon.logs())
+                            )
+                        ),
+                        timeout=90,
                         what="watcher.started",
                     )
+                    assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon exited"
                 except AssertionError as err:  # say what the daemon was doing instead of starting
                     raise AssertionError(f"{err}; its output:\n{daemon.output()[-4000:]}") from err
             pause.wait(after)
@@ -220,11 +228,13 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
                 return events
             return None
 
-        wait_for(settled, timeout=90, interval=0.3, what="every change announced and delivered")
+        wait_for(settled, timeout=180, interval=0.3, what="every change announced and delivered")
         # a few more polls of each fine-tune: nothing else may turn up
         polled = {key: len(hub.requests(key)) for key in KEYS}
-        wait_for(lambda: all(len(hub.requests(key)) >= polled[key] + 3 for key in KEYS), what="three more polls")
-        wait_for(settled, timeout=30, interval=0.3, what="everything delivered")
+        wait_for(
+            lambda: all(len(hub.requests(key)) >= polled[key] + 3 for key in KEYS), timeout=60, what="three more polls"
+        )
+        wait_for(settled, timeout=60, interval=0.3, what="everything delivered")
         assert daemon.terminate() == 0
 
     events = events_json(config)
