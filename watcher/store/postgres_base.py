@@ -29,6 +29,9 @@ def store_error(what: str, err: BaseException) -> StoreError:
     return StoreError(f"{what}: {reason}")
 
 
+RECONNECT_TIMEOUT_S = 30.0
+
+
 def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: float = 10.0) -> ConnectionPool:
     """A connection pool that works behind PgBouncer in transaction mode (no server-side prepared statements).
 
@@ -42,6 +45,10 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: floa
         timeout=timeout_s,
         kwargs={"autocommit": True, "prepare_threshold": None},
         check=ConnectionPool.check_connection,
+        # the pool's reconnect back-off doubles without bound until this many seconds, then starts again at 1 s
+        # with the next request: 30 s keeps the gap between attempts under 16 s, so a replica is back within
+        # seconds of the database, however long the outage was (the default 300 s allows gaps of minutes)
+        reconnect_timeout=RECONNECT_TIMEOUT_S,
         open=False,
         name="oxen-watcher",
     )
