@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..errors import StoreError
-from ..models import Event
+from .rows import event_from_row
 
 T = TypeVar("T")
+
+__all__ = ["RECONNECT_TIMEOUT_S", "PgBase", "event_from_row", "open_pool", "store_error"]
 
 
 def store_error(what: str, err: BaseException) -> StoreError:
@@ -58,12 +59,6 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 4, timeout_s: floa
         pool.close()
         raise store_error("cannot open the PostgreSQL state database", err) from err
     return pool
-
-
-def event_from_row(envelope: str, fine_tune_key: str) -> Event:
-    """An Event from its stored envelope."""
-    doc = orjson.loads(envelope)
-    return Event(doc["id"], doc["type"], doc["timestamp"], doc["data"], fine_tune_key)
 
 
 class PgBase:

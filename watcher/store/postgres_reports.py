@@ -9,8 +9,9 @@ from typing import Any
 import orjson
 import psycopg
 
-from ..models import Event, FineTuneStatus, metric_of
-from .postgres_base import PgBase, event_from_row
+from ..models import Event, FineTuneStatus
+from .postgres_base import PgBase
+from .rows import STATUS_COLUMNS, event_from_row, status_of
 
 
 class PgReports(PgBase):
@@ -20,14 +21,7 @@ class PgReports(PgBase):
         """Per fine-tune status (those in `keys`, in that order, or all), for `status` and metrics."""
 
         def read(conn: psycopg.Connection[Any]) -> list[FineTuneStatus]:
-            rows = {
-                row[0]: row
-                for row in conn.execute(
-                    "SELECT fine_tune_key, last_poll_at, last_outcome, last_error, last_http_status, "
-                    "last_success_at, consecutive_failures, failing, not_found, baselined, not_before "
-                    "FROM fine_tunes"
-                )
-            }
+            rows = {row[0]: row for row in conn.execute(f"SELECT {STATUS_COLUMNS} FROM fine_tunes")}
             wanted = list(keys) if keys is not None else sorted(rows)
             checkpoints: dict[str, list[tuple[int, Any]]] = {key: [] for key in wanted}
             for key, step, data in conn.execute(
@@ -36,7 +30,7 @@ class PgReports(PgBase):
                 (wanted,),
             ):
                 checkpoints[key].append((step, orjson.loads(data)))
-            return [_status(key, rows.get(key), checkpoints[key]) for key in wanted]
+            return [status_of(key, rows.get(key), checkpoints[key]) for key in wanted]
 
         return self._tx(read, what="read state")
 
@@ -74,34 +68,3 @@ class PgReports(PgBase):
             what="read events",
         )
         return [(s, event_from_row(envelope, key)) for s, envelope, key in rows]
-
-
-def _status(key: str, row: tuple[Any, ...] | None, checkpoints: list[tuple[int, Any]]) -> FineTuneStatus:
-    latest = checkpoints[-1][1] if checkpoints else {}
-    metrics: dict[str, float | None] = {}
-    for name in ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "epoch"):
-        # the latest checkpoint that reports each metric
-        metrics[name] = next((v for _, data in reversed(checkpoints) if (v := metric_of(data, name)) is not None), None)
-    deployments = {
-        step: data["deployment_status"] for step, data in checkpoints if isinstance(data.get("deployment_status"), str)
-    }
-    values = row[1:] if row else (None, None, None, None, None, 0, False, False, False, None)
-    return FineTuneStatus(
-        key=key,
-        last_poll_at=values[0],
-        last_outcome=values[1],
-        last_error=values[2],
-        last_http_status=values[3],
-        last_success_at=values[4],
-        consecutive_failures=values[5],
-        failing=bool(values[6]),
-        not_found=bool(values[7]),
-        baselined=bool(values[8]),
-        not_before=values[9],
-        checkpoints=len(checkpoints),
-        latest_step=checkpoints[-1][0] if checkpoints else None,
-        latest_loss=metric_of(latest, "loss"),
-        latest_created_at=latest.get("created_at") if isinstance(latest.get("created_at"), str) else None,
-        metrics=metrics,
-        deployments=deployments,
-    )

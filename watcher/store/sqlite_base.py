@@ -6,10 +6,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import orjson
-
 from ..errors import StoreError
-from ..models import Event
 
 T = TypeVar("T")
 
@@ -21,12 +18,6 @@ DELIVERY_COLUMNS = (
     "event_seq, event_id, notifier, fine_tune_key, batch_id, state, attempts, next_attempt_at, queued_at, "
     "last_error, last_status"
 )
-
-
-def event_from_row(envelope: str, fine_tune_key: str) -> Event:
-    """An event from its stored envelope."""
-    doc = orjson.loads(envelope)
-    return Event(doc["id"], doc["type"], doc["timestamp"], doc["data"], fine_tune_key)
 
 
 class SqliteBase:

@@ -8,7 +8,8 @@ from typing import Any
 from ..errors import StoreError
 from ..models import Delivery, OutboxStats
 from .protocols import Router
-from .sqlite_base import DELIVERY_COLUMNS, SqliteBase, event_from_row
+from .rows import event_from_row
+from .sqlite_base import DELIVERY_COLUMNS, SqliteBase
 
 
 class SqliteOutbox(SqliteBase):

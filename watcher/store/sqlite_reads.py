@@ -11,8 +11,9 @@ from typing import Any
 import orjson
 
 from ..errors import StoreError
-from ..models import Event, FineTuneStatus, metric_of
-from .sqlite_base import SqliteBase, event_from_row
+from ..models import Event, FineTuneStatus
+from .rows import STATUS_COLUMNS, event_from_row, status_of
+from .sqlite_base import SqliteBase
 
 
 class SqliteReads(SqliteBase):
@@ -21,14 +22,7 @@ class SqliteReads(SqliteBase):
     def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
         """Per fine-tune status (those in `keys`, in that order, or all), for `status` and metrics."""
         try:
-            rows = {
-                row[0]: row
-                for row in self._db.execute(
-                    "SELECT fine_tune_key, last_poll_at, last_outcome, last_error, last_http_status, "
-                    "last_success_at, consecutive_failures, failing, not_found, baselined, not_before "
-                    "FROM fine_tunes"
-                )
-            }
+            rows = {row[0]: row for row in self._db.execute(f"SELECT {STATUS_COLUMNS} FROM fine_tunes")}
             wanted = list(keys) if keys is not None else sorted(rows)
             return [self._status(key, rows.get(key)) for key in wanted]
         except sqlite3.Error as err:
@@ -41,38 +35,7 @@ class SqliteReads(SqliteBase):
                 "SELECT step, data FROM checkpoints WHERE fine_tune_key = ? ORDER BY step", (key,)
             )
         ]
-        latest = checkpoints[-1][1] if checkpoints else {}
-        metrics: dict[str, float | None] = {}
-        for name in ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "epoch"):
-            # the latest checkpoint that reports each metric
-            metrics[name] = next(
-                (v for _, data in reversed(checkpoints) if (v := metric_of(data, name)) is not None), None
-            )
-        deployments = {
-            step: data["deployment_status"]
-            for step, data in checkpoints
-            if isinstance(data.get("deployment_status"), str)
-        }
-        values = row[1:] if row else (None, None, None, None, None, 0, 0, 0, 0, None)
-        return FineTuneStatus(
-            key=key,
-            last_poll_at=values[0],
-            last_outcome=values[1],
-            last_error=values[2],
-            last_http_status=values[3],
-            last_success_at=values[4],
-            consecutive_failures=values[5],
-            failing=bool(values[6]),
-            not_found=bool(values[7]),
-            baselined=bool(values[8]),
-            not_before=values[9],
-            checkpoints=len(checkpoints),
-            latest_step=checkpoints[-1][0] if checkpoints else None,
-            latest_loss=metric_of(latest, "loss"),
-            latest_created_at=latest.get("created_at") if isinstance(latest.get("created_at"), str) else None,
-            metrics=metrics,
-            deployments=deployments,
-        )
+        return status_of(key, row, checkpoints)
 
     def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
         """Committed events, newest first, optionally only those whose type matches a glob (fnmatch rules,
