@@ -19,13 +19,15 @@ import httpx
 import orjson
 import psycopg
 import pytest
+from pg_roles import least_privilege_database
 from prometheus_client import CollectorRegistry
 
 from watcher.app import App, resolve_all
 from watcher.config import parse_config
 from watcher.diff import DiffOptions
 from watcher.events import rfc3339
-from watcher.models import FineTuneRef, PollFailed, PollSuccess
+from watcher.lifecycle import LifecycleOptions
+from watcher.models import FineTuneRef, HubFineTune, PollFailed, PollSuccess
 from watcher.server import HttpServer
 from watcher.server import Verdict as ServerVerdict
 from watcher.store import SqliteReports, SqliteStore, Store
@@ -561,3 +563,42 @@ def test_bad_sort_and_page_values_fall_back() -> None:
     assert parse_sort("'; DROP TABLE") == ("failing", False)
     assert parse_sort("-best") == ("best", True)
     assert parse_page("-3") == 1 and parse_page("x") == 1 and parse_page("7") == 7
+
+
+def test_hub_status_comes_from_the_lifecycle_and_summaries_follow_new_commits(backend: Backend) -> None:
+    fill(backend)
+    store = backend.store()
+    reports = backend.reports()
+    try:
+        options = LifecycleOptions(stall_after_s=3600)
+        store.apply_lifecycle(GOOD, HubFineTune(GOOD.id, name=GOOD.name, status="running"), options=options, now=NOW)
+        found = reports.summaries([GOOD.key, EVIL.key, BROKEN.key, "acme/models/never-polled"])
+        assert sorted(found) == sorted([GOOD.key, EVIL.key, BROKEN.key])  # never polled: absent
+        assert (found[GOOD.key].hub_status, found[EVIL.key].hub_status) == ("running", None)
+        assert found[GOOD.key].spark[-1] == (STEPS[-1], LOSSES[-1]) and found[EVIL.key].latest_loss == 3.25
+        # the run page asks for one fine-tune; a commit then moves only that one's revision on
+        assert list(reports.summaries([EVIL.key])) == [EVIL.key]
+        newer = (*(checkpoint(s, v) for s, v in zip(STEPS, LOSSES)), checkpoint(1100, 0.5))
+        store.apply_poll(GOOD, PollSuccess(newer, "h-good-2"), options=DiffOptions(baseline=False), now=NOW)
+        again = reports.summaries([GOOD.key, EVIL.key])
+        assert (again[GOOD.key].latest_step, again[GOOD.key].best_loss, again[GOOD.key].best_step) == (1100, 0.5, 1100)
+        assert again[EVIL.key] == found[EVIL.key]
+    finally:
+        reports.close()
+        store.close()
+
+
+async def test_the_replicas_role_reads_every_page(pg_cluster: Any) -> None:
+    # README's least-privilege role (its GRANTs read from the README) serves every page
+    with least_privilege_database(pg_cluster) as (_, replica_url):
+        backend = Backend("postgresql", url=replica_url)
+        server, _ = await serve(backend)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                for path in PATHS:
+                    response = await client.get(path)
+                    assert response.status_code == 200, (path, response.text)
+                overview = (await client.get("/")).text
+                assert cells(overview, GOOD.key)[5] == "0.68 @ 900" and "1 failing" in overview
+        finally:
+            await server.stop()
