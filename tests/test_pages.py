@@ -31,6 +31,7 @@ from watcher.models import FineTuneRef, HubFineTune, PollFailed, PollSuccess
 from watcher.server import HttpServer
 from watcher.server import Verdict as ServerVerdict
 from watcher.store import SqliteReports, SqliteStore, Store
+from watcher.store.leases import PostgresLeases
 from watcher.store.postgres import PostgresStore
 from watcher.store.postgres_base import open_pool
 from watcher.store.reports_postgres import PostgresReports
@@ -575,6 +576,12 @@ def test_hub_status_comes_from_the_lifecycle_and_summaries_follow_new_commits(ba
         found = reports.summaries([GOOD.key, EVIL.key, BROKEN.key, "acme/models/never-polled"])
         assert sorted(found) == sorted([GOOD.key, EVIL.key, BROKEN.key])  # never polled: absent
         assert (found[GOOD.key].hub_status, found[EVIL.key].hub_status) == ("running", None)
+        assert found[GOOD.key].replica is None  # no leases (SQLite), or none claimed yet
+        if isinstance(store, PostgresStore):  # a replica's lease: the page says which replica polls it
+            leases = PostgresLeases(store.pool, replica="host-a-1", lease_s=30)
+            leases.heartbeat()
+            assert [lease.key for lease in leases.claim([GOOD.key]).acquired] == [GOOD.key]
+            assert reports.summaries([GOOD.key])[GOOD.key].replica == "host-a-1"
         assert found[GOOD.key].spark[-1] == (STEPS[-1], LOSSES[-1]) and found[EVIL.key].latest_loss == 3.25
         # the run page asks for one fine-tune; a commit then moves only that one's revision on
         assert list(reports.summaries([EVIL.key])) == [EVIL.key]

@@ -47,11 +47,14 @@ def test_every_replica_serves_every_fine_tune_from_the_shared_database(hub, tmp_
             api = httpx.get(f"{base}/api/v1/fine-tunes", timeout=10).json()
             assert api["total"] == 10 and {entry["latest_step"] for entry in api["fine_tunes"]} == {4}
             assert {entry["last_outcome"] for entry in api["fine_tunes"]} == {"ok"}
+            by_key = {"/".join(e["fine_tune"][k] for k in ("namespace", "repo", "id")): e for e in api["fine_tunes"]}
+            assert {key: entry["replica"] for key, entry in by_key.items()} == owners  # who polls what
             other = next(key for key, owner in owners.items() if owner != name)
             assert _losses(replica, other) == wanted
             run = httpx.get(f"{base}/fine-tunes/{other}", timeout=10)
             assert run.status_code == 200
             assert f'<title id="loss-chart-title">loss, best {fmt(0.25)} at step 4</title>' in run.text
+            assert f'<dd id="replica">replica {owners[other]}</dd>' in run.text
             events = httpx.get(f"{base}/events", timeout=10).text
             for body in (overview.text, run.text, events):
                 assert pg_url not in body and "postgresql://" not in body

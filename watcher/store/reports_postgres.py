@@ -45,6 +45,14 @@ class PostgresReports(SqlReports):
     def _in(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
         return f"{column} = ANY({self.mark})", [list(values)]
 
+    def _replicas(self, db: Reader) -> dict[str, str]:
+        # leases live; an expired one's fine-tune is unowned until another replica claims it (the database's clock)
+        return dict(
+            db.execute(
+                "SELECT fine_tune_key, owner FROM leases WHERE owner IS NOT NULL AND expires_at > now()"
+            ).fetchall()
+        )
+
     def close(self) -> None:
         """Release the database (the pool only when it is this object's own)."""
         if self._owns_pool:

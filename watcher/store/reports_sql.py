@@ -104,6 +104,10 @@ class SqlReports:
         """The Hub status the lifecycle jobs persisted, per fine-tune."""
         return dict(db.execute("SELECT fine_tune_key, status FROM lifecycle").fetchall())
 
+    def _replicas(self, db: Reader) -> dict[str, str]:
+        """The replica holding each leased fine-tune (none without leases: one process owns everything)."""
+        return {}
+
     # --- the overview -------------------------------------------------------------------------------
 
     def summaries(self, keys: Sequence[str]) -> dict[str, RunSummary]:
@@ -120,6 +124,7 @@ class SqlReports:
             for key, revision in stale:
                 self._cache[key] = (revision, fresh[key])
         hub_statuses = self._hub_statuses(db) if rows else {}
+        replicas = self._replicas(db) if rows else {}
         found: dict[str, RunSummary] = {}
         for key, _, poll_at, outcome, error, http_status, success_at, failures, failing, not_found in rows:
             found[key] = RunSummary(
@@ -133,6 +138,7 @@ class SqlReports:
                 failing=bool(failing),
                 not_found=bool(not_found),
                 hub_status="not found" if not_found else hub_statuses.get(key),
+                replica=replicas.get(key),
                 **self._cache[key][1],
             )
         # only fine-tunes gone from the database leave the cache: the run page asks for one fine-tune, and what
