@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from pg_roles import least_privilege_database
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from watcher.app import App, resolve_all
 from watcher.config import parse_config
@@ -609,3 +610,36 @@ async def test_the_replicas_role_reads_every_page(pg_cluster: Any) -> None:
                 assert cells(overview, GOOD.key)[5] == "0.68 @ 900" and "1 failing" in overview
         finally:
             await server.stop()
+
+
+async def test_a_lost_database_answers_503_and_names_no_part_of_its_url(pg_cluster: Any) -> None:
+    name = "pages_lost_database"
+    url = pg_cluster.create_database(name)
+    backend = Backend("postgresql", url=url)
+    fill(backend)
+    reports = PostgresReports(open_pool(url, max_size=1, timeout_s=1), owns_pool=True)
+    server = HttpServer(
+        host="127.0.0.1",
+        port=0,
+        registry=CollectorRegistry(),
+        liveness=lambda: ServerVerdict(True),
+        readiness=lambda: ServerVerdict(True),
+        pages=StatusPages(reports=reports, snapshot=snapshot_of()),
+    )
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+            assert (await client.get("/")).status_code == 200
+            pg_cluster.drop_database(name)  # its connections are cut, and it cannot be reconnected to
+            with capture_logs() as logs:
+                page = await client.get("/")
+                api = await client.get("/api/v1/fine-tunes")
+        assert page.status_code == 503 and "cannot be read right now" in page.text
+        assert api.status_code == 503 and api.json() == {"error": "the state database cannot be read right now"}
+        (failed, *_) = [entry for entry in logs if entry["event"] == "pages.store_failed"]
+        assert "unreachable" in failed["error"]
+        for text in (page.text, api.text, str(logs)):
+            assert url not in text and name not in text and pg_cluster.url() not in text
+    finally:
+        await server.stop()
+        pg_cluster.drop_database(name)
