@@ -8,7 +8,10 @@ events and deliveries, then measures on the real listener (HttpServer + the stat
 - a run page with the longest history, `/events`, and the JSON API;
 - the event loop's lag (what a poll would wait for) while pages render back to back, against idle.
 
-Run: `.venv/bin/python bench/pages.py` or as a section of `bench/run.py`.
+The same database is then copied into a throwaway PostgreSQL cluster and measured again through PostgresReports
+(bench/pages_postgres.py), when PostgreSQL's server binaries are installed.
+
+Run: `.venv/bin/python bench/pages.py [--stores sqlite,postgresql]` or as a section of `bench/run.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from watcher.models import FineTuneRef
 from watcher.server import HttpServer, Verdict
 from watcher.store import SqliteReports, SqliteStore
 from watcher.web import views
+from watcher.web.reports import Reports
 from watcher.web.site import StatusPages
 
 YEAR_S = 365 * 86400
@@ -215,15 +220,18 @@ def touch(path: Path, refs: list[FineTuneRef], count: int) -> None:
     db.close()
 
 
-async def measure(path: Path, refs: list[FineTuneRef], times: int) -> dict[str, Any]:
-    """Render times over HTTP on the real listener, and the event loop's lag beside them."""
+async def measure(
+    reports: Callable[[], Reports], changed: Callable[[int], None], refs: list[FineTuneRef], times: int
+) -> dict[str, Any]:
+    """Render times over HTTP on the real listener, and the event loop's lag beside them; `changed(n)` commits a
+    new checkpoint to n fine-tunes."""
     server = HttpServer(
         host="127.0.0.1",
         port=0,
         registry=CollectorRegistry(),
         liveness=lambda: Verdict(True),
         readiness=lambda: Verdict(True),
-        pages=StatusPages(reports=SqliteReports(path), snapshot=snapshot_for(refs)),
+        pages=StatusPages(reports=reports(), snapshot=snapshot_for(refs)),
     )
     await server.start()
     result: dict[str, Any] = {}
@@ -242,7 +250,7 @@ async def measure(path: Path, refs: list[FineTuneRef], times: int) -> dict[str, 
             ):
                 warm = await timed(client, path_, times)
                 result[name] = {"p50_ms": statistics.median(warm), "p95_ms": pct(warm, 0.95), "max_ms": max(warm)}
-            touch(path, refs, 20)
+            changed(20)
             result["overview_after_20_changed_ms"] = (await timed(client, "/", 1))[0]
 
             async def hammer() -> None:
@@ -266,12 +274,12 @@ async def measure(path: Path, refs: list[FineTuneRef], times: int) -> dict[str, 
     return result
 
 
-def render_cpu(path: Path, refs: list[FineTuneRef], times: int) -> dict[str, float]:
+def render_cpu(make: Callable[[], Reports], refs: list[FineTuneRef], times: int) -> dict[str, float]:
     """CPU time (ms) of the overview's reads and render alone, warm (this thread's time: load elsewhere on the
     machine does not count)."""
     from watcher.web import pages
 
-    reports = SqliteReports(path)
+    reports = make()
     snapshot = snapshot_for(refs)
     pages.overview_html(reports, snapshot(), column="failing", descending=False, page=1)
     found = []
@@ -283,12 +291,23 @@ def render_cpu(path: Path, refs: list[FineTuneRef], times: int) -> dict[str, flo
     return {"p50_ms": statistics.median(found), "max_ms": max(found)}
 
 
-def run(*, fine_tunes: int = 2000, checkpoints: int = 100, long_run: int = 5000, times: int = 20) -> dict[str, Any]:
-    """The whole section: build, measure, print."""
+def run(
+    *,
+    fine_tunes: int = 2000,
+    checkpoints: int = 100,
+    long_run: int = 5000,
+    times: int = 20,
+    stores: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """The whole section: build, measure on each store (SQLite, and PostgreSQL when its server is installed)."""
+    from watcher.testing.pgcluster import find_server_bindir
+
+    stores = stores or (("sqlite", "postgresql") if find_server_bindir() is not None else ("sqlite",))
     print(
         f"== Status page: {fine_tunes} fine-tunes x {checkpoints} checkpoints over a year (one run of {long_run}), "
-        f"an event and 2 deliveries per checkpoint =="
+        f"an event and 2 deliveries per checkpoint; stores: {', '.join(stores)} =="
     )
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "watcher.db"
         refs = refs_of(fine_tunes)
@@ -299,9 +318,35 @@ def run(*, fine_tunes: int = 2000, checkpoints: int = 100, long_run: int = 5000,
             f"database: {counts['checkpoints']:,} checkpoints, {counts['events']:,} events, "
             f"{counts['deliveries']:,} deliveries, {size_mb:.0f} MB (built in {time.perf_counter() - started:.0f} s)"
         )
-        result = asyncio.run(measure(path, refs, times))
-        result["overview_cpu"] = render_cpu(path, refs, times)
-    result["dataset"] = {**counts, "fine_tunes": fine_tunes, "size_mb": size_mb}
+        result["dataset"] = {**counts, "fine_tunes": fine_tunes, "size_mb": size_mb}
+        if "sqlite" in stores:
+            figures = asyncio.run(measure(lambda: SqliteReports(path), lambda n: touch(path, refs, n), refs, times))
+            figures["overview_cpu"] = render_cpu(lambda: SqliteReports(path), refs, times)
+            result["sqlite"] = report("SQLite", figures)
+        if "postgresql" in stores:
+            import pages_postgres
+
+            from watcher.testing.pgcluster import throwaway_cluster
+
+            with throwaway_cluster() as cluster:
+                url = cluster.create_database("pages")
+                print(f"copied into PostgreSQL in {pages_postgres.copy_from_sqlite(path, url):.0f} s")
+                figures = asyncio.run(
+                    measure(
+                        lambda: pages_postgres.reports_factory(url),
+                        lambda n: pages_postgres.touch(url, refs, n),
+                        refs,
+                        times,
+                    )
+                )
+                figures["overview_cpu"] = render_cpu(lambda: pages_postgres.reports_factory(url), refs, times)
+                result["postgresql"] = report("PostgreSQL", figures)
+    return result
+
+
+def report(store: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Print one store's figures."""
+    print(f"-- {store}")
     print(f"overview, first request (reads every fine-tune's checkpoints): {result['overview_cold_ms']:.0f} ms")
     for name in (
         "overview",
@@ -337,8 +382,16 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=100)
     parser.add_argument("--long-run", type=int, default=5000)
     parser.add_argument("--times", type=int, default=20)
+    parser.add_argument("--stores", default=None, help="sqlite,postgresql (default: both when PostgreSQL is installed)")
     args = parser.parse_args()
-    run(fine_tunes=args.fine_tunes, checkpoints=args.checkpoints, long_run=args.long_run, times=args.times)
+    stores = tuple(args.stores.split(",")) if args.stores else None
+    run(
+        fine_tunes=args.fine_tunes,
+        checkpoints=args.checkpoints,
+        long_run=args.long_run,
+        times=args.times,
+        stores=stores,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The status page: pages and JSON API rendered from a store with known data, served by the real listener."""
+"""The status page: pages and JSON API rendered from a store with known data, served by the real listener.
+
+Every test that reads a database runs on SQLite and on PostgreSQL (a throwaway cluster, tests/pgcluster.py).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +9,35 @@ import base64
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from html import unescape
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
+import psycopg
 import pytest
+from pg_roles import least_privilege_database
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from watcher.app import App, resolve_all
 from watcher.config import parse_config
 from watcher.diff import DiffOptions
 from watcher.events import rfc3339
-from watcher.models import FineTuneRef, PollFailed, PollSuccess
+from watcher.lifecycle import LifecycleOptions
+from watcher.models import FineTuneRef, HubFineTune, PollFailed, PollSuccess
 from watcher.server import HttpServer
 from watcher.server import Verdict as ServerVerdict
-from watcher.store import SqliteReports, SqliteStore
+from watcher.store import SqliteReports, SqliteStore, Store
+from watcher.store.leases import PostgresLeases
+from watcher.store.postgres import PostgresStore
+from watcher.store.postgres_base import open_pool
+from watcher.store.reports_postgres import PostgresReports
 from watcher.web.charts import ema, fmt, loss_chart, robust_range
-from watcher.web.reports import RunSummary
+from watcher.web.reports import Reports, RunSummary
 from watcher.web.security import CSP
 from watcher.web.site import StatusPages
 from watcher.web.views import LiveSnapshot, PollView, Row, Verdict, build_rows, parse_page, parse_sort
@@ -57,9 +70,65 @@ def checkpoint(step: int, loss: float, **extra: Any) -> dict[str, Any]:
     }
 
 
-def fill(path: Path) -> None:
+class Backend:
+    """A state database of one kind: stores that write it, reports that read it, the config's [state] for it."""
+
+    def __init__(self, kind: str, *, path: Path | None = None, url: str | None = None) -> None:
+        self.kind = kind
+        self.path = path
+        self.url = url
+        self.filled = False
+
+    def store(self) -> Store:
+        """A store writing the database, as the daemon's."""
+        if self.url is not None:
+            return PostgresStore(self.url)
+        assert self.path is not None
+        return SqliteStore(self.path)
+
+    def reports(self) -> Reports:
+        """The status page's reads of the database."""
+        if self.url is not None:
+            return PostgresReports(open_pool(self.url, max_size=2), owns_pool=True)
+        assert self.path is not None
+        return SqliteReports(self.path)
+
+    def state(self) -> dict[str, Any]:
+        """The config's [state] section."""
+        return {"url": self.url} if self.url is not None else {"path": str(self.path)}
+
+    @contextmanager
+    def writing(self, key: str) -> Iterator[None]:
+        """A poll's transaction on a fine-tune's row, in the middle of its commit (held, then rolled back)."""
+        if self.url is not None:
+            with psycopg.connect(self.url) as conn:  # not autocommit: the UPDATE opens a transaction
+                conn.execute("UPDATE fine_tunes SET last_error = 'uncommitted' WHERE fine_tune_key = %s", (key,))
+                yield
+                conn.rollback()
+            return
+        assert self.path is not None
+        writer = SqliteStore(self.path, busy_timeout_s=0.1)
+        try:
+            writer._db.execute("BEGIN IMMEDIATE")
+            writer._db.execute("UPDATE fine_tunes SET last_error = 'uncommitted' WHERE fine_tune_key = ?", (key,))
+            yield
+            writer._db.execute("ROLLBACK")
+        finally:
+            writer.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """An empty state database, SQLite or PostgreSQL."""
+    if request.param == "postgresql":
+        return Backend("postgresql", url=request.getfixturevalue("pg_url"))
+    return Backend("sqlite", path=tmp_path / "watcher.db")
+
+
+def fill(backend: Backend) -> None:
     """Known state: a good run with a loss spike, an XSS-named run, and a run whose polls fail."""
-    store = SqliteStore(path)
+    backend.filled = True
+    store = backend.store()
     options = DiffOptions(baseline=False, failure_threshold=2)
     route = lambda event: ["hook"]
     good = tuple(
@@ -114,13 +183,12 @@ class Site:
 
 
 async def serve(
-    tmp_path: Path, *, token: str | None = None, snapshot: Callable[[], LiveSnapshot] | None = None
-) -> tuple[HttpServer, SqliteReports]:
+    backend: Backend, *, token: str | None = None, snapshot: Callable[[], LiveSnapshot] | None = None
+) -> tuple[HttpServer, Reports]:
     """The real listener with the status page over a database with known data."""
-    path = tmp_path / "watcher.db"
-    if not path.exists():
-        fill(path)
-    reports = SqliteReports(path)
+    if not backend.filled:
+        fill(backend)
+    reports = backend.reports()
     server = HttpServer(
         host="127.0.0.1",
         port=0,
@@ -135,8 +203,8 @@ async def serve(
 
 
 @pytest.fixture
-async def site(tmp_path: Path) -> AsyncIterator[Site]:
-    server, _ = await serve(tmp_path)
+async def site(backend: Backend) -> AsyncIterator[Site]:
+    server, _ = await serve(backend)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
         yield Site(server, client)
     await server.stop()
@@ -212,9 +280,9 @@ async def test_overview_sorts_through_links(site: Site) -> None:
     assert re.findall(r'data-key="([^"]+)"', html) == [EVIL.key, BROKEN.key, GOOD.key]
 
 
-async def test_overview_pages_through_many_fine_tunes(tmp_path: Path) -> None:
+async def test_overview_pages_through_many_fine_tunes(backend: Backend) -> None:
     refs = tuple(FineTuneRef("acme", "many", f"ft-{i:04d}", f"run {i:04d}") for i in range(250))
-    server, _ = await serve(tmp_path, snapshot=snapshot_of(refs=refs, health={}))
+    server, _ = await serve(backend, snapshot=snapshot_of(refs=refs, health={}))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
             page2 = (await client.get("/?sort=name&page=2")).text
@@ -310,8 +378,8 @@ async def test_api_checkpoints(site: Site) -> None:
     assert all("inference_samples" not in c for c in document["checkpoints"])
 
 
-async def test_receiver_errors_are_escaped(site: Site, tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "watcher.db")
+async def test_receiver_errors_are_escaped(site: Site, backend: Backend) -> None:
+    store = backend.store()
     (event,) = store.recent_events(limit=1, type_glob="fine_tune.poll_failing")
     store.record_delivery("hook", [event.id], state="dead", now=NOW, error=f"HTTP 500: {XSS}", http_status=500)
     store.close()
@@ -376,7 +444,7 @@ async def test_host_must_name_the_listener(site: Site) -> None:
 
 
 async def test_token_as_bearer_or_basic_password(tmp_path: Path) -> None:
-    server, _ = await serve(tmp_path, token="s3cret-token")
+    server, _ = await serve(Backend("sqlite", path=tmp_path / "watcher.db"), token="s3cret-token")
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
             for path in PATHS:
@@ -399,20 +467,16 @@ async def test_token_as_bearer_or_basic_password(tmp_path: Path) -> None:
         await server.stop()
 
 
-async def test_pages_read_while_a_poll_holds_the_write_lock(tmp_path: Path) -> None:
-    server, _ = await serve(tmp_path)
-    writer = SqliteStore(tmp_path / "watcher.db", busy_timeout_s=0.1)
+async def test_pages_read_while_a_poll_holds_the_write_lock(backend: Backend) -> None:
+    server, _ = await serve(backend)
     try:
-        writer._db.execute("BEGIN IMMEDIATE")  # a poll's transaction, in the middle of its commit
-        writer._db.execute("UPDATE fine_tunes SET last_error = 'uncommitted' WHERE fine_tune_key = ?", (GOOD.key,))
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
-            started = time.monotonic()
-            response = await client.get("/")
-            assert response.status_code == 200 and "uncommitted" not in response.text
-            assert time.monotonic() - started < 2
+        with backend.writing(GOOD.key):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
+                started = time.monotonic()
+                response = await client.get("/")
+                assert response.status_code == 200 and "uncommitted" not in response.text
+                assert time.monotonic() - started < 2
     finally:
-        writer._db.execute("ROLLBACK")
-        writer.close()
         await server.stop()
 
 
@@ -422,24 +486,28 @@ async def test_no_database_yet_renders_empty_pages(tmp_path: Path) -> None:
     assert [h.pending for h in reports.delivery_health(["hook"])] == [0]
 
 
-def test_the_sparkline_has_at_most_40_points(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "w.db")
+def test_the_sparkline_has_at_most_40_points(backend: Backend) -> None:
+    store = backend.store()
     many = tuple(checkpoint(step, 1 / step) for step in range(1, 501))
     store.apply_poll(GOOD, PollSuccess(many, "h"), options=DiffOptions(), now=NOW)
-    summary = SqliteReports(tmp_path / "w.db").summaries([GOOD.key])[GOOD.key]
+    store.close()
+    reports = backend.reports()
+    summary = reports.summaries([GOOD.key])[GOOD.key]
+    reports.close()
     assert len(summary.spark) == 40 and summary.spark[0][0] == 1 and summary.spark[-1][0] == 500
     assert summary.best_loss == pytest.approx(1 / 500) and summary.best_step == 500
     assert not math.isnan(summary.latest_loss or math.nan)
 
 
-async def test_the_daemon_serves_its_state_and_no_secret(tmp_path: Path) -> None:
-    path = tmp_path / "watcher.db"
-    fill(path)
+async def test_the_daemon_serves_its_state_and_no_secret(backend: Backend) -> None:
+    fill(backend)
     secrets = {"hub": "hub-token-123456", "http": "http-token-654321", "url": "/services/T000/B000/secretpath"}
+    if backend.url is not None:
+        secrets["state"] = backend.url
     config = parse_config(
         {
             "hub": {"url": "http://127.0.0.1:9", "token": secrets["hub"]},
-            "state": {"path": str(path)},
+            "state": backend.state(),
             "http": {"listen": "127.0.0.1:0", "token": secrets["http"]},
             "notifiers": [
                 {"name": "team-slack", "type": "slack", "url": f"https://hooks.slack.com{secrets['url']}"},
@@ -453,7 +521,12 @@ async def test_the_daemon_serves_its_state_and_no_secret(tmp_path: Path) -> None
         auth = ("me", secrets["http"])
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.server.port}", auth=auth) as client:
             bodies = [(await client.get(p)).text for p in PATHS]
-            assert cells(bodies[0], GOOD.key)[5] == "0.68 @ 900"  # persisted state, joined with the config
+            # persisted state, joined with the config; on PostgreSQL this replica owns nothing yet (no lease
+            # round ran), and still shows every configured fine-tune from the shared database
+            assert cells(bodies[0], GOOD.key)[5] == "0.68 @ 900"
+            assert '<title id="loss-chart-title">loss, best 0.68 at step 900</title>' in bodies[2]
+            losses = [c["metrics"]["loss"] for c in orjson.loads(bodies[4])["checkpoints"]]
+            assert losses == LOSSES
             assert BROKEN.key not in bodies[0]  # not watched: not listed
             assert "team-slack" in bodies[0] and "not alive" in bodies[0]  # never started: the header says so
             for body in bodies:
@@ -492,3 +565,81 @@ def test_bad_sort_and_page_values_fall_back() -> None:
     assert parse_sort("'; DROP TABLE") == ("failing", False)
     assert parse_sort("-best") == ("best", True)
     assert parse_page("-3") == 1 and parse_page("x") == 1 and parse_page("7") == 7
+
+
+def test_hub_status_comes_from_the_lifecycle_and_summaries_follow_new_commits(backend: Backend) -> None:
+    fill(backend)
+    store = backend.store()
+    reports = backend.reports()
+    try:
+        options = LifecycleOptions(stall_after_s=3600)
+        store.apply_lifecycle(GOOD, HubFineTune(GOOD.id, name=GOOD.name, status="running"), options=options, now=NOW)
+        found = reports.summaries([GOOD.key, EVIL.key, BROKEN.key, "acme/models/never-polled"])
+        assert sorted(found) == sorted([GOOD.key, EVIL.key, BROKEN.key])  # never polled: absent
+        assert (found[GOOD.key].hub_status, found[EVIL.key].hub_status) == ("running", None)
+        assert found[GOOD.key].replica is None  # no leases (SQLite), or none claimed yet
+        if isinstance(store, PostgresStore):  # a replica's lease: the page says which replica polls it
+            leases = PostgresLeases(store.pool, replica="host-a-1", lease_s=30)
+            leases.heartbeat()
+            assert [lease.key for lease in leases.claim([GOOD.key]).acquired] == [GOOD.key]
+            assert reports.summaries([GOOD.key])[GOOD.key].replica == "host-a-1"
+        assert found[GOOD.key].spark[-1] == (STEPS[-1], LOSSES[-1]) and found[EVIL.key].latest_loss == 3.25
+        # the run page asks for one fine-tune; a commit then moves only that one's revision on
+        assert list(reports.summaries([EVIL.key])) == [EVIL.key]
+        newer = (*(checkpoint(s, v) for s, v in zip(STEPS, LOSSES)), checkpoint(1100, 0.5))
+        store.apply_poll(GOOD, PollSuccess(newer, "h-good-2"), options=DiffOptions(baseline=False), now=NOW)
+        again = reports.summaries([GOOD.key, EVIL.key])
+        assert (again[GOOD.key].latest_step, again[GOOD.key].best_loss, again[GOOD.key].best_step) == (1100, 0.5, 1100)
+        assert again[EVIL.key] == found[EVIL.key]
+    finally:
+        reports.close()
+        store.close()
+
+
+async def test_the_replicas_role_reads_every_page(pg_cluster: Any) -> None:
+    # README's least-privilege role (its GRANTs read from the README) serves every page
+    with least_privilege_database(pg_cluster) as (_, replica_url):
+        backend = Backend("postgresql", url=replica_url)
+        server, _ = await serve(backend)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+                for path in PATHS:
+                    response = await client.get(path)
+                    assert response.status_code == 200, (path, response.text)
+                overview = (await client.get("/")).text
+                assert cells(overview, GOOD.key)[5] == "0.68 @ 900" and "1 failing" in overview
+        finally:
+            await server.stop()
+
+
+async def test_a_lost_database_answers_503_and_names_no_part_of_its_url(pg_cluster: Any) -> None:
+    name = "pages_lost_database"
+    url = pg_cluster.create_database(name)
+    backend = Backend("postgresql", url=url)
+    fill(backend)
+    reports = PostgresReports(open_pool(url, max_size=1, timeout_s=1), owns_pool=True)
+    server = HttpServer(
+        host="127.0.0.1",
+        port=0,
+        registry=CollectorRegistry(),
+        liveness=lambda: ServerVerdict(True),
+        readiness=lambda: ServerVerdict(True),
+        pages=StatusPages(reports=reports, snapshot=snapshot_of()),
+    )
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+            assert (await client.get("/")).status_code == 200
+            pg_cluster.drop_database(name)  # its connections are cut, and it cannot be reconnected to
+            with capture_logs() as logs:
+                page = await client.get("/")
+                api = await client.get("/api/v1/fine-tunes")
+        assert page.status_code == 503 and "cannot be read right now" in page.text
+        assert api.status_code == 503 and api.json() == {"error": "the state database cannot be read right now"}
+        (failed, *_) = [entry for entry in logs if entry["event"] == "pages.store_failed"]
+        assert "unreachable" in failed["error"]
+        for text in (page.text, api.text, str(logs)):
+            assert url not in text and name not in text and pg_cluster.url() not in text
+    finally:
+        await server.stop()
+        pg_cluster.drop_database(name)

@@ -102,8 +102,8 @@ class App:
             liveness=self.liveness,
             readiness=self.readiness,
             token=secrets.metrics_token,
-            # the status page reads SQLite only so far: on PostgreSQL it is not served rather than shown empty
-            pages=None if config.state.postgresql else StatusPages.for_app(self),
+            # on PostgreSQL every replica serves the page from the shared database: every fine-tune, owned or not
+            pages=StatusPages.for_app(self),
         )
         # housekeeping jobs (hourly and the like); the polls have their own monotonic driver (scheduling.py)
         self.scheduler: AsyncIOScheduler | None = None

@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from conftest import ROOT, TOKEN, Daemon, base_config, wait_for, write_config
+from pgcluster import PgCluster
 from playwright.sync_api import Browser, ConsoleMessage, Page, Response, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
@@ -55,10 +59,9 @@ def key_of(fine_tune: dict[str, str]) -> str:
     return f"{fine_tune['namespace']}/{fine_tune['repo']}/{fine_tune['id']}"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def serving(tmp_path: Path, state: dict[str, Any] | None = None) -> Iterator[str]:
     """The real daemon watching the simulated Hub, with known runs; yields the status page's base URL."""
-    tmp_path = tmp_path_factory.mktemp("browser")
     with SimHub(token=TOKEN) as hub:
         main = hub.add_fine_tune(MAIN["namespace"], MAIN["repo"], MAIN["id"])
         for i, loss in enumerate(MAIN_LOSSES):
@@ -77,6 +80,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             notifiers=[{"name": "console", "type": "log"}],
             fine_tunes=[MAIN, LORA, EVIL, FAILING, GHOST],
         )
+        if state is not None:
+            config["state"] = state
         daemon = Daemon(write_config(tmp_path / "config.toml", config)).start()
         try:
             started = wait_for(lambda: [e for e in daemon.logs() if e.get("event") == "watcher.started"], what="start")
@@ -96,6 +101,25 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield base
         finally:
             assert daemon.terminate() == 0
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The status page of a daemon on SQLite."""
+    with serving(tmp_path_factory.mktemp("browser")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def served_on_postgresql(tmp_path_factory: pytest.TempPathFactory, pg_cluster: PgCluster) -> Iterator[str]:
+    """The status page of a replica on PostgreSQL (the only one: it owns every fine-tune after its first round)."""
+    name = f"browser_{os.getpid()}"
+    url = pg_cluster.create_database(name)
+    try:
+        with serving(tmp_path_factory.mktemp("browser-pg"), {"url": url, "lease_s": 3, "renew_s": 1}) as base:
+            yield base
+    finally:
+        pg_cluster.drop_database(name)
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +257,21 @@ def test_browser_without_the_token_gets_a_basic_challenge(served: str, browser: 
         assert "llama-sft" not in answers[0].text()
     finally:
         context.close()
+
+
+def test_on_postgresql_the_pages_show_the_same_runs_and_load_clean(served_on_postgresql: str, watched: Watched) -> None:
+    page = watched.page
+    response = page.goto(f"{served_on_postgresql}/")
+    assert response is not None and response.status == 200
+    assert names(page) == ["flaky-run", "ghost-run", XSS, "gemma-lora", "llama-sft"]
+    row = page.locator("#runs tbody tr", has_text="llama-sft")
+    assert row.locator("td.latest-loss").inner_text() == "0.43"
+    assert row.locator("td.best-loss").inner_text() == "0.41 @ 1,100"
+    watched.assert_clean()
+    page.goto(f"{served_on_postgresql}/fine-tunes/acme/chat/ft_llama")
+    assert page.get_by_role("img", name="loss, best 0.41 at step 1,100").is_visible()
+    assert page.locator("#checkpoints tbody tr").count() == len(MAIN_LOSSES)
+    assert page.locator("#replica").inner_text().startswith("replica ")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "run-page-postgresql.png"), full_page=True)
+    watched.assert_clean()

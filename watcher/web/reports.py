@@ -1,4 +1,4 @@
-"""What the status page reads from durable state: value types and the `Reports` protocol (SQLite now)."""
+"""What the status page reads from durable state: value types and the `Reports` protocol (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class RunSummary:
     best_loss: float | None = None
     best_step: int | None = None
     hub_status: str | None = None
+    replica: str | None = None  # the replica holding its lease (PostgreSQL); None on SQLite or while unowned
     spark: tuple[tuple[int, float], ...] = ()  # (step, loss), at most SPARK_POINTS of them
 
 

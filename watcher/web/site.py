@@ -16,6 +16,7 @@ from aiohttp.typedefs import Middleware
 
 from ..errors import StoreError
 from ..models import EVENT_TYPES, FineTuneRef
+from ..watched import ref_of
 from . import pages
 from .reports import Reports
 from .security import guard
@@ -43,9 +44,23 @@ class AppLike(Protocol):
         ...
 
 
+def watched_refs(app: AppLike) -> dict[str, FineTuneRef]:
+    """Every fine-tune the config watches, listed or discovered, whichever process polls it: a replica on
+    PostgreSQL holds only the ones it owns, and its page shows them all (their state is in the shared database)."""
+    refs: dict[str, FineTuneRef] = dict(app.watcher.refs)
+    config = app.watcher.config
+    for fine_tune in config.fine_tunes:
+        refs.setdefault(fine_tune.key, ref_of(fine_tune))
+    sources = {source.name for source in config.discover}
+    for key, (ref, source) in dict(app.watcher.discovered).items():
+        if source in sources:
+            refs.setdefault(key, ref)
+    return refs
+
+
 def app_snapshot(app: AppLike, clock: Callable[[], float] = time.time) -> LiveSnapshot:
     """The daemon's in-memory state now: copies, safe to hand to a worker thread."""
-    refs: Mapping[str, FineTuneRef] = dict(app.watcher.refs)
+    refs = watched_refs(app)
     health = {
         key: PollView(
             polls=entry.polls,
@@ -85,10 +100,18 @@ class StatusPages:
 
     @classmethod
     def for_app(cls, app: AppLike) -> StatusPages:
-        """The status page of a daemon: its state database (read-only) and its in-memory state."""
-        from ..store import SqliteReports
+        """The status page of a daemon: its state database (SQLite: read-only; PostgreSQL: the store's pool,
+        shared by every replica) and its in-memory state."""
+        reports: Reports
+        if app.config.state.postgresql:
+            from ..store.reports_postgres import PostgresReports
 
-        return cls(reports=SqliteReports(app.config.state_path()), snapshot=lambda: app_snapshot(app))
+            reports = PostgresReports(app.watcher.store.pool)
+        else:
+            from ..store import SqliteReports
+
+            reports = SqliteReports(app.config.state_path())
+        return cls(reports=reports, snapshot=lambda: app_snapshot(app))
 
     def guard(self, *, listen_host: str, listen_port: Callable[[], int], token: Callable[[], str | None]) -> Middleware:
         """The middleware the listener installs: Host check, GET only, token, security headers."""

@@ -82,6 +82,7 @@ class Row:
         return {
             "fine_tune": self.ref.as_data(),
             "hub_status": s.hub_status,
+            "replica": s.replica,
             "checkpoints": s.checkpoints,
             "latest_step": s.latest_step,
             "latest_loss": s.latest_loss,
