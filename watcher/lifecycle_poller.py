@@ -52,6 +52,8 @@ class LifecycleJobs(SourceReads):
         self._batching = False
         self._pending = False
         self._store_failing = False
+        self.source_fence = None  # replicas: set by source_leases.attach_sources
+        self.on_source_fenced = None
 
     @property
     def options(self) -> LifecycleOptions:
@@ -81,7 +83,8 @@ class LifecycleJobs(SourceReads):
             elif not watched.health.polls:
                 watched.health.deferred = True  # no checkpoint poll in this status: ready without one
         for source in config.discover:
-            wanted[SOURCE_PREFIX + source.name] = source.interval_s
+            if self.reads(source):  # replicas: only the sources whose lease this one holds
+                wanted[SOURCE_PREFIX + source.name] = source.interval_s
         if self.watcher.fine_tunes or config.discover:
             wanted[SWEEP_KEY] = sweep_interval(config)
         return wanted
