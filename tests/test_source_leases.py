@@ -1,6 +1,7 @@
 """Discovery sources' leases on a throwaway PostgreSQL cluster: a kind of their own in the lease table (own fair
 share, never released or counted with the fine-tunes), a source read's commit fenced by its lease, and what a
-source watches shared through the database; and how a replica merges that with what it reads itself."""
+source watches shared through the database; how a replica merges that with what it reads itself; and a status
+commit fenced by the fine-tune's lease like a poll."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from store_contract.support import T0, counter_ids
+from store_contract.support import REF, T0, counter_ids
 
 from watcher.config_discovery import DiscoverConfig
 from watcher.errors import LeaseLost
-from watcher.models import FINE_TUNE_DISCOVERED, EventDraft, FineTuneRef, SourceState
+from watcher.lifecycle import LifecycleOptions
+from watcher.models import FINE_TUNE_DISCOVERED, EventDraft, FineTuneRef, HubFineTune, SourceState
 from watcher.source_leases import lease_key, merge
 from watcher.store.leases import PostgresLeases, is_source_lease, source_lease_key
 from watcher.store.postgres import PostgresStore
@@ -110,3 +112,23 @@ def test_merge_takes_what_this_replica_reads_from_memory_and_the_rest_from_the_d
     assert merge(sources, {both.key: (both, "b")}, lambda _: False, stored)[both.key] == (both, "b")
     assert merge(sources, {}, lambda _: False, stored)[both.key] == (both, "a")
     assert merge(sources, {}, lambda _: False, {}) == {}
+
+
+def test_a_status_commit_is_fenced_by_the_fine_tunes_lease_like_a_poll(store: PostgresStore, pg_url: str) -> None:
+    a = PostgresLeases(store.pool, replica="a", lease_s=LONG)
+    (lease,) = a.claim([REF.key]).acquired
+    fence = ("a", lease.epoch)
+    options = LifecycleOptions()
+    store.apply_lifecycle(REF, _hub("running"), options=options, now=T0, fence=fence)
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("UPDATE leases SET owner = 'b', epoch = epoch + 1 WHERE fine_tune_key = %s", (REF.key,))
+    with pytest.raises(LeaseLost):  # the stale owner announces no `completed` the new owner will announce too
+        store.apply_lifecycle(REF, _hub("completed"), options=options, now=T0 + 1, fence=fence)
+    assert store.load_lifecycle([REF.key])[REF.key].state.status == "running"
+    assert store.recent_events(limit=10) == []
+    done = store.apply_lifecycle(REF, _hub("completed"), options=options, now=T0 + 2, fence=("b", lease.epoch + 1))
+    assert [event.type for event in done.events] == ["fine_tune.status_changed"]
+
+
+def _hub(status: str) -> HubFineTune:
+    return HubFineTune(REF.id, name=REF.name, status=status)

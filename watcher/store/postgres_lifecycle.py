@@ -59,8 +59,12 @@ class PgLifecycle:
         source: str | None = None,
         commit: bool = True,
         route: Router | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> LifecycleCommitted:
-        """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged)."""
+        """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged).
+
+        Replicas: `fence=(replica, epoch)` requires, as apply_poll's does, that this replica still holds the
+        fine-tune's lease at that epoch, else nothing is written and LeaseLost is raised."""
         if commit and self.readonly:
             raise StoreError("the state database is open read-only")
         key = ref.key
@@ -69,6 +73,8 @@ class PgLifecycle:
         def work(conn: Conn) -> None:
             if commit:  # serializes with this fine-tune's polls (apply_poll takes the same lock)
                 conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+                if fence is not None:
+                    self._check_fence(conn, key, fence)
             row = conn.execute(f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key = %s", (key,)).fetchone()
             old = _record(row) if row else LifecycleRecord(LifecycleState())
             transition = advance(
