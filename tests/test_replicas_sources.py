@@ -1,6 +1,7 @@
 """Replicas and [[discover]] sources end to end: one replica at a time reads a source's list, every replica claims
-its share of what the source found, a dead reader's source is taken over within the lease, and a stale reader's
-commit is fenced (real `oxen-watcher run` processes, and one App in-process, on a throwaway PostgreSQL)."""
+its share of what the source found, a dead reader's source is taken over within the lease, a stale reader's
+commit is fenced, and `once` reads only a source no replica reads (real `oxen-watcher run` processes, and the
+daemon and `once` in-process, on a throwaway PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ from test_replicas import LEASE_S, RENEW_S, Replica, _events
 
 from watcher.app import App, resolve_all
 from watcher.config import load_config
+from watcher.lifecycle_poller import LifecycleJobs
 from watcher.receiver import Receiver
+from watcher.replica_setup import claim_for_once
+from watcher.runtime import build_runtime
 from watcher.simhub import SimHub
+from watcher.store.leases import PostgresLeases
+from watcher.store.postgres import PostgresStore
 
 SOURCE = "source:acme/lab"
 RUNS = [f"acme/lab/ft_{n}" for n in range(10)]
@@ -154,3 +160,40 @@ async def test_a_stale_reader_commits_nothing_and_rereads_the_stored_state_when_
     finally:
         app.stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def test_once_reads_only_a_source_no_running_replica_reads_and_releases_its_lease(
+    hub: SimHub, tmp_path: Path, pg_url: str
+) -> None:
+    _seed(hub)
+    config = load_config(str(_config(hub, tmp_path, pg_url, "a")))
+    secrets = resolve_all(config)
+
+    async def once() -> int:
+        """`once`'s source reads; returns how many list requests the Hub saw."""
+        before = len(hub.requests("acme/lab"))
+        watcher, dispatcher = build_runtime(
+            config, token=secrets.hub_token, secrets=secrets.notifiers, state_url=secrets.state_url
+        )
+        lifecycle = LifecycleJobs(watcher)
+        leases = claim_for_once(watcher, dispatcher, lifecycle)
+        try:
+            await lifecycle.once()
+        finally:
+            leases.leave()
+            await dispatcher.aclose()
+            await watcher.aclose()
+        return len(hub.requests("acme/lab")) - before
+
+    store = PostgresStore(secrets.state_url or "")
+    daemon = PostgresLeases(store.pool, replica="daemon", lease_s=60)
+    try:
+        assert [lease.key for lease in daemon.claim([SOURCE]).acquired] == [SOURCE]
+        assert await once() == 0  # a running replica reads it
+        assert store.load_source("lab").baselined is False
+        daemon.leave()
+        assert await once() == 1
+        assert store.load_source("lab").baselined is True
+        assert _leases(pg_url)[0] is None  # released on exit: the replicas take it at their next round
+    finally:
+        store.close()
