@@ -108,6 +108,8 @@ class SourceReads:
         entry = self._sources.setdefault(name, _Source())
         if entry.state is None:
             entry.state = await self.watcher.in_store(self.watcher.store.load_source, name)
+            if fence is not None:  # replicas: go on from what the source's previous reader watched
+                await self._resume(name)
         mine = {key for key, (_, owner) in self.watcher.discovered.items() if owner == name}
         try:
             read = await self.reader.read(source, watched_ids=[self.watcher.discovered[k][0].id for k in mine])
@@ -150,6 +152,15 @@ class SourceReads:
             if self._pending:
                 self._changed()
         return read
+
+    async def _resume(self, name: str) -> None:
+        watcher = self.watcher
+        stored = await watcher.in_store(watcher.store.load_watching, [name])  # type: ignore[attr-defined]
+        sources = {source.name for source in self.config.discover}
+        for ref in stored.get(name, []):
+            holder = watcher.discovered.get(ref.key)
+            if holder is None or holder[1] not in sources:
+                watcher.discovered[ref.key] = (ref, name)
 
     async def _adopt(
         self, source: DiscoverConfig, entry: _Source, read: ListRead, mine: set[str], fence: tuple[str, str, int] | None
