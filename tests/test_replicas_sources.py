@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import psycopg
 from conftest import base_config, wait_for, write_config
 from prometheus_client import CollectorRegistry
-from test_lifecycle_daemon import until
+from test_lifecycle_daemon import running, until
 from test_replicas import LEASE_S, RENEW_S, Replica, _events
 
 from watcher.app import App, resolve_all
@@ -24,7 +25,7 @@ from watcher.receiver import Receiver
 from watcher.replica_setup import claim_for_once
 from watcher.runtime import build_runtime
 from watcher.simhub import SimHub
-from watcher.store.leases import PostgresLeases
+from watcher.store.leases import PostgresLeases, is_source_lease
 from watcher.store.postgres import PostgresStore
 
 SOURCE = "source:acme/lab"
@@ -57,7 +58,7 @@ def _leases(pg_url: str) -> tuple[str | None, Counter[str | None]]:
     with psycopg.connect(pg_url, autocommit=True) as db:
         rows = db.execute("SELECT fine_tune_key, owner, expires_at > now() FROM leases").fetchall()
     source = next((owner for key, owner, live in rows if key == SOURCE and live), None)
-    return source, Counter(owner for key, owner, live in rows if key != SOURCE and live)
+    return source, Counter(owner for key, owner, live in rows if not is_source_lease(key) and live)
 
 
 def _list_reads(replica: Replica) -> float:
@@ -197,3 +198,27 @@ async def test_once_reads_only_a_source_no_running_replica_reads_and_releases_it
         assert _leases(pg_url)[0] is None  # released on exit: the replicas take it at their next round
     finally:
         store.close()
+
+
+async def test_a_reload_adds_and_removes_a_source_on_a_replica(hub: SimHub, tmp_path: Path, pg_url: str) -> None:
+    key = hub.add_fine_tune("acme", "lab", "ft_a")
+    other = hub.add_fine_tune("acme", "bot", "ft_b")
+    path = _config(hub, tmp_path, pg_url, "a")
+    first = tomllib.loads(path.read_text())
+    async with running(path) as (app, events):
+        assert app.keeper is not None
+        await until(lambda: key in app.watcher.fine_tunes, what="the first source's run, claimed")
+        added = {"name": "bot", "namespace": "acme", "repo": "bot", "interval_s": 0.5}
+        both = {**first, "discover": [*first["discover"], added]}
+        write_config(path, both)
+        assert await app.reload()
+        await until(lambda: other in app.watcher.fine_tunes, what="the added source's run, claimed")
+        assert sorted(app.keeper.sources_owned) == ["source:acme/bot", SOURCE]
+        write_config(path, {**first, "discover": both["discover"][1:]})
+        assert await app.reload()
+        await until(lambda: key not in app.watcher.fine_tunes, what="the removed source's run goes")
+        await until(lambda: _leases(pg_url)[1] == Counter({"a": 1}), what="its lease released")
+        assert list(app.keeper.sources_owned) == ["source:acme/bot"] and _leases(pg_url)[0] is None
+        assert other in app.watcher.fine_tunes
+        assert app.watcher.store.load_source("lab").baselined  # its state is kept
+    assert not [event for event in events if event.type == "fine_tune.discovered"]
