@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from watcher.errors import StoreError
 from watcher.metrics import Metrics
 from watcher.replicas import LeaseKeeper
-from watcher.store.leases import Claim, Lease, fair_share
+from watcher.store.leases import Claim, Lease, fair_share, is_source_lease, source_lease_key
 
 KEYS = [f"acme/bot/ft_{n}" for n in range(4)]
 
@@ -57,9 +57,9 @@ class FakeLeases:
             self.table[key] = (None, self.table[key][1])
         return sorted(gone)
 
-    def release_excess(self, keys: Sequence[str]) -> list[str]:
+    def release_excess(self, keys: Sequence[str], *, sources: bool = False) -> list[str]:
         self._check()
-        mine = [k for k, (o, _) in sorted(self.table.items()) if o == self.replica]
+        mine = [k for k, (o, _) in sorted(self.table.items()) if o == self.replica and is_source_lease(k) == sources]
         share = fair_share(len(keys), len(self.live_names))
         return self.release([k for k in mine if k not in keys] + [k for k in mine if k in keys][share:])
 
@@ -197,3 +197,42 @@ def test_leave_releases_everything(metrics):
     asyncio.run(keeper.leave())
     assert all(owner is None for owner, _ in table.values()) and live == []
     assert keeper.owned == {} and _changes(metrics)["released"] == 4
+
+
+SOURCES = [source_lease_key("acme", "bot"), source_lease_key("acme", "lab")]
+
+
+async def test_sources_are_claimed_in_the_same_rounds_with_a_share_of_their_own_and_lost_like_fine_tunes(metrics):
+    table: dict[str, tuple[str | None, int]] = {}
+    a, b = FakeLeases("a", table, ["a", "b"]), FakeLeases("b", table, ["a", "b"])
+    clock = Clock()
+    keeper, gained, lost = _keeper(a, clock, metrics)
+    keeper.source_keys = lambda: SOURCES
+    moved: list[tuple[list[str], list[str]]] = []
+    keeper.on_sources = lambda acquired, gone: moved.append((sorted(acquired), sorted(gone)))
+    await keeper.step()
+    other = LeaseKeeper(b, keys=lambda: KEYS, lease_s=15, renew_s=5, clock=clock, sources=lambda: SOURCES)
+    await other.step()
+    # two fine-tunes and one source each: the sources' share is ceil(2 / 2), not part of the fine-tunes' share
+    assert sorted(keeper.owned) == KEYS[:2] and sorted(other.owned) == KEYS[2:]
+    assert list(keeper.sources_owned) == [SOURCES[0]] and list(other.sources_owned) == [SOURCES[1]]
+    assert moved == [([SOURCES[0]], [])] and gained == [KEYS[:2]]
+    assert keeper.fence_source(SOURCES[0]) == ("a", 1) and keeper.fence_source(SOURCES[1]) is None
+    assert metrics.registry.get_sample_value("oxen_watcher_leases_owned") == 3
+    assert _changes(metrics)["acquired"] == 3
+    # a fenced source read drops the source at once (and only it), counted like a fenced poll
+    keeper.fenced(SOURCES[0], 1)
+    assert keeper.sources_owned == {} and sorted(keeper.owned) == KEYS[:2]
+    assert moved[-1] == ([], [SOURCES[0]]) and lost == []
+    assert _changes(metrics)["fenced"] == 1 and metrics.registry.get_sample_value("oxen_watcher_leases_owned") == 2
+    # the next round finds it still recorded as this replica's and takes it back; an outage past the lease
+    # then stops the reads with the polls
+    await keeper.step()
+    assert list(keeper.sources_owned) == [SOURCES[0]]
+    a.down = True
+    clock.now += 16
+    await keeper.step()
+    await keeper.step()
+    assert keeper.sources_owned == {} and keeper.owned == {}
+    assert moved[-1] == ([], [SOURCES[0]]) and lost[-1] == KEYS[:2]
+    assert keeper.fence_source(SOURCES[0]) is None

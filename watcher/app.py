@@ -29,7 +29,7 @@ from .logs import REDACTOR
 from .metrics import Metrics
 from .poller import EventSink, PollHealth, PollReport, WatchedFineTune, Watcher, ref_of
 from .reload import apply_reload, plan_reload
-from .replicas import attach
+from .replica_setup import attach
 from .retention import RetentionJob
 from .runtime import Secrets, build_runtime, make_client, on_poll_retry, public_url, resolve_all
 from .scheduling import SCHEDULE_GRID_S, PollDriver, PollSchedule

@@ -95,21 +95,22 @@ def once(config_path: str, dry_run: bool) -> None:
     setup_logging(config)
     sinks = [lambda event: json_line(event.envelope())] if dry_run else []
     watcher, dispatcher = make_runtime(config, secrets, readonly=dry_run, sinks=sinks)
+    from .lifecycle_poller import LifecycleJobs
+
+    lifecycle = LifecycleJobs(watcher)
     leases = None
-    if config.state.postgresql and not dry_run:  # replicas may be running: poll only free or expired leases
-        from .replicas import claim_for_once
+    if config.state.postgresql and not dry_run:  # replicas may be running: poll (and read) only free leases
+        from .replica_setup import claim_for_once
 
         try:
-            leases = claim_for_once(watcher, dispatcher)
+            leases = claim_for_once(watcher, dispatcher, lifecycle)
         except StoreError as err:
             fail(str(err), 1)
 
     async def main() -> list[Any]:
         try:
             await watcher.load()
-            from .lifecycle_poller import LifecycleJobs
-
-            await LifecycleJobs(watcher).once()  # sources and statuses first: what they find is polled too
+            await lifecycle.once()  # sources and statuses first: what they find is polled too
             reports = await watcher.poll_all()
             if not dry_run and dispatcher.notifiers:
                 await _deliver_once(config, dispatcher)

@@ -13,13 +13,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any, TypeVar
 
 import structlog
 
 from .client import FetchedNotFound
 from .config import Config
 from .discovery import SourceReader
-from .errors import PollError, StoreError
+from .errors import LeaseLost, PollError, StoreError
 from .lifecycle import LifecycleOptions, checkpoint_interval, wants_final_poll
 from .models import FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess
 from .poller import PollReport, WatchedFineTune, Watcher
@@ -27,6 +28,7 @@ from .sources import SourceReads, _Source
 from .store import LifecycleRecord
 
 log = structlog.get_logger("watcher.lifecycle")
+T = TypeVar("T")
 SOURCE_PREFIX = "\x00source:"
 SWEEP_KEY = "\x00lifecycle"
 
@@ -52,6 +54,8 @@ class LifecycleJobs(SourceReads):
         self._batching = False
         self._pending = False
         self._store_failing = False
+        self.source_fence = None  # replicas: set by source_leases.attach_sources
+        self.on_source_fenced = None
 
     @property
     def options(self) -> LifecycleOptions:
@@ -81,7 +85,8 @@ class LifecycleJobs(SourceReads):
             elif not watched.health.polls:
                 watched.health.deferred = True  # no checkpoint poll in this status: ready without one
         for source in config.discover:
-            wanted[SOURCE_PREFIX + source.name] = source.interval_s
+            if self.reads(source):  # replicas: only the sources whose lease this one holds
+                wanted[SOURCE_PREFIX + source.name] = source.interval_s
         if self.watcher.fine_tunes or config.discover:
             wanted[SWEEP_KEY] = sweep_interval(config)
         return wanted
@@ -159,17 +164,20 @@ class LifecycleJobs(SourceReads):
 
     async def advance(self, watched: WatchedFineTune, fine_tune: HubFineTune | None) -> None:
         """Commit what a status read (or the committed checkpoints alone) changes, and publish its events."""
-        store = self.watcher.store
-        committed = await self.watcher.in_store(
-            store.apply_lifecycle,
+        watcher = self.watcher
+        committed = await self._commit(
+            watched.ref.key,
+            watcher.store.apply_lifecycle,
             watched.ref,
             fine_tune,
             options=self.options,
             now=self.clock(),
             source=watched.source,
-            commit=self.watcher.commit,
-            route=self.watcher.route,
+            commit=watcher.commit,
+            route=watcher.route,
         )
+        if committed is None:
+            return
         old = watched.lifecycle
         record = committed.record
         if old is not None and (old.status_at or 0.0) > (record.status_at or 0.0):
@@ -182,6 +190,21 @@ class LifecycleJobs(SourceReads):
             if old is not None and old.state.status is not None:
                 log.info("lifecycle.status", fine_tune=watched.ref.key, status=record.state.status)
             self._changed()
+
+    async def _commit(self, key: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """A store write of one fine-tune; replicas: under its lease, as polls commit (None: another replica owns
+        it now, or the commit was fenced)."""
+        watcher = self.watcher
+        fence = watcher.fences(key) if watcher.fences is not None else None
+        if watcher.fences is not None and fence is None:
+            return None
+        try:  # only the PostgreSQL store takes a fence
+            return await watcher.in_store(fn, *args, **kwargs, **({"fence": fence} if fence is not None else {}))
+        except LeaseLost as err:  # another replica took the fine-tune over: nothing was committed
+            log.warning("lifecycle.fenced", fine_tune=key, error=str(err))
+            if watcher.on_fenced is not None and fence is not None:
+                watcher.on_fenced(key, fence[1])
+            return None
 
     async def observe_status(self, watched: WatchedFineTune, fine_tune: HubFineTune) -> None:
         """A fresh status: on the way to a terminal one, the final checkpoints are committed first."""
@@ -223,7 +246,8 @@ class LifecycleJobs(SourceReads):
     async def not_found(self, ref: FineTuneRef) -> None:
         """Commit a 404 like a checkpoint poll's (fine_tune.not_found once, until it answers again)."""
         watcher = self.watcher
-        committed = await watcher.in_store(
+        committed = await self._commit(
+            ref.key,
             watcher.store.apply_poll,
             ref,
             PollNotFound(),

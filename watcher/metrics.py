@@ -280,11 +280,13 @@ class Metrics:
     def enable_replicas(self) -> None:
         """The replica metrics (PostgreSQL store only): leases, live replicas, unowned fine-tunes, the pool."""
         registry = self.registry
-        self.leases_owned = Gauge("oxen_watcher_leases_owned", "Leases this replica holds.", registry=registry)
+        self.leases_owned = Gauge(
+            "oxen_watcher_leases_owned", "Leases this replica holds (fine-tunes and sources).", registry=registry
+        )
         self.lease_changes = Counter(
             "oxen_watcher_lease_changes",
             "Lease changes of this replica: acquired, released, expired (lost to a takeover), fenced (a poll's "
-            "commit refused because the lease had moved on).",
+            "or a source read's commit refused because the lease had moved on).",
             ("change",),
             registry=registry,
         )

@@ -4,7 +4,9 @@ Every `renew_s` the keeper renews its leases (one missing from the answer was ta
 those above its fair share (`released`) and claims free or expired ones up to it (`acquired`). The watcher then
 holds only the owned fine-tunes (so health, readiness and per-fine-tune gauges cover only them), the poll driver
 schedules only them, each poll commits under its lease's epoch (a `fenced` commit drops the fine-tune at once),
-and the dispatcher delivers only their lanes. On SQLite there is one process and no keeper: it owns everything.
+and the dispatcher delivers only their lanes. The [[discover]] sources' leases go the same rounds, with a fair
+share of their own: only the owner of a source reads its list (source_leases.py). On SQLite there is one process
+and no keeper: it owns everything. The wiring into the daemon and `once` is in replica_setup.py.
 """
 
 from __future__ import annotations
@@ -12,23 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
 
 from .errors import StoreError
 from .metrics import Metrics
-from .store.leases import Claim, Lease, Leases, PostgresLeases
+from .store.leases import Claim, Lease, Leases, is_source_lease
 from .store.postgres_base import store_error
-
-if TYPE_CHECKING:
-    from .app import App
-    from .dispatch import Dispatcher
-    from .poller import Watcher
 
 log = structlog.get_logger("watcher.replicas")
 T = TypeVar("T")
@@ -43,6 +40,32 @@ class Round:
     released: tuple[str, ...]
     claim: Claim
     unowned: int
+    sources_released: tuple[str, ...] = ()
+    sources_acquired: tuple[Lease, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Changes:
+    """What one round changed for one kind of lease (fine-tunes or sources)."""
+
+    held: dict[str, int]
+    expired: list[str]
+    released: list[str]
+    acquired: list[str]
+
+
+def _changes(
+    owned: dict[str, int], renewed: Sequence[Lease], released: Sequence[str], acquired: Sequence[Lease]
+) -> _Changes:
+    held = {lease.key: lease.epoch for lease in renewed}
+    for key in released:
+        held.pop(key, None)
+    expired = [key for key in owned if key not in held and key not in released]
+    readopted = [key for key in held if key not in owned]  # leases kept through an outage
+    for lease in acquired:
+        held[lease.key] = lease.epoch
+    gained = sorted({*readopted, *(lease.key for lease in acquired)})
+    return _Changes(held, expired, [key for key in released if key in owned], gained)
 
 
 class LeaseKeeper:
@@ -58,22 +81,28 @@ class LeaseKeeper:
         metrics: Metrics | None = None,
         pool_stats: Callable[[], dict[str, int]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sources: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.leases = leases
         self.replica = leases.replica
         self._keys = keys
+        self.source_keys = sources  # the lease keys of the [[discover]] sources (leases.source_lease_key)
         self.lease_s = lease_s
         self.renew_s = renew_s
         self._metrics = metrics
         self._pool_stats = pool_stats
         self._clock = clock
         self.owned: dict[str, int] = {}  # fine-tune key -> epoch of the lease held
+        self.sources_owned: dict[str, int] = {}  # source lease key -> epoch
         self.last_ok = clock()  # when the last successful round started (leases good for lease_s from then)
         self.failing_since: float | None = None  # a round failed (database unreachable) since then
         self._attempt: float | None = None  # a round in progress since then
         self.live = 0
         self.on_change: Callable[[Collection[str]], Any] | None = None  # set by the app: (acquired keys) -> awaitable
         self.on_lost: Callable[[Collection[str]], None] | None = None  # set by the app: leases gone
+        # set by the app: (source leases acquired, source leases lost); and what to do after each good round
+        self.on_sources: Callable[[Collection[str], Collection[str]], None] | None = None
+        self.after_round: Callable[[], Awaitable[None]] | None = None
         self._executor = ThreadPoolExecutor(1, "leases")
 
     # --- what the rest of the daemon asks ---------------------------------------------------------------
@@ -85,6 +114,11 @@ class LeaseKeeper:
     def fence(self, key: str) -> tuple[str, int] | None:
         """(replica, epoch) a poll of this fine-tune commits under; None when not owned."""
         epoch = self.owned.get(key)
+        return None if epoch is None or self.stale() else (self.replica, epoch)
+
+    def fence_source(self, key: str) -> tuple[str, int] | None:
+        """(replica, epoch) a read of a source commits under; None when another replica reads it."""
+        epoch = self.sources_owned.get(key)
         return None if epoch is None or self.stale() else (self.replica, epoch)
 
     def lanes(self) -> list[str]:
@@ -108,18 +142,27 @@ class LeaseKeeper:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args))
 
-    def _round(self, keys: Sequence[str]) -> Round:
+    def _round(self, keys: Sequence[str], sources: Sequence[str]) -> Round:
         renewed = self.leases.renew()
         released = self.leases.release_excess(keys)
         claim = self.leases.claim(keys)
-        return Round(tuple(renewed), tuple(released), claim, self.leases.unowned(keys))
+        found = Round(tuple(renewed), tuple(released), claim, self.leases.unowned(keys))
+        if not sources and not any(is_source_lease(lease.key) for lease in renewed):
+            return found  # no source configured, none held: two transactions saved
+        sources_released = self.leases.release_excess(sources, sources=True)
+        sources_claim = self.leases.claim(sources)
+        return Round(
+            found.renewed, found.released, claim, found.unowned, tuple(sources_released), sources_claim.acquired
+        )
 
     async def step(self) -> None:
-        """One round: renew, release the excess, claim the fair share; apply what changed."""
+        """One round: renew, release the excess, claim the fair share (of fine-tunes, then of sources); apply what
+        changed, then run `after_round`."""
         keys = sorted(self._keys())
+        sources = sorted(self.source_keys()) if self.source_keys is not None else []
         started = self._attempt = self._clock()
         try:
-            found = await self._call(self._round, keys)
+            found = await self._call(self._round, keys, sources)
         except StoreError as err:
             self._attempt = None
             self._failed(err)
@@ -131,20 +174,14 @@ class LeaseKeeper:
         if self.failing_since is not None:
             log.info("replica.renew_recovered", replica=self.replica)
             self.failing_since = None
-        held = {lease.key: lease.epoch for lease in found.renewed}
-        for key in found.released:
-            held.pop(key, None)
-        expired = [key for key in self.owned if key not in held and key not in found.released]
-        readopted = [key for key in held if key not in self.owned]  # leases kept through an outage
-        for lease in found.claim.acquired:
-            held[lease.key] = lease.epoch
-        acquired = sorted({*readopted, *(lease.key for lease in found.claim.acquired)})
-        released = [key for key in found.released if key in self.owned]
+        fine_tunes = [lease for lease in found.renewed if not is_source_lease(lease.key)]
+        changed = _changes(self.owned, fine_tunes, found.released, found.claim.acquired)
+        held, expired, released, acquired = changed.held, changed.expired, changed.released, changed.acquired
         self.owned = held
         self.live = found.claim.live
-        self._count("expired", len(expired))
-        self._count("released", len(released))
-        self._count("acquired", len(acquired))
+        changed_sources = self._sources_round(found)
+        for change in ("expired", "released", "acquired"):
+            self._count(change, len(getattr(changed, change)) + len(getattr(changed_sources, change)))
         if expired or released or acquired:
             log.info(
                 "replica.leases_changed",
@@ -157,42 +194,72 @@ class LeaseKeeper:
                 share=found.claim.share,
             )
         if self._metrics is not None:
-            self._metrics.leases_owned.set(len(held))
+            self._metrics.leases_owned.set(len(held) + len(self.sources_owned))
             self._metrics.replicas_live.set(found.claim.live)
             self._metrics.fine_tunes_unowned.set(found.unowned)
         if (expired or released) and self.on_lost is not None:
             self.on_lost([*expired, *released])
+        lost_sources = [*changed_sources.expired, *changed_sources.released]
+        if (changed_sources.acquired or lost_sources) and self.on_sources is not None:
+            self.on_sources(changed_sources.acquired, lost_sources)
         if acquired and self.on_change is not None:
             await self.on_change(acquired)
+        if self.after_round is not None:  # e.g. learn what other replicas' sources found: claimed next round
+            await self.after_round()
+
+    def _sources_round(self, found: Round) -> _Changes:
+        renewed = [lease for lease in found.renewed if is_source_lease(lease.key)]
+        changed = _changes(self.sources_owned, renewed, found.sources_released, found.sources_acquired)
+        self.sources_owned = changed.held
+        if changed.expired or changed.released or changed.acquired:
+            log.info(
+                "replica.sources_changed",
+                replica=self.replica,
+                acquired=changed.acquired,
+                released=changed.released,
+                expired=changed.expired,
+                owned=len(changed.held),
+            )
+        return changed
 
     def _failed(self, err: StoreError) -> None:
         if self.failing_since is None:
             self.failing_since = self._clock()
             log.error("replica.renew_failed", replica=self.replica, error=str(err))
-        if self.stale() and self.owned:
-            lost = list(self.owned)
-            self.owned = {}
-            self._count("expired", len(lost))
-            log.error(
-                "replica.stopped",
-                replica=self.replica,
-                leases=len(lost),
-                hint="renewing failed past the lease deadline: no polls or deliveries until the database answers",
-            )
-            if self._metrics is not None:
-                self._metrics.leases_owned.set(0)
-            if self.on_lost is not None:
-                self.on_lost(lost)
+        if not self.stale() or not (self.owned or self.sources_owned):
+            return
+        lost, sources = list(self.owned), list(self.sources_owned)
+        self.owned, self.sources_owned = {}, {}
+        self._count("expired", len(lost) + len(sources))
+        log.error(
+            "replica.stopped",
+            replica=self.replica,
+            leases=len(lost),
+            sources=len(sources),
+            hint="renewing failed past the lease deadline: no polls, reads or deliveries until the database answers",
+        )
+        if self._metrics is not None:
+            self._metrics.leases_owned.set(0)
+        if sources and self.on_sources is not None:
+            self.on_sources((), sources)
+        if lost and self.on_lost is not None:
+            self.on_lost(lost)
 
     def fenced(self, key: str, epoch: int | None = None) -> None:
-        """A poll's commit was refused: the lease moved on; drop the fine-tune now (the next round confirms)."""
+        """A poll's (or a source read's) commit was refused: the lease moved on; drop it now (the next round
+        confirms)."""
         self._count("fenced", 1)
-        if key in self.owned and (epoch is None or self.owned[key] == epoch):
-            del self.owned[key]
-            if self._metrics is not None:
-                self._metrics.leases_owned.set(len(self.owned))
-            if self.on_lost is not None:
-                self.on_lost([key])
+        held = self.sources_owned if is_source_lease(key) else self.owned
+        if key not in held or (epoch is not None and held[key] != epoch):
+            return
+        del held[key]
+        if self._metrics is not None:
+            self._metrics.leases_owned.set(len(self.owned) + len(self.sources_owned))
+        if held is self.sources_owned:
+            if self.on_sources is not None:
+                self.on_sources((), [key])
+        elif self.on_lost is not None:
+            self.on_lost([key])
 
     def _count(self, change: str, n: int) -> None:
         if n and self._metrics is not None:
@@ -223,9 +290,10 @@ class LeaseKeeper:
         except StoreError as err:
             log.warning("replica.leave_failed", replica=self.replica, error=str(err))
         else:
-            self._count("released", len(self.owned))
-            log.info("replica.left", replica=self.replica, released=len(self.owned))
+            self._count("released", len(self.owned) + len(self.sources_owned))
+            log.info("replica.left", replica=self.replica, released=len(self.owned) + len(self.sources_owned))
         self.owned = {}
+        self.sources_owned = {}
         self._executor.shutdown(wait=False)
 
 
@@ -262,72 +330,3 @@ class AdvisoryGate:
         with contextlib.suppress(Exception):
             conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
         self._pool.putconn(conn)
-
-
-def attach(app: App) -> LeaseKeeper | None:
-    """Wire a lease keeper into the daemon when the store is PostgreSQL (None on SQLite: it owns everything).
-
-    The watcher then holds (and the driver schedules) only owned fine-tunes, polls commit under their lease, the
-    dispatcher delivers only their lanes, and retention runs on one replica at a time.
-    """
-    state = app.config.state
-    if not state.postgresql:
-        return None
-    watcher, store = app.watcher, app.watcher.store
-    app.metrics.enable_replicas()
-    leases = PostgresLeases(store.pool, replica=state.replica_name(), lease_s=state.lease_s)  # type: ignore[attr-defined]
-    keeper = LeaseKeeper(
-        leases,
-        keys=lambda: [ft.key for ft in watcher.config.fine_tunes],
-        lease_s=state.lease_s,
-        renew_s=state.renew_s,
-        metrics=app.metrics,
-        pool_stats=store.pool_stats,  # type: ignore[attr-defined]
-    )
-
-    def lost(keys: Collection[str]) -> None:
-        watcher.set_fine_tunes(watcher.config)  # drops them whole: health, metric series, schedule below
-        for key in keys:
-            store.forget(key)
-        app.reschedule(app.config)
-
-    async def acquired(keys: Collection[str]) -> None:
-        for key in keys:
-            store.forget(key)  # another replica moved the state on meanwhile: read it afresh
-        watcher.set_fine_tunes(watcher.config)
-        await watcher.load(keys)  # hold-backs and the gauges of the newly owned fine-tunes
-        app.reschedule(app.config)
-        app.dispatcher.wake()
-
-    keeper.on_lost = lost
-    keeper.on_change = acquired
-    watcher.owns = keeper.owns
-    watcher.fences = keeper.fence
-    watcher.on_fenced = keeper.fenced
-    watcher.set_fine_tunes(watcher.config)  # nothing owned until the first round
-    app.dispatcher.lanes = keeper.lanes
-    app.retention.gate = AdvisoryGate(store.pool)  # type: ignore[attr-defined]
-    log.info("replica.joining", replica=keeper.replica, lease_s=state.lease_s, renew_s=state.renew_s)
-    return keeper
-
-
-def claim_for_once(watcher: Watcher, dispatcher: Dispatcher) -> PostgresLeases:
-    """`once` on PostgreSQL: claim only free or expired leases (running replicas keep theirs), poll and deliver
-    only those; the caller calls `leave()` on the returned leases when it exits."""
-    import os
-
-    state = watcher.config.state
-    # a name of its own: `once` beside a daemon configured with the same replica name must not take its leases
-    leases = PostgresLeases(
-        watcher.store.pool,  # type: ignore[attr-defined]
-        replica=f"{state.replica_name()}.once-{os.getpid()}",
-        lease_s=state.lease_s,
-    )
-    keys = [ft.key for ft in watcher.config.fine_tunes]
-    claim = leases.claim(keys, up_to=len(keys))
-    owned = {lease.key: lease.epoch for lease in claim.acquired}
-    watcher.owns = owned.__contains__
-    watcher.fences = lambda key: (leases.replica, owned[key]) if key in owned else None
-    watcher.set_fine_tunes(watcher.config)
-    dispatcher.lanes = lambda: sorted(owned)
-    return leases

@@ -4,6 +4,9 @@ Each replica heartbeats; a replica is live while its heartbeat is younger than t
 expired leases up to its fair share (ceil(fine-tunes / live replicas)) with FOR UPDATE SKIP LOCKED, so replicas
 never wait on each other; every claim raises the epoch, so a poll started under an older epoch can be fenced
 (PostgresStore.apply_poll(..., fence=(replica, epoch))). All times are the database's (`now()`), never a host's.
+
+Discovery sources are leased in the same table: a source's lease key is `source:<namespace>/<repo>` (one '/', where
+a fine-tune's key "namespace/repo/id" has two, so the two never collide), shared out with a fair share of its own.
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ class Leases(Protocol):
         """Give up these leases; returns the keys released."""
         ...
 
-    def release_excess(self, keys: Sequence[str]) -> list[str]:
-        """Give up leases above the fair share of `keys`, and those not in `keys`; returns the keys released."""
+    def release_excess(self, keys: Sequence[str], *, sources: bool = False) -> list[str]:
+        """Give up leases above the fair share of `keys`, and those not in `keys`, among the fine-tunes' leases (or
+        the sources'); returns the keys released."""
         ...
 
     def owned(self) -> list[Lease]:
@@ -80,12 +84,25 @@ class Leases(Protocol):
         ...
 
     def unowned(self, keys: Sequence[str] | None = None) -> int:
-        """How many fine-tunes (of `keys`, else of every lease) have no live owner."""
+        """How many fine-tunes (of `keys`, else of every fine-tune's lease) have no live owner."""
         ...
 
     def leave(self) -> None:
         """Release every lease and stop counting as live (on shutdown)."""
         ...
+
+
+SOURCE_LEASE_PREFIX = "source:"
+
+
+def source_lease_key(namespace: str, repo: str) -> str:
+    """The lease of a [[discover]] source's list: one per repository (sources of one repo are read by one replica)."""
+    return f"{SOURCE_LEASE_PREFIX}{namespace}/{repo}"
+
+
+def is_source_lease(key: str) -> bool:
+    """Whether a lease key is a source's (else a fine-tune's)."""
+    return key.startswith(SOURCE_LEASE_PREFIX) and key.count("/") == 1
 
 
 def fair_share(fine_tunes: int, live: int) -> int:
@@ -204,9 +221,10 @@ class PostgresLeases:
 
         return self._tx(work, what="release leases")
 
-    def release_excess(self, keys: Sequence[str]) -> list[str]:
+    def release_excess(self, keys: Sequence[str], *, sources: bool = False) -> list[str]:
         """Give up leases above the fair share of `keys` (the most recently acquired first) and every lease on a
-        fine-tune not in `keys` (no longer in this replica's config); returns the keys released."""
+        fine-tune not in `keys` (no longer in this replica's config); returns the keys released. With `sources`,
+        the same among the sources' leases (each kind has its own fair share)."""
         wanted = set(keys)
 
         def pick(conn: Conn) -> list[str]:
@@ -216,7 +234,7 @@ class PostgresLeases:
                 "ORDER BY acquired_at, fine_tune_key",
                 (self.replica,),
             ).fetchall()
-            mine = [row[0] for row in rows]
+            mine = [row[0] for row in rows if is_source_lease(row[0]) == sources]
             kept = [key for key in mine if key in wanted]
             share = fair_share(len(wanted), live)
             return [key for key in mine if key not in wanted] + kept[share:]
@@ -236,12 +254,16 @@ class PostgresLeases:
         return self._tx(read, what="read leases")
 
     def unowned(self, keys: Sequence[str] | None = None) -> int:
-        """How many fine-tunes (of `keys`, else of every lease row) have no live owner; a key never claimed by
-        anyone counts as unowned."""
+        """How many fine-tunes (of `keys`, else of every fine-tune's lease row) have no live owner; a key never
+        claimed by anyone counts as unowned."""
 
         def read(conn: Conn) -> int:
             if keys is None:
-                row = conn.execute("SELECT count(*) FROM leases WHERE owner IS NULL OR expires_at <= now()").fetchone()
+                row = conn.execute(
+                    "SELECT count(*) FROM leases WHERE (owner IS NULL OR expires_at <= now()) "
+                    "AND NOT (fine_tune_key LIKE %s AND fine_tune_key NOT LIKE '%%/%%/%%')",
+                    (SOURCE_LEASE_PREFIX + "%",),
+                ).fetchone()
             else:
                 row = conn.execute(
                     "SELECT count(*) FROM unnest(%s::text[]) AS k(key) WHERE NOT EXISTS (SELECT 1 FROM leases "

@@ -2,7 +2,8 @@
 
 Each write commits the state with the events it yields and their outbox rows in one transaction, under the
 fine-tune's advisory lock (the one apply_poll takes), so a status change and a checkpoint poll of one fine-tune
-never interleave.
+never interleave. A source's read on replicas commits under the source's lease (a fence, as polls do) together
+with what the source watches now, which the other replicas read back with load_watching().
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PgLifecycle:
     _tx: Callable[..., Any]
     _read: Callable[..., list[tuple[Any, ...]]]
     _insert_events: Callable[..., None]
+    _check_fence: Callable[[Conn, str, tuple[str, int]], None]
 
     def _stamp(self, draft: EventDraft, key: str, now: float) -> Event:
         return stamp(draft, fine_tune_key=key, now=now, event_id=self._new_id() if self._new_id else None)
@@ -57,8 +59,12 @@ class PgLifecycle:
         source: str | None = None,
         commit: bool = True,
         route: Router | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> LifecycleCommitted:
-        """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged)."""
+        """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged).
+
+        Replicas: `fence=(replica, epoch)` requires, as apply_poll's does, that this replica still holds the
+        fine-tune's lease at that epoch, else nothing is written and LeaseLost is raised."""
         if commit and self.readonly:
             raise StoreError("the state database is open read-only")
         key = ref.key
@@ -67,6 +73,8 @@ class PgLifecycle:
         def work(conn: Conn) -> None:
             if commit:  # serializes with this fine-tune's polls (apply_poll takes the same lock)
                 conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+                if fence is not None:
+                    self._check_fence(conn, key, fence)
             row = conn.execute(f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key = %s", (key,)).fetchone()
             old = _record(row) if row else LifecycleRecord(LifecycleState())
             transition = advance(
@@ -113,19 +121,32 @@ class PgLifecycle:
         sources: Sequence[tuple[FineTuneRef, bool]] = (),
         commit: bool = True,
         route: Router | None = None,
+        fence: tuple[str, str, int] | None = None,
+        watching: Sequence[FineTuneRef] | None = None,
     ) -> tuple[Event, ...]:
-        """Commit a source's new state, its discovered events and outbox rows, in one transaction."""
+        """Commit a source's new state, its discovered events and outbox rows, in one transaction.
+
+        Replicas: `fence=(lease key, replica, epoch)` requires that this replica still holds the source's lease at
+        that epoch (else nothing is written and LeaseLost is raised); `watching` is what the source watches now.
+        """
         stamped = tuple(self._stamp(draft, ref.key, now) for ref, draft in events)
         if not commit:
             return stamped
         if self.readonly:
             raise StoreError("the state database is open read-only")
 
+        watched = None
+        if watching is not None:
+            watched = orjson.dumps([[ref.namespace, ref.repo, ref.id, ref.name] for ref in watching]).decode()
+
         def work(conn: Conn) -> None:
+            if fence is not None:
+                self._check_fence(conn, fence[0], (fence[1], fence[2]))
             conn.execute(
-                "INSERT INTO sources (name, baselined) VALUES (%s, %s) "
-                "ON CONFLICT (name) DO UPDATE SET baselined = excluded.baselined",
-                (name, int(state.baselined)),
+                "INSERT INTO sources (name, baselined, watching) VALUES (%s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET baselined = excluded.baselined, "
+                "watching = COALESCE(excluded.watching, sources.watching)",
+                (name, int(state.baselined), watched),
             )
             conn.cursor().executemany(
                 "INSERT INTO source_ids (source, fine_tune_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
@@ -145,6 +166,16 @@ class PgLifecycle:
 
         self._tx(work, what=f"commit discovery of {name}")
         return stamped
+
+    def load_watching(self, names: Sequence[str]) -> dict[str, list[FineTuneRef]]:
+        """What these sources watch now, as their readers (other replicas) last committed it; a source never read
+        on replicas is absent."""
+        rows = self._read(
+            "SELECT name, watching FROM sources WHERE name = ANY(%s) AND watching IS NOT NULL",
+            (list(names),),
+            what="read source state",
+        )
+        return {name: [FineTuneRef(*entry) for entry in orjson.loads(watching)] for name, watching in rows}
 
 
 def _checkpoints(conn: Conn, key: str) -> Mapping[int, KnownCheckpoint]:

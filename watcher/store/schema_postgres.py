@@ -104,6 +104,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (source, fine_tune_id)
         )""",
     ),
+    (
+        # replicas (issue 10): what each source watches now, as its reader last committed it (a JSON list of
+        # [namespace, repo, id, name]), so the replicas that do not read the source claim its fine-tunes too
+        "ALTER TABLE sources ADD COLUMN watching TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
