@@ -217,8 +217,13 @@ async def test_a_reload_adds_and_removes_a_source_on_a_replica(hub: SimHub, tmp_
         write_config(path, {**first, "discover": both["discover"][1:]})
         assert await app.reload()
         await until(lambda: key not in app.watcher.fine_tunes, what="the removed source's run goes")
-        await until(lambda: _leases(pg_url)[1] == Counter({"a": 1}), what="its lease released")
-        assert list(app.keeper.sources_owned) == ["source:acme/bot"] and _leases(pg_url)[0] is None
+        # the fine-tune's lease and the source's go in separate steps of a round: wait for both
+        await until(
+            lambda: (
+                _leases(pg_url) == (None, Counter({"a": 1})) and list(app.keeper.sources_owned) == ["source:acme/bot"]
+            ),
+            what="its leases released",
+        )
         assert other in app.watcher.fine_tunes
         assert app.watcher.store.load_source("lab").baselined  # its state is kept
     assert not [event for event in events if event.type == "fine_tune.discovered"]
