@@ -8,7 +8,6 @@ the epoch it polled under.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,15 +33,17 @@ from .postgres_lifecycle import PgLifecycle
 from .postgres_outbox import PgOutbox
 from .postgres_prune import PgPrune
 from .postgres_reports import PgReports
-from .postgres_touch import PgTouches
 from .protocols import Committed, Router, Store
 from .schema_postgres import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SEQ_SHIFT
+from .touches import TouchCache
 
 Conn = psycopg.Connection[Any]
 _STATE_COLUMNS = "baselined, not_found, consecutive_failures, failing, best_loss, body_hash, revision"
 
 
-class PostgresStore(PgLifecycle, PgTouches, PgOutbox, PgReports, PgPrune):
+class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, TouchCache):
+    MARK = "%s"
+
     """The PostgreSQL store: one transaction per poll, a cache of decoded state per fine-tune."""
 
     def __init__(
@@ -57,11 +58,7 @@ class PostgresStore(PgLifecycle, PgTouches, PgOutbox, PgReports, PgPrune):
     ) -> None:
         self.readonly = readonly
         self._new_id = new_id
-        # fine_tune_key -> (revision, state) as last read or written by this process
-        self._cache: dict[str, tuple[int, FineTuneState]] = {}
-        # unchanged polls waiting for flush_touches: key -> (body hash, revision seen, poll time)
-        self._touches: dict[str, tuple[str, int, float]] = {}
-        self._touches_lock = threading.Lock()
+        self._init_touches()
         self._pool = open_pool(url, min_size=pool_min, max_size=pool_max, timeout_s=connect_timeout_s)
         try:
             self._tx(self._migrate if not readonly else self._check_version, what="open the state database")

@@ -73,6 +73,10 @@ class PgBase:
         except psycopg.Error as err:
             raise store_error(f"cannot {what}", err) from err
 
+    def _update_each(self, sql: str, rows: Sequence[Sequence[Any]], *, what: str) -> list[int]:
+        """Run one statement per row in one transaction; each row's rowcount."""
+        return self._tx(lambda conn: [conn.execute(sql, row).rowcount for row in rows], what=what)
+
     def _read(self, sql: str, args: Sequence[Any] = (), *, what: str = "read the outbox") -> list[tuple[Any, ...]]:
         try:
             with self._pool.connection() as conn:

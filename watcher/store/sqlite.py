@@ -7,7 +7,6 @@ produced it does, whatever crashes in between.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from .sqlite_migrate import CONVERT_AT_START_MAX_BYTES, SqliteMigrations
 from .sqlite_outbox import SqliteOutbox
 from .sqlite_prune import SqlitePrune
 from .sqlite_reads import SqliteReads
+from .touches import TouchCache
 
 log = structlog.get_logger("watcher.store")
 
@@ -43,7 +43,9 @@ log = structlog.get_logger("watcher.store")
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 
-class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, SqliteLifecycle):
+class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, SqliteLifecycle, TouchCache):
+    MARK = "?"
+
     """The SQLite store: WAL mode, one writer transaction per poll, a cache of decoded state per fine-tune."""
 
     def __init__(
@@ -58,12 +60,7 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
         self.path = str(path)
         self.readonly = readonly
         self._new_id = new_id
-        # fine_tune_key -> (revision, state) as last read or written by this process
-        self._cache: dict[str, tuple[int, FineTuneState]] = {}
-        # unchanged polls waiting for flush_touches: key -> (body hash, revision seen, poll time); filled on the
-        # event loop's thread, written on the store's thread
-        self._touches: dict[str, tuple[str, int, float]] = {}
-        self._touches_lock = threading.Lock()
+        self._init_touches()
         try:
             if readonly:
                 uri = f"file:{Path(self.path).resolve()}?mode=ro"
@@ -133,11 +130,6 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
             return self._load_state(key, self._state_row(key))[1]
         except sqlite3.Error as err:
             raise StoreError(f"cannot read state: {err}") from err
-
-    def body_hash(self, key: str) -> str | None:
-        """The hash of the last committed 200 body of a fine-tune."""
-        cached = self._cache.get(key)
-        return cached[1].body_hash if cached else None
 
     def not_before(self, key: str) -> float | None:
         """The Unix time before which the Hub asked not to be polled for this fine-tune."""
@@ -265,72 +257,6 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
                 "revision = ? WHERE fine_tune_key = ?",
                 (*values, int(not answered_200), now, revision + 1, key),
             )
-
-    def load_cached(self, key: str) -> FineTuneState:
-        """The state of a fine-tune as this process last committed or read it (no I/O)."""
-        cached = self._cache.get(key)
-        return cached[1] if cached else FineTuneState()
-
-    def observe_unchanged(self, key: str, body_hash: str, *, now: float) -> FineTuneState | None:
-        """Touch or diff, without I/O: when a 200 with this body changes nothing (the body is the committed one
-        and nothing was failing), record the poll time for the next `flush_touches` and return the state;
-        otherwise None: the caller diffs the answer for real with apply_poll."""
-        cached = self._cache.get(key)
-        if cached is None:
-            return None
-        revision, state = cached
-        if state.body_hash != body_hash or state.consecutive_failures or state.failing or state.not_found:
-            return None
-        with self._touches_lock:
-            previous = self._touches.get(key)
-            if previous is None or previous[2] <= now:
-                self._touches[key] = (body_hash, revision, now)
-        return state
-
-    def flush_touches(self) -> list[str]:
-        """Write the batched poll times of unchanged polls in one transaction (every second or so, and at exit).
-
-        A row that moved on since its poll was observed is left alone: by this process (apply_poll committed a
-        later outcome: nothing to do) or by another writer (its key is returned and its cache dropped, so the
-        next answer is diffed for real). A failed write drops the batch (poll times only) and raises StoreError.
-        """
-        with self._touches_lock:
-            batch, self._touches = self._touches, {}
-        if not batch:
-            return []
-
-        def write() -> list[str]:
-            stale = []
-            for key, (digest, revision, at) in batch.items():
-                updated = self._db.execute(
-                    "UPDATE fine_tunes SET last_poll_at = ?, last_success_at = ?, last_outcome = 'ok', "
-                    "last_error = NULL, last_http_status = 200, not_before = NULL "
-                    "WHERE fine_tune_key = ? AND body_hash = ? AND revision = ? "
-                    "AND (last_poll_at IS NULL OR last_poll_at <= ?)",  # never over a later outcome
-                    (at, at, key, digest, revision, at),
-                ).rowcount
-                if not updated:
-                    stale.append(key)
-            return stale
-
-        stale = self._write_tx(write, what="record poll times")
-        moved_on = []
-        for key in stale:
-            cached = self._cache.get(key)
-            if cached is not None and cached[0] == batch[key][1]:  # not our own later commit: another writer's
-                self._cache.pop(key, None)
-                moved_on.append(key)
-        return moved_on
-
-    def _drop_touch(self, key: str, now: float) -> None:
-        with self._touches_lock:
-            pending = self._touches.get(key)
-            if pending is not None and pending[2] <= now:
-                del self._touches[key]
-
-    def forget(self, key: str) -> None:
-        """Drop what this process caches of a fine-tune: the next poll reads the state from the database."""
-        self._cache.pop(key, None)
 
     def close(self) -> None:
         """Release the database."""

@@ -39,6 +39,10 @@ class SqliteBase:
         except sqlite3.Error as err:
             raise StoreError(f"cannot {what}: {err}") from err
 
+    def _update_each(self, sql: str, rows: Sequence[Sequence[Any]], *, what: str) -> list[int]:
+        """Run one statement per row in one write transaction; each row's rowcount."""
+        return self._write_tx(lambda: [self._db.execute(sql, row).rowcount for row in rows], what=what)
+
     def _read(self, sql: str, args: Sequence[Any] = (), *, what: str = "read the outbox") -> list[tuple[Any, ...]]:
         try:
             return self._db.execute(sql, args).fetchall()
