@@ -35,13 +35,14 @@ from .postgres_prune import PgPrune
 from .postgres_reports import PgReports
 from .protocols import Committed, Router, Store
 from .schema_postgres import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SEQ_SHIFT
+from .shared_reads import SharedReads
 from .touches import TouchCache
 
 Conn = psycopg.Connection[Any]
 _STATE_COLUMNS = "baselined, not_found, consecutive_failures, failing, best_loss, body_hash, revision"
 
 
-class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, TouchCache):
+class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, TouchCache):
     MARK = "%s"
 
     """The PostgreSQL store: one transaction per poll, a cache of decoded state per fine-tune."""

@@ -95,22 +95,6 @@ class PgLifecycle:
         self._tx(work, what=f"commit lifecycle of {key}")
         return outcome[0]
 
-    def discovered_names(self) -> dict[str, tuple[str, str]]:
-        """Every fine-tune a source found: key -> (source, name as the Hub names it), for `status`."""
-        rows = self._read(
-            "SELECT fine_tune_key, source, name FROM lifecycle WHERE source IS NOT NULL AND source <> 'config'",
-            what="read lifecycle state",
-        )
-        return {key: (source, name or key.rsplit("/", 1)[-1]) for key, source, name in rows}
-
-    def load_source(self, name: str) -> SourceState:
-        """A source's persisted state (an empty one when never read)."""
-        rows = self._read("SELECT baselined FROM sources WHERE name = %s", (name,), what="read source state")
-        if not rows:
-            return SourceState()
-        ids = self._read("SELECT fine_tune_id FROM source_ids WHERE source = %s", (name,), what="read source state")
-        return SourceState(baselined=bool(rows[0][0]), known_ids=frozenset(fine_tune_id for (fine_tune_id,) in ids))
-
     def apply_discovery(
         self,
         name: str,

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 
 from ..errors import StoreError
-from ..models import Delivery, Event, OutboxStats
+from ..models import Delivery, Event
 from .postgres_base import PgBase, event_from_row
 from .protocols import Router
 
@@ -151,13 +151,6 @@ class PgOutbox(PgBase):
             return count
 
         return self._tx(write)
-
-    def outbox_stats(self) -> list[OutboxStats]:
-        """Pending rows and the oldest pending row's queue time, per notifier."""
-        rows = self._read(
-            "SELECT notifier, COUNT(*), MIN(queued_at) FROM deliveries WHERE state = 'pending' GROUP BY notifier"
-        )
-        return [OutboxStats(notifier, count, oldest) for notifier, count, oldest in rows]
 
     def retire_notifiers(self, known: Sequence[str], *, now: float, reason: str = "notifier_removed") -> int:
         """Pending rows of notifiers not in `known` become dead with `reason` as their last error (rows keep

@@ -30,6 +30,7 @@ from ..models import (
     outcome_of,
 )
 from .protocols import Committed, Router
+from .shared_reads import SharedReads
 from .sqlite_lifecycle import SqliteLifecycle
 from .sqlite_migrate import CONVERT_AT_START_MAX_BYTES, SqliteMigrations
 from .sqlite_outbox import SqliteOutbox
@@ -43,7 +44,7 @@ log = structlog.get_logger("watcher.store")
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 
-class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, SqliteLifecycle, TouchCache):
+class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, SqliteLifecycle, SharedReads, TouchCache):
     MARK = "?"
 
     """The SQLite store: WAL mode, one writer transaction per poll, a cache of decoded state per fine-tune."""

@@ -147,22 +147,6 @@ class SqliteLifecycle(SqliteBase):
     def _upsert(self, key: str, record: LifecycleRecord) -> None:
         self._db.execute(upsert_sql("?"), row_of(key, record))
 
-    def discovered_names(self) -> dict[str, tuple[str, str]]:
-        """Every fine-tune a source found: key -> (source, name as the Hub names it), for `status`."""
-        rows = self._read(
-            "SELECT fine_tune_key, source, name FROM lifecycle WHERE source IS NOT NULL AND source != 'config'",
-            what="read lifecycle state",
-        )
-        return {key: (source, name or key.rsplit("/", 1)[-1]) for key, source, name in rows}
-
-    def load_source(self, name: str) -> SourceState:
-        """A source's persisted state (an empty one when never read)."""
-        rows = self._read("SELECT baselined FROM sources WHERE name = ?", (name,), what="read source state")
-        if not rows:
-            return SourceState()
-        ids = self._read("SELECT fine_tune_id FROM source_ids WHERE source = ?", (name,), what="read source state")
-        return SourceState(baselined=bool(rows[0][0]), known_ids=frozenset(fine_tune_id for (fine_tune_id,) in ids))
-
     def apply_discovery(
         self,
         name: str,

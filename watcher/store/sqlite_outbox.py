@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import StoreError
-from ..models import Delivery, OutboxStats
+from ..models import Delivery
 from .protocols import Router
 from .rows import event_from_row
 from .sqlite_base import DELIVERY_COLUMNS, SqliteBase
@@ -142,13 +142,6 @@ class SqliteOutbox(SqliteBase):
             return count
 
         return self._write_tx(write)
-
-    def outbox_stats(self) -> list[OutboxStats]:
-        """Pending rows and the oldest pending row's queue time, per notifier (from the pending-only index)."""
-        rows = self._read(
-            "SELECT notifier, COUNT(*), MIN(queued_at) FROM deliveries WHERE state = 'pending' GROUP BY notifier"
-        )
-        return [OutboxStats(notifier, count, oldest) for notifier, count, oldest in rows]
 
     def retire_notifiers(self, known: Sequence[str], *, now: float, reason: str = "notifier_removed") -> int:
         """Pending rows of notifiers not in `known` become dead with `reason` as their last error, so a removed
