@@ -1,4 +1,4 @@
-"""One fine-tune's poll, start to commit, and the one object holding everything the process knows about it."""
+"""One fine-tune's poll, start to commit; the watched set it polls is a WatchSet (watchset.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from typing import Any, TypeVar
 import structlog
 
 from .client import FetchedBody, FetchedDeferred, FetchedNotFound, HubClient
-from .config import Config
 from .diff import DiffOptions
 from .errors import LeaseLost, PollError, StoreError
-from .metrics import Metrics
 from .models import (
     Event,
     FineTuneRef,
@@ -30,8 +28,9 @@ from .schema import body_hash, parse_checkpoint_list
 from .store import Committed, Router, Store
 from .tasks import finish_or_cancel
 from .watched import PollHealth, PollReport, WatchedFineTune, ref_of
+from .watchset import WatchSet
 
-__all__ = ["PollHealth", "PollReport", "WatchedFineTune", "Watcher", "ref_of"]
+__all__ = ["PollHealth", "PollReport", "WatchSet", "WatchedFineTune", "Watcher", "ref_of"]
 log = structlog.get_logger("watcher")
 T = TypeVar("T")
 EventSink = Callable[[Event], None]
@@ -42,102 +41,24 @@ def _failure(err: PollError) -> PollFailed:
     return PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)  # type: ignore[arg-type]
 
 
-@dataclass(slots=True)
-class Watcher:
+@dataclass(slots=True, kw_only=True)
+class Watcher(WatchSet):
     """Polls fine-tunes and commits what changed; one instance per process, shared by all jobs."""
 
-    config: Config
     store: Store
     client: HubClient
     clock: Callable[[], float] = time.time
     sinks: list[EventSink] = field(default_factory=list)
-    commit: bool = True
     route: Router | None = None
-    metrics: Metrics | None = None
-    fine_tunes: dict[str, WatchedFineTune] = field(default_factory=dict)
-    # fine-tunes the [[discover]] sources watch: key -> (ref, source name); set_fine_tunes() adopts them
-    discovered: dict[str, tuple[FineTuneRef, str]] = field(default_factory=dict)
     _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
-    _unauthorized: int = 0  # watched fine-tunes whose last answer was 401/403
-    # replicas (replicas.LeaseKeeper): which fine-tunes this process owns, the lease a poll commits under, and
-    # what to do when a commit was fenced; None on SQLite (one process owns everything)
-    owns: Callable[[str], bool] | None = None
+    # replicas (replicas.LeaseKeeper): the lease a poll commits under, and what to do when a commit was fenced;
+    # None on SQLite (one process owns everything)
     fences: Callable[[str], tuple[str, int] | None] | None = None
     on_fenced: Callable[[str, int], None] | None = None
 
     def __post_init__(self) -> None:
         self.set_fine_tunes(self.config)
-
-    @property
-    def refs(self) -> dict[str, FineTuneRef]:
-        """The watched fine-tunes by key."""
-        return {key: ft.ref for key, ft in self.fine_tunes.items()}
-
-    @property
-    def health(self) -> dict[str, PollHealth]:
-        """The poll health of every watched fine-tune by key."""
-        return {key: ft.health for key, ft in self.fine_tunes.items()}
-
-    def set_fine_tunes(self, config: Config) -> None:
-        """Adopt the fine-tunes (and options) of a config, plus those its [[discover]] sources found: new ones
-        start, removed ones are dropped whole. One both listed and discovered is watched with the listed settings.
-        """
-        self.config = config
-        wanted = {ft.key: (ref_of(ft), "config", config.interval_of(ft)) for ft in config.fine_tunes}
-        sources = {source.name for source in config.discover}
-        for key, (ref, source) in self.discovered.items():
-            if source in sources and key not in wanted:
-                wanted[key] = (ref, source, config.watch.interval_s)
-        owns = self.owns
-        if owns is not None:  # replicas: only the fine-tunes this one holds the lease of
-            wanted = {key: entry for key, entry in wanted.items() if owns(key)}
-        for key in [k for k in self.fine_tunes if k not in wanted]:
-            self.drop(key)
-        for key, (ref, source, interval) in wanted.items():
-            watched = self.fine_tunes.get(key)
-            if watched is None:
-                children = self.metrics.poll_children(ref) if self.metrics is not None and self.commit else None
-                self.fine_tunes[key] = WatchedFineTune(ref, children=children, source=source, interval_s=interval)
-                continue
-            watched.source, watched.interval_s = source, interval
-            if watched.ref != ref:  # renamed: the gauges show the new name
-                watched.ref = ref
-                if self.metrics is not None and watched.status is not None:
-                    self.metrics.state.set_fine_tune(ref, watched.status)
-
-    def snapshot(self) -> tuple[Config, dict[str, WatchedFineTune]]:
-        """The watched set as it is now, for restore() when a reload fails half-way."""
-        return self.config, dict(self.fine_tunes)
-
-    def restore(self, snapshot: tuple[Config, dict[str, WatchedFineTune]]) -> None:
-        """Go back to a snapshot: fine-tunes added since are dropped, dropped ones come back as they were."""
-        config, fine_tunes = snapshot
-        for key in [k for k in self.fine_tunes if k not in fine_tunes]:
-            self.drop(key)
-        for key, watched in fine_tunes.items():
-            if self.fine_tunes.get(key) is watched:
-                continue
-            watched.watched = True
-            if self.metrics is not None and self.commit:
-                watched.children = self.metrics.poll_children(watched.ref)
-                if watched.status is not None:
-                    self.metrics.state.set_fine_tune(watched.ref, watched.status)
-            if watched.unauthorized:
-                self._unauthorized += 1
-            self.fine_tunes[key] = watched
-        self.set_fine_tunes(config)  # the old sources and intervals of the objects kept
-
-    def drop(self, key: str) -> None:
-        """Stop watching a fine-tune: its object, health, hold-back, flags and metric series go at once."""
-        watched = self.fine_tunes.pop(key, None)
-        if watched is None:
-            return
-        watched.watched = False
-        if watched.unauthorized:
-            self._unauthorized -= 1
-        if self.metrics is not None:
-            self.metrics.drop_fine_tune(watched.ref)
 
     @property
     def options(self) -> DiffOptions:
