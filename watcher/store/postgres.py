@@ -54,8 +54,12 @@ class PostgresStore(PgLifecycle, PgTouches, PgOutbox, PgReports, PgPrune):
         pool_min: int = 1,
         pool_max: int = 4,
         connect_timeout_s: float = 10.0,
+        idle_limit_s: float | None = None,
     ) -> None:
+        """`idle_limit_s`: the server ends a transaction of this store left idle that long (the replicas' lease:
+        a stalled replica's locks never outlive its leases); None: no limit."""
         self.readonly = readonly
+        self._idle_limit_s = idle_limit_s
         self._new_id = new_id
         # fine_tune_key -> (revision, state) as last read or written by this process
         self._cache: dict[str, tuple[int, FineTuneState]] = {}
