@@ -4,6 +4,7 @@ fencing of a stale poll, and claims that never wait on a locked row."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from conftest import wait_for
 from store_contract.support import OPTIONS, REF, T0, apply, counter_ids, cp, success, types
 
-from watcher.errors import LeaseLost
+from watcher.errors import LeaseLost, StoreError
 from watcher.models import CHECKPOINT_CREATED
 from watcher.store.leases import Claim, PostgresLeases, fair_share
 from watcher.store.postgres import PostgresStore
@@ -192,3 +193,56 @@ def test_skip_locked_claims_never_wait_on_a_locked_row(pg_url: str, replica: Cal
     assert finished, "claim waited on a locked row"
     assert [lease.key for lease in result[0].acquired] == KEYS[1:3]
     assert [lease.key for lease in a.claim(KEYS[:3], up_to=3).acquired] == [KEYS[0]]  # free once unlocked
+
+
+def test_a_replica_stalled_inside_a_poll_transaction_holds_off_no_takeover_past_its_lease(pg_url: str) -> None:
+    # the paused replica's poll stops mid-transaction (its process frozen by SIGSTOP, say): after the fence check,
+    # holding the lease row (KEY SHARE), the fine-tune's advisory lock and its state row
+    stalled, resume = threading.Event(), threading.Event()
+    ids = counter_ids()
+
+    def new_id() -> str:  # called inside the poll's transaction, for each event it commits
+        stalled.set()
+        resume.wait(30)
+        return ids()
+
+    lease_s = 1.0
+    paused = PostgresStore(pg_url, new_id=new_id, idle_limit_s=lease_s)
+    other = PostgresStore(pg_url, new_id=counter_ids("evt_o"))
+    outcome: list[BaseException | None] = []
+    try:
+        paused_leases = PostgresLeases(paused.pool, replica="paused", lease_s=lease_s)
+        other_leases = PostgresLeases(other.pool, replica="other", lease_s=LONG)
+        [lease] = paused_leases.claim([REF.key]).acquired
+        apply(paused, success(cp(1)), fence=("paused", lease.epoch))  # the baseline: no event, no stall
+
+        def poll() -> None:
+            try:
+                paused.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1, fence=("paused", 1))
+            except BaseException as err:  # the test reads it
+                outcome.append(err)
+            else:
+                outcome.append(None)
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        assert stalled.wait(10), "the poll never reached its events"
+        started = time.monotonic()
+        other_leases.heartbeat()
+        # the server ends the stalled transaction once it has been idle for the lease: the row is free to take
+        [taken] = wait_for(lambda: other_leases.claim([REF.key]).acquired, timeout=10, what="the takeover")
+        took = time.monotonic() - started
+        assert (taken.owner, taken.epoch, taken.previous_owner) == ("other", 2, "paused")
+        assert took < lease_s + 3, took
+        resume.set()
+        thread.join(30)
+        assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome  # nothing committed
+        assert paused.recent_events() == []
+        # the new owner announces the change, once
+        committed = apply(other, success(cp(1), cp(2)), now=T0 + 2, fence=("other", taken.epoch))
+        assert types(committed) == [CHECKPOINT_CREATED]
+        assert [e.type for e in other.recent_events()] == [CHECKPOINT_CREATED]
+    finally:
+        resume.set()
+        paused.close()
+        other.close()

@@ -246,6 +246,29 @@ def test_two_stores_on_one_database_announce_a_change_once(pg_url: str, stores: 
     assert len([row for row in event_rows(pg_url) if row[1] == CHECKPOINT_CREATED]) == 10
 
 
+def test_a_store_that_takes_a_fine_tune_back_with_a_stale_cache_announces_each_change_once(
+    stores: Callable[..., PostgresStore],
+) -> None:
+    # a baselines the fine-tune; b takes it over and moves it on; a gets it back still caching the baseline
+    a, b = stores(new_id=counter_ids("evt_a")), stores(new_id=counter_ids("evt_b"))
+    apply(a, success(cp(1)))
+    assert types(apply(b, success(cp(1), cp(2)), now=T0 + 1)) == [CHECKPOINT_CREATED]
+    assert a.body_hash(REF.key) == success(cp(1)).body_hash  # stale: the body b has committed since differs
+    # the body b committed is no news for a (its state is read afresh inside the transaction) ...
+    assert types(apply(a, success(cp(1), cp(2)), now=T0 + 2)) == []
+    # ... the next change is
+    assert types(apply(a, success(cp(1), cp(2), cp(3)), now=T0 + 3)) == [CHECKPOINT_CREATED]
+    # b's cache is stale now, on a body that came back to the one it last saw: its unchanged fast path only
+    # batches a poll time, which is refused (the state moved on), and its next poll diffs for real
+    assert types(apply(a, success(cp(1), cp(2)), now=T0 + 4)) == [CHECKPOINT_REMOVED]
+    assert b.observe_unchanged(REF.key, success(cp(1), cp(2)).body_hash, now=T0 + 5) is not None
+    assert b.flush_touches() == [REF.key]
+    assert b.body_hash(REF.key) is None
+    assert types(apply(b, success(cp(1), cp(2)), now=T0 + 6)) == []
+    created = [event.data["checkpoint"]["step"] for event in a.recent_events() if event.type == CHECKPOINT_CREATED]
+    assert sorted(created) == [2, 3]
+
+
 # --- reports ----------------------------------------------------------------------------------------
 
 

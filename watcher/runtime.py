@@ -64,7 +64,9 @@ def open_state(config: Config, state_url: str | None, *, readonly: bool = False)
         from .store.postgres import PostgresStore
 
         assert state_url is not None, "resolve_all resolves the URL of a PostgreSQL config"
-        return PostgresStore(state_url, readonly=readonly, pool_max=6)
+        # a transaction idle past the lease (its process stalled) is ended by the server, so its locks cannot hold
+        # off the takeover of its fine-tunes
+        return PostgresStore(state_url, readonly=readonly, pool_max=6, idle_limit_s=config.state.lease_s)
     return open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
 
 

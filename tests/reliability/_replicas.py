@@ -97,6 +97,19 @@ def diagnose(url: str, pending: dict[Change, tuple[str, int]]) -> str:
     return f"not committed: {sorted(pending, key=str)}\nstate: {state}\ncheckpoints stored: {steps}"
 
 
+def baselined(url: str) -> int | None:
+    """How many fine-tunes have their baseline committed (their first 200: its checkpoints recorded silently)."""
+    rows = _rows(url, "SELECT count(*) FROM fine_tunes WHERE baselined")
+    return None if rows is None else int(rows[0][0])
+
+
+def last_seq(url: str) -> int:
+    """The highest event sequence number committed so far (0 when there is none)."""
+    rows = _rows(url, "SELECT coalesce(max(seq), 0) FROM events")
+    assert rows is not None, "the database is unreachable"
+    return int(rows[0][0])
+
+
 def delivery_states(url: str) -> dict[tuple[str, str], str] | None:
     """(event id, notifier) -> outbox state."""
     rows = _rows(url, "SELECT event_id, notifier, state FROM deliveries")

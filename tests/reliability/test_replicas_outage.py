@@ -14,7 +14,7 @@ from conftest import base_config, wait_for
 
 from watcher.receiver import Receiver
 
-from ._replicas import URL_ENV, Producer, Replicas, delivery_states, events, owners
+from ._replicas import URL_ENV, Producer, Replicas, delivery_states, diagnose, events, owners
 from ._support import change_of
 
 SEED = 20_261_204
@@ -109,7 +109,14 @@ def test_a_30s_database_outage_loses_nothing_and_the_replicas_recover_alone(hub,
                 states = delivery_states(pg_url)
                 return bool(states) and all(state == "delivered" for state in states.values())
 
-            wait_for(settled, timeout=90, interval=0.3, what="every change announced and delivered")
+            try:
+                wait_for(settled, timeout=90, interval=0.3, what="every change announced and delivered")
+            except AssertionError as err:
+                undelivered = {k: v for k, v in (delivery_states(pg_url) or {}).items() if v != "delivered"}
+                raise AssertionError(
+                    f"{err}\nproducer error: {producer.error!r}; reader sees the database: {producer.observe()}\n"
+                    f"{diagnose(pg_url, producer.pending)}\nundelivered: {undelivered}"
+                ) from None
             assert all(code == 0 for code in replicas.stop_all())
         finally:
             if database_down:

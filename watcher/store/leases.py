@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from .postgres_base import store_error
+from .postgres_base import idle_limit, store_error
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
@@ -126,8 +126,14 @@ class PostgresLeases:
         try:
             with self._pool.connection() as conn, conn.transaction():
                 # lease work never waits long on a row lock (a claim skips locked rows; a renewal or release waits
-                # at most for a poll's commit): a stuck transaction elsewhere fails this call instead of freezing it
-                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{self._lock_timeout_ms}ms",))
+                # at most for a poll's commit): a stuck transaction elsewhere fails this call instead of freezing it;
+                # and this process stalled inside one (SIGSTOP, a VM pause) must not keep its lease rows locked,
+                # holding off their takeover, past the lease: the server then ends the transaction
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, true), "
+                    "set_config('idle_in_transaction_session_timeout', %s, true)",
+                    (f"{self._lock_timeout_ms}ms", idle_limit(self.lease_s)),
+                )
                 return fn(conn)
         except psycopg.Error as err:
             raise store_error(f"cannot {what}", err) from err

@@ -56,8 +56,12 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
         pool_min: int = 1,
         pool_max: int = 4,
         connect_timeout_s: float = 10.0,
+        idle_limit_s: float | None = None,
     ) -> None:
+        """`idle_limit_s`: the server ends a transaction of this store left idle that long (the replicas' lease:
+        a stalled replica's locks never outlive its leases); None: no limit."""
         self.readonly = readonly
+        self._idle_limit_s = idle_limit_s
         self._new_id = new_id
         self._init_touches()
         self._pool = open_pool(url, min_size=pool_min, max_size=pool_max, timeout_s=connect_timeout_s)

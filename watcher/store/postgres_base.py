@@ -12,6 +12,14 @@ from ..errors import StoreError
 from .rows import event_from_row
 
 T = TypeVar("T")
+# the server ends a session left idle inside a transaction this long (SET LOCAL: PgBouncer transaction mode keeps
+# no session settings)
+IDLE_LIMIT_SQL = "SELECT set_config('idle_in_transaction_session_timeout', %s, true)"
+
+
+def idle_limit(seconds: float) -> str:
+    """An idle_in_transaction_session_timeout value (whole milliseconds, at least one)."""
+    return f"{max(1, round(seconds * 1000))}ms"
 
 __all__ = ["RECONNECT_TIMEOUT_S", "PgBase", "event_from_row", "open_pool", "store_error"]
 
@@ -65,10 +73,16 @@ class PgBase:
     """The pool and the two ways to use it: a transaction, or one read."""
 
     _pool: ConnectionPool
+    _idle_limit_s: float | None = None  # see _tx
 
     def _tx(self, fn: Callable[[psycopg.Connection[Any]], T], *, what: str = "write the outbox") -> T:
         try:
             with self._pool.connection() as conn, conn.transaction():
+                if self._idle_limit_s is not None:
+                    # a process stalled inside a transaction (SIGSTOP, swapped out, a VM pause) holds the row and
+                    # advisory locks of its fine-tunes, which keeps every other replica from taking them over for
+                    # as long as it stalls: the server ends such a transaction once it has been idle this long
+                    conn.execute(IDLE_LIMIT_SQL, (idle_limit(self._idle_limit_s),))
                 return fn(conn)
         except psycopg.Error as err:
             raise store_error(f"cannot {what}", err) from err
