@@ -21,6 +21,7 @@ def idle_limit(seconds: float) -> str:
     """An idle_in_transaction_session_timeout value (whole milliseconds, at least one)."""
     return f"{max(1, round(seconds * 1000))}ms"
 
+
 __all__ = ["RECONNECT_TIMEOUT_S", "PgBase", "event_from_row", "open_pool", "store_error"]
 
 
