@@ -119,6 +119,14 @@ def delivery_states(url: str) -> dict[tuple[str, str], str] | None:
 # --- replicas ----------------------------------------------------------------------------------------------
 
 
+def all_delivered(producer: Producer, url: str) -> bool:
+    """Every change the producer made is announced, and every delivery row is delivered."""
+    if not producer.settled():
+        return False
+    states = delivery_states(url)
+    return bool(states) and all(state == "delivered" for state in states.values())
+
+
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a replica's /metrics: (name, sorted labels) -> value."""
     response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)

@@ -31,6 +31,7 @@ from ._replicas import (
     Producer,
     Replicas,
     ScriptedReceiver,
+    all_delivered,
     baselined,
     delivery_states,
     diagnose,
@@ -146,14 +147,13 @@ def test_three_replicas_survive_kill_9_and_a_pause_announcing_each_change_once(h
             everything.clear_script()
             created_only.clear_script()
 
-            def settled() -> bool:
-                if not producer.settled():
-                    return False
-                states = delivery_states(pg_url)
-                return bool(states) and all(state == "delivered" for state in states.values())
-
             try:
-                wait_for(settled, timeout=120, interval=0.3, what="every change announced and delivered")
+                wait_for(
+                    lambda: all_delivered(producer, pg_url),
+                    timeout=120,
+                    interval=0.3,
+                    what="every change announced and delivered",
+                )
             except AssertionError as err:
                 raise AssertionError(
                     f"{err}\nproducer error: {producer.error!r}\n{diagnose(pg_url, producer.pending)}"

@@ -14,7 +14,7 @@ from conftest import base_config, wait_for
 
 from watcher.receiver import Receiver
 
-from ._replicas import URL_ENV, Producer, Replicas, delivery_states, diagnose, events, owners
+from ._replicas import URL_ENV, Producer, Replicas, all_delivered, delivery_states, diagnose, events, owners
 from ._support import change_of
 
 SEED = 20_261_204
@@ -103,14 +103,13 @@ def test_a_30s_database_outage_loses_nothing_and_the_replicas_recover_alone(hub,
             owned_after = time.monotonic() - restarted
             producer.paused.set()
 
-            def settled() -> bool:
-                if not producer.settled():
-                    return False
-                states = delivery_states(pg_url)
-                return bool(states) and all(state == "delivered" for state in states.values())
-
             try:
-                wait_for(settled, timeout=90, interval=0.3, what="every change announced and delivered")
+                wait_for(
+                    lambda: all_delivered(producer, pg_url),
+                    timeout=90,
+                    interval=0.3,
+                    what="every change announced and delivered",
+                )
             except AssertionError as err:
                 undelivered = {k: v for k, v in (delivery_states(pg_url) or {}).items() if v != "delivered"}
                 raise AssertionError(
