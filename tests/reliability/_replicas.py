@@ -12,7 +12,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +21,15 @@ from conftest import Daemon, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from watcher.errors import StoreError
-from watcher.receiver import Answer, Receiver
+from watcher.receiver import Receiver
 from watcher.simhub import SimHub
 from watcher.store.postgres import PostgresStore
 
-from ._support import change_of, fine_tune_key, listen_port
+from ._changes import Change, HubChanges
+from ._support import change_of, listen_port
 
 URL_ENV = "OXEN_WATCHER_DB_URL"
-STATUSES = ("DEPLOYING", "ACTIVE", "INACTIVE")  # each checkpoint walks this once: no transition repeats
-Change = tuple[Any, ...]  # (fine-tune key, step, event type, detail), as change_of() reads it off an event
-
-
-class ScriptedReceiver(Receiver):
-    """The verifying receiver, whose remaining scripted answers can be dropped (then it answers 200)."""
-
-    def clear_script(self) -> None:
-        with self._lock:
-            self._script.clear()
-
-
-def random_answers(rng: random.Random, count: int) -> list[Answer]:
-    """Mostly 200s, the rest 500/503; a third of the answers slow, so a kill often lands mid-delivery."""
-    answers = []
-    for _ in range(count):
-        status = rng.choice((200, 200, 200, 500, 503))
-        delay = rng.uniform(0.05, 0.4) if rng.random() < 0.3 else 0.0
-        answers.append(Answer(status=status, body="" if status == 200 else "try later", delay_s=delay))
-    return answers
+ANSWERS = (200, 200, 200, 500, 503)  # mostly 200s, the rest 500/503
 
 
 # --- the database, read directly ---------------------------------------------------------------------------
@@ -222,7 +203,7 @@ class Replicas:
 # --- the Hub that keeps changing ----------------------------------------------------------------------------
 
 
-class Producer(threading.Thread):
+class Producer(threading.Thread, HubChanges):
     """Keeps changing the Hub's fine-tunes: new checkpoints, deployment transitions, metric updates, removals.
 
     Changes never coalesce: a checkpoint changes again only once its previous change is committed (seen in the
@@ -230,22 +211,13 @@ class Producer(threading.Thread):
 
     def __init__(self, hub: SimHub, url: str, keys: list[str], rng: random.Random, *, per_round: int = 2) -> None:
         super().__init__(name="producer", daemon=True)
-        self.hub = hub
+        self._init_changes(hub, keys, rng)
         self.keys = keys
-        self.rng = rng
         self.per_round = per_round
         self.reader = PostgresStore(url, readonly=True, pool_max=1, connect_timeout_s=1)  # an outage: no long waits
         self.stop = threading.Event()
         self.paused = threading.Event()  # set: no new changes (the observer still runs)
         self.error: BaseException | None = None
-        self.made: list[Change] = []
-        self.pending: dict[Change, tuple[str, int]] = {}  # made, not yet seen committed
-        self.created: dict[tuple[str, int], dict[str, Any]] = {}  # the checkpoint as the Hub first served it
-        self.steps = {key: [100, 200] for key in keys}  # present on the Hub
-        self.next_step = dict.fromkeys(keys, 300)
-        self.stage: dict[tuple[str, int], int] = defaultdict(int)
-        self.eval_loss: dict[tuple[str, int], float] = {}
-        self.updates = 0
         self.last_seq = 0
         self._lock = threading.RLock()  # one change round or one observation at a time
 
@@ -284,62 +256,6 @@ class Producer(threading.Thread):
         self.stop.set()
         self.join(10)
         self.reader.close()
-
-    def _make(self, change: Change) -> None:
-        # recorded before the Hub changes, so its event can never be read before it is expected
-        self.made.append(change)
-        self.pending[change] = (change[0], change[1])
-
-    def change(self, key: str) -> None:
-        """One change to one fine-tune."""
-        rng = self.rng
-        busy = set(self.pending.values())
-        idle = [step for step in self.steps[key] if (key, step) not in busy]
-        roll = rng.random()
-        if roll < 0.45 or not idle:
-            step = self.next_step[key]
-            self.next_step[key] += 100
-            self._make((key, step, "checkpoint.created", None))
-            self.created[(key, step)] = self.hub.add_checkpoint(key, step, loss=round(rng.uniform(0.2, 3.0), 4))
-            self.steps[key].append(step)
-        elif roll < 0.8:
-            candidates = [step for step in idle if self.stage[(key, step)] < len(STATUSES)]
-            if not candidates:
-                return
-            step = rng.choice(candidates)
-            stage = self.stage[(key, step)]
-            previous = STATUSES[stage - 1] if stage else None
-            if not stage:  # the Hub also sets the model id on the first deployment: a checkpoint.updated too
-                self._make((key, step, "checkpoint.updated", (("model_id",), self.eval_loss.get((key, step)))))
-            self._make((key, step, "checkpoint.deployment_changed", (previous, STATUSES[stage])))
-            self.hub.set_deployment_status(key, step, STATUSES[stage])
-            self.stage[(key, step)] = stage + 1
-        elif roll < 0.95:
-            step = rng.choice(idle)
-            self.updates += 1
-            value = round(1 + self.updates / 1000, 4)
-            self._make((key, step, "checkpoint.updated", (("metrics.eval_loss",), value)))
-            self.hub.update_checkpoint(key, step, metrics={"eval_loss": value})
-            self.eval_loss[(key, step)] = value
-        else:
-            step = rng.choice(idle)
-            self._make((key, step, "checkpoint.removed", None))
-            self.hub.remove_checkpoint(key, step)
-            self.steps[key].remove(step)
-
-
-# --- the checks both tests make -------------------------------------------------------------------------------
-
-
-def first_2xx_order(received: list[Any]) -> dict[str, list[str]]:
-    """Per fine-tune, the webhook-ids in the order of their first 2xx answer."""
-    lanes: dict[str, list[str]] = defaultdict(list)
-    seen: set[str] = set()
-    for got in received:
-        if 200 <= got.status < 300 and got.webhook_id not in seen:
-            seen.add(got.webhook_id)
-            lanes[fine_tune_key(got.json)].append(got.webhook_id)
-    return lanes
 
 
 def extra_deliveries(receiver: Receiver) -> int:

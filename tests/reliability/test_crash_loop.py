@@ -12,19 +12,20 @@ from __future__ import annotations
 import base64
 import random
 import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from conftest import base_config, wait_for, write_config
 
-from watcher.receiver import Answer, Receiver
 from watcher.simhub import SimHub
 
+from ._changes import HubChanges, ScriptedReceiver, first_2xx_order, random_answers
 from ._support import change_of, events_json, fine_tune_key, statuses, stored_events
 
 SEED = 20_240_611
 CYCLES = 20
+ANSWERS = (200, 200, 500, 503)  # half the deliveries fail
 SECRET = "whsec_" + base64.b64encode(b"crash-loop-signing-secret-32byte").decode()
 FINE_TUNES = [
     {"namespace": "acme", "repo": "bot", "id": "ft_a", "name": "bot-a"},
@@ -32,46 +33,17 @@ FINE_TUNES = [
     {"namespace": "acme", "repo": "summarizer", "id": "ft_c"},
 ]
 KEYS = [f"{ft['namespace']}/{ft['repo']}/{ft['id']}" for ft in FINE_TUNES]
-STATUSES = ("DEPLOYING", "ACTIVE", "INACTIVE")  # each checkpoint walks this once: no transition repeats
-Change = tuple[Any, ...]  # (fine-tune key, step, event type, detail), as change_of() reads it off an event
 
 
-class ScriptedReceiver(Receiver):
-    """The verifying receiver, whose remaining scripted answers can be dropped (then it answers 200)."""
-
-    def clear_script(self) -> None:
-        with self._lock:
-            self._script.clear()
-
-
-def random_answers(rng: random.Random, count: int) -> list[Answer]:
-    """Half 200s, the rest 500/503; some answers are slow, so a kill often lands mid-delivery."""
-    answers = []
-    for _ in range(count):
-        status = rng.choice((200, 200, 500, 503))
-        delay = rng.uniform(0.05, 0.4) if rng.random() < 0.3 else 0.0
-        answers.append(Answer(status=status, body="" if status == 200 else "try later", delay_s=delay))
-    return answers
-
-
-class Producer(threading.Thread):
+class Producer(threading.Thread, HubChanges):
     """Keeps changing the Hub: new checkpoints, deployment transitions, metric updates, removals."""
 
     def __init__(self, hub: SimHub, db: Path, rng: random.Random) -> None:
         super().__init__(name="producer", daemon=True)
-        self.hub = hub
+        self._init_changes(hub, KEYS, rng)
         self.db = db
-        self.rng = rng
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.made: list[Change] = []
-        self.pending: dict[Change, tuple[str, int]] = {}  # made, not yet seen committed
-        self.created: dict[tuple[str, int], dict[str, Any]] = {}  # the checkpoint as the Hub first served it
-        self.steps = {key: [100, 200] for key in KEYS}  # present on the Hub
-        self.next_step = dict.fromkeys(KEYS, 300)
-        self.stage: dict[tuple[str, int], int] = defaultdict(int)
-        self.eval_loss: dict[tuple[str, int], float] = {}
-        self.updates = 0
         self.last_seq = 0
 
     def observe(self) -> None:
@@ -93,58 +65,6 @@ class Producer(threading.Thread):
         except BaseException as err:  # reported by the test
             self.error = err
 
-    def _make(self, change: Change) -> None:
-        # recorded before the Hub changes, so its event can never be read before it is expected
-        self.made.append(change)
-        self.pending[change] = (change[0], change[1])
-
-    def change(self, key: str) -> None:
-        rng = self.rng
-        busy = set(self.pending.values())
-        idle = [step for step in self.steps[key] if (key, step) not in busy]
-        roll = rng.random()
-        if roll < 0.45 or not idle:
-            step = self.next_step[key]
-            self.next_step[key] += 100
-            self._make((key, step, "checkpoint.created", None))
-            self.created[(key, step)] = self.hub.add_checkpoint(key, step, loss=round(rng.uniform(0.2, 3.0), 4))
-            self.steps[key].append(step)
-        elif roll < 0.8:
-            candidates = [step for step in idle if self.stage[(key, step)] < len(STATUSES)]
-            if not candidates:
-                return
-            step = rng.choice(candidates)
-            stage = self.stage[(key, step)]
-            previous = STATUSES[stage - 1] if stage else None
-            if not stage:  # the Hub also sets the model id on the first deployment: a checkpoint.updated too
-                self._make((key, step, "checkpoint.updated", (("model_id",), self.eval_loss.get((key, step)))))
-            self._make((key, step, "checkpoint.deployment_changed", (previous, STATUSES[stage])))
-            self.hub.set_deployment_status(key, step, STATUSES[stage])
-            self.stage[(key, step)] = stage + 1
-        elif roll < 0.95:
-            step = rng.choice(idle)
-            self.updates += 1
-            value = round(1 + self.updates / 1000, 4)
-            self._make((key, step, "checkpoint.updated", (("metrics.eval_loss",), value)))
-            self.hub.update_checkpoint(key, step, metrics={"eval_loss": value})
-            self.eval_loss[(key, step)] = value
-        else:
-            step = rng.choice(idle)
-            self._make((key, step, "checkpoint.removed", None))
-            self.hub.remove_checkpoint(key, step)
-            self.steps[key].remove(step)
-
-
-def first_2xx_order(received: list[Any]) -> dict[str, list[str]]:
-    """Per fine-tune, the webhook-ids in the order of their first 2xx answer."""
-    lanes: dict[str, list[str]] = defaultdict(list)
-    seen: set[str] = set()
-    for got in received:
-        if 200 <= got.status < 300 and got.webhook_id not in seen:
-            seen.add(got.webhook_id)
-            lanes[fine_tune_key(got.json)].append(got.webhook_id)
-    return lanes
-
 
 def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(hub, tmp_path, daemons):
     rng = random.Random(SEED)
@@ -154,8 +74,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_announces_each_change_once(h
         hub.add_checkpoint(key, 200, loss=2.0)
     db = tmp_path / "watcher.db"
     with ScriptedReceiver(secret=SECRET) as everything, ScriptedReceiver(secret=SECRET) as created_only:
-        everything.script(*random_answers(rng, 600))
-        created_only.script(*random_answers(rng, 300))
+        everything.script(*random_answers(rng, 600, statuses=ANSWERS))
+        created_only.script(*random_answers(rng, 300, statuses=ANSWERS))
         fast = {"secret": SECRET, "retry_schedule_s": [0, 0.2, 0.5], "timeout_s": 3}
         data = base_config(
             hub,

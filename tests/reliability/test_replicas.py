@@ -26,20 +26,19 @@ from conftest import base_config, wait_for
 from watcher.models import FINE_TUNE_NOT_FOUND
 from watcher.simhub import Fault, SimHub
 
+from ._changes import ScriptedReceiver, first_2xx_order, random_answers
 from ._replicas import (
+    ANSWERS,
     URL_ENV,
     Producer,
     Replicas,
-    ScriptedReceiver,
     all_delivered,
     baselined,
     delivery_states,
     diagnose,
     events,
     extra_deliveries,
-    first_2xx_order,
     owners,
-    random_answers,
 )
 from ._support import change_of, listen_port
 
@@ -81,8 +80,8 @@ def test_three_replicas_survive_kill_9_and_a_pause_announcing_each_change_once(h
         hub.add_checkpoint(key, 200, loss=2.0)
     fine_tunes = [dict(zip(("namespace", "repo", "id"), key.split("/"), strict=True)) for key in keys]
     with ScriptedReceiver(secret=SECRET) as everything, ScriptedReceiver(secret=SECRET) as created_only:
-        everything.script(*random_answers(rng, 1500))
-        created_only.script(*random_answers(rng, 700))
+        everything.script(*random_answers(rng, 1500, statuses=ANSWERS))
+        created_only.script(*random_answers(rng, 700, statuses=ANSWERS))
         fast = {
             "secret": SECRET,
             "retry_schedule_s": [0, 0.2, 0.5],
