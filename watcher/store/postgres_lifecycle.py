@@ -16,10 +16,10 @@ import psycopg
 
 from ..errors import StoreError
 from ..events import stamp
-from ..lifecycle import LifecycleOptions, advance
-from ..models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, LifecycleState, SourceState
+from ..lifecycle import LifecycleOptions
+from ..models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, SourceState
+from .lifecycle_rows import COLUMNS, lifecycle_step, record_of, row_of, upsert_sql
 from .protocols import LifecycleCommitted, LifecycleRecord, Router
-from .sqlite_lifecycle import COLUMNS, _record, row_of, upsert_sql
 
 Conn = psycopg.Connection[Any]
 
@@ -47,7 +47,7 @@ class PgLifecycle:
                 (list(keys),),
                 what="read lifecycle state",
             )
-        return {row[0]: _record(row) for row in rows}
+        return {row[0]: record_of(row) for row in rows}
 
     def apply_lifecycle(
         self,
@@ -76,21 +76,23 @@ class PgLifecycle:
                 if fence is not None:
                     self._check_fence(conn, key, fence)
             row = conn.execute(f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key = %s", (key,)).fetchone()
-            old = _record(row) if row else LifecycleRecord(LifecycleState())
-            transition = advance(
-                ref, old.state, fine_tune, checkpoints=_checkpoints(conn, key), now=now, options=options
+            committed, changed = lifecycle_step(
+                ref,
+                row,
+                fine_tune,
+                checkpoints=_checkpoints(conn, key),
+                now=now,
+                options=options,
+                source=source,
+                stamp=lambda draft: self._stamp(draft, key, now),
             )
-            status_at = now if fine_tune is not None else old.status_at
-            record = LifecycleRecord(transition.state, source or old.source, status_at, old.announce_checkpoints)
-            events = tuple(self._stamp(draft, key, now) for draft in transition.events)
-            if record == old and row is not None:
-                outcome.append(LifecycleCommitted((), record, transition.poll_checkpoints_now))
+            outcome.append(committed)
+            if not changed:
                 return
-            outcome.append(LifecycleCommitted(events, record, transition.poll_checkpoints_now))
             if not commit:
                 raise psycopg.Rollback()
-            _upsert(conn, key, record)
-            self._insert_events(conn, events, now=now, route=route)
+            _upsert(conn, key, committed.record)
+            self._insert_events(conn, committed.events, now=now, route=route)
 
         self._tx(work, what=f"commit lifecycle of {key}")
         return outcome[0]

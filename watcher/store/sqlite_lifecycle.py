@@ -12,62 +12,11 @@ from typing import Any
 
 from ..errors import StoreError
 from ..events import stamp
-from ..lifecycle import LifecycleOptions, advance
-from ..models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, LifecycleState, SourceState
+from ..lifecycle import LifecycleOptions
+from ..models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, SourceState
+from .lifecycle_rows import COLUMNS, lifecycle_step, record_of, row_of, upsert_sql
 from .protocols import LifecycleCommitted, LifecycleRecord, Router
 from .sqlite_base import SqliteBase
-
-COLUMNS = (
-    "fine_tune_key, source, status, error, started_at, finished_at, first_seen_at, newest_step, newest_seen_at, "
-    "stalled, status_at, announce_checkpoints"
-)
-
-
-def _record(row: Sequence[Any]) -> LifecycleRecord:
-    _, source, status, error, started, finished, first_seen, newest, newest_at, stalled, status_at, announce = row
-    state = LifecycleState(
-        status=status,
-        error=error,
-        started_at=started,
-        finished_at=finished,
-        first_seen_at=first_seen,
-        newest_step=newest,
-        newest_seen_at=newest_at,
-        stalled=bool(stalled),
-    )
-    return LifecycleRecord(state, source, status_at, bool(announce))
-
-
-def upsert_sql(mark: str) -> str:
-    """The lifecycle upsert, with `mark` as the placeholder (`?` for SQLite, `%s` for PostgreSQL)."""
-    marks = ", ".join([mark] * len(COLUMNS.split(",")))
-    return (
-        f"INSERT INTO lifecycle ({COLUMNS}) VALUES ({marks}) "
-        "ON CONFLICT (fine_tune_key) DO UPDATE SET source = excluded.source, status = excluded.status, "
-        "error = excluded.error, started_at = excluded.started_at, finished_at = excluded.finished_at, "
-        "first_seen_at = excluded.first_seen_at, newest_step = excluded.newest_step, "
-        "newest_seen_at = excluded.newest_seen_at, stalled = excluded.stalled, status_at = excluded.status_at, "
-        "announce_checkpoints = excluded.announce_checkpoints"
-    )
-
-
-def row_of(key: str, record: LifecycleRecord) -> tuple[Any, ...]:
-    """A lifecycle record as the values of COLUMNS."""
-    state = record.state
-    return (
-        key,
-        record.source,
-        state.status,
-        state.error,
-        state.started_at,
-        state.finished_at,
-        state.first_seen_at,
-        state.newest_step,
-        state.newest_seen_at,
-        int(state.stalled),
-        record.status_at,
-        int(record.announce_checkpoints),
-    )
 
 
 class SqliteLifecycle(SqliteBase):
@@ -98,7 +47,7 @@ class SqliteLifecycle(SqliteBase):
                     chunk,
                     what="read lifecycle state",
                 )
-        return {row[0]: _record(row) for row in rows}
+        return {row[0]: record_of(row) for row in rows}
 
     def apply_lifecycle(
         self,
@@ -116,19 +65,20 @@ class SqliteLifecycle(SqliteBase):
 
         def work() -> LifecycleCommitted:
             row = self._db.execute(f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key = ?", (key,)).fetchone()
-            old = _record(row) if row else LifecycleRecord(LifecycleState())
-            transition = advance(
-                ref, old.state, fine_tune, checkpoints=self._committed_checkpoints(key), now=now, options=options
+            committed, changed = lifecycle_step(
+                ref,
+                row,
+                fine_tune,
+                checkpoints=self._committed_checkpoints(key),
+                now=now,
+                options=options,
+                source=source,
+                stamp=lambda draft: self._stamp(draft, key, now),
             )
-            status_at = now if fine_tune is not None else old.status_at
-            record = LifecycleRecord(transition.state, source or old.source, status_at, old.announce_checkpoints)
-            events = tuple(self._stamp(draft, key, now) for draft in transition.events)
-            if record == old and row is not None:
-                return LifecycleCommitted((), record, transition.poll_checkpoints_now)
-            if commit:
-                self._upsert(key, record)
-                self._insert_events(events, now=now, route=route)
-            return LifecycleCommitted(events, record, transition.poll_checkpoints_now)
+            if changed and commit:
+                self._upsert(key, committed.record)
+                self._insert_events(committed.events, now=now, route=route)
+            return committed
 
         return self._tx(work, commit=commit, what=f"commit lifecycle of {key}")
 
