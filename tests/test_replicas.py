@@ -92,6 +92,14 @@ def _split(a: Replica, b: Replica) -> bool:
     return a.owned() == 5 and b.owned() == 5
 
 
+def _two_split(hub: Any, tmp_path: Path, daemons: Any, pg_url: str, receiver: Receiver) -> tuple[Replica, Replica]:
+    """Replicas a and b on one database, once they hold 5 of the 10 seeded fine-tunes each."""
+    a = _start(daemons, _config(hub, tmp_path, pg_url, "a", receiver))
+    b = _start(daemons, _config(hub, tmp_path, pg_url, "b", receiver))
+    wait_for(lambda: _split(a, b), timeout=30, what="5 fine-tunes each")
+    return a, b
+
+
 def _exactly_once(config: Path, receiver: Receiver, wanted: set[tuple[str, str, int]]) -> None:
     wait_for(lambda: set(_announced(config)) >= wanted, timeout=60, what="every change announced")
     announced = _announced(config)
@@ -104,9 +112,7 @@ def _exactly_once(config: Path, receiver: Receiver, wanted: set[tuple[str, str, 
 def test_two_replicas_split_ten_fine_tunes_and_announce_each_change_once(hub, tmp_path, daemons, pg_url):
     _seed(hub)
     with Receiver() as receiver:
-        a = _start(daemons, _config(hub, tmp_path, pg_url, "a", receiver))
-        b = _start(daemons, _config(hub, tmp_path, pg_url, "b", receiver))
-        wait_for(lambda: _split(a, b), timeout=30, what="5 fine-tunes each")
+        a, b = _two_split(hub, tmp_path, daemons, pg_url, receiver)
         assert a.metric("oxen_watcher_replicas_live") == 2
         wait_for(lambda: a.metric("oxen_watcher_fine_tunes_unowned") == 0, what="no fine-tune unowned")
         wait_for(lambda: a.ready() and b.ready(), what="both ready (each polled what it owns)")
@@ -132,9 +138,7 @@ def test_two_replicas_split_ten_fine_tunes_and_announce_each_change_once(hub, tm
 def test_kill_9_of_one_replica_hands_its_fine_tunes_over_within_the_lease(hub, tmp_path, daemons, pg_url):
     _seed(hub)
     with Receiver() as receiver:
-        a = _start(daemons, _config(hub, tmp_path, pg_url, "a", receiver))
-        b = _start(daemons, _config(hub, tmp_path, pg_url, "b", receiver))
-        wait_for(lambda: _split(a, b), timeout=30, what="5 fine-tunes each")
+        a, b = _two_split(hub, tmp_path, daemons, pg_url, receiver)
         wanted = _add_round(hub, 2)
         a.daemon.kill9()
         killed_at = time.monotonic()
@@ -150,9 +154,7 @@ def test_kill_9_of_one_replica_hands_its_fine_tunes_over_within_the_lease(hub, t
 def test_a_replica_paused_past_its_lease_is_fenced_and_commits_nothing_stale(hub, tmp_path, daemons, pg_url):
     _seed(hub)
     with Receiver() as receiver:
-        a = _start(daemons, _config(hub, tmp_path, pg_url, "a", receiver))
-        b = _start(daemons, _config(hub, tmp_path, pg_url, "b", receiver))
-        wait_for(lambda: _split(a, b), timeout=30, what="5 fine-tunes each")
+        a, b = _two_split(hub, tmp_path, daemons, pg_url, receiver)
         wanted = _add_round(hub, 2)
         wait_for(lambda: set(_announced(a.daemon.config)) >= wanted, timeout=30, what="step 2 announced")
         assert a.daemon.proc is not None
@@ -182,9 +184,7 @@ def test_a_replica_paused_past_its_lease_is_fenced_and_commits_nothing_stale(hub
 def test_a_database_outage_is_survived_and_nothing_is_lost(hub, tmp_path, daemons, pg_url, pg_cluster):
     _seed(hub)
     with Receiver() as receiver:
-        a = _start(daemons, _config(hub, tmp_path, pg_url, "a", receiver))
-        b = _start(daemons, _config(hub, tmp_path, pg_url, "b", receiver))
-        wait_for(lambda: _split(a, b), timeout=30, what="5 fine-tunes each")
+        a, b = _two_split(hub, tmp_path, daemons, pg_url, receiver)
         wanted = _add_round(hub, 2)
         pg_cluster.stop()
         try:
