@@ -28,9 +28,9 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from watcher.diff import DiffOptions  # noqa: E402
-from watcher.models import Event, FineTuneRef, PollSuccess  # noqa: E402
-from watcher.schema import body_hash  # noqa: E402
+from watcher.core.diff import DiffOptions  # noqa: E402
+from watcher.core.models import Event, FineTuneRef, PollSuccess  # noqa: E402
+from watcher.hub.schema import body_hash  # noqa: E402
 from watcher.store import SqliteStore  # noqa: E402
 
 DAY = 86400.0

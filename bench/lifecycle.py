@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry
 
-from watcher.app import App, resolve_all
-from watcher.config import parse_config
-from watcher.logs import configure_logging
-from watcher.models import Event
-from watcher.simhub import SimHub
+from watcher.config.load import parse_config
+from watcher.core.models import Event
+from watcher.daemon.app import App, resolve_all
+from watcher.observe.logs import configure_logging
+from watcher.testing.simhub import SimHub
 
 SCALE = float(os.environ.get("LIFECYCLE_SCALE", "20"))
 FINE_TUNES, RUNNING, CHECKPOINTS = 200, 20, 10

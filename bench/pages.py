@@ -33,9 +33,9 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from watcher.events import rfc3339
-from watcher.models import FineTuneRef
-from watcher.server import HttpServer, Verdict
+from watcher.core.events import rfc3339
+from watcher.core.models import FineTuneRef
+from watcher.observe.server import HttpServer, Verdict
 from watcher.store import SqliteReports, SqliteStore
 from watcher.web import views
 from watcher.web.reports import Reports

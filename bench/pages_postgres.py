@@ -14,12 +14,12 @@ from pathlib import Path
 import orjson
 import psycopg
 
-from watcher.events import rfc3339
-from watcher.models import FineTuneRef
-from watcher.store.postgres import PostgresStore
-from watcher.store.postgres_base import open_pool
-from watcher.store.reports_postgres import PostgresReports
-from watcher.store.schema_postgres import SEQ_SHIFT
+from watcher.core.events import rfc3339
+from watcher.core.models import FineTuneRef
+from watcher.store.postgres.base import open_pool
+from watcher.store.postgres.reports import PostgresReports
+from watcher.store.postgres.schema import SEQ_SHIFT
+from watcher.store.postgres.store import PostgresStore
 
 TABLES = {
     "fine_tunes": "fine_tune_key, baselined, not_found, consecutive_failures, failing, best_loss, body_hash, "

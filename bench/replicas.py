@@ -48,12 +48,12 @@ def cpu_per_poll(*, fine_tunes: int = 200, rounds: int = 15) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from run import Hub  # bench/run.py
 
-    from watcher.client import HubClient
-    from watcher.config import parse_config
-    from watcher.logs import configure_logging
-    from watcher.poller import Watcher
+    from watcher.config.load import parse_config
+    from watcher.daemon.poller import Watcher
+    from watcher.hub.client import HubClient
+    from watcher.observe.logs import configure_logging
     from watcher.store import SqliteStore
-    from watcher.store.postgres import PostgresStore
+    from watcher.store.postgres.store import PostgresStore
     from watcher.testing.pgcluster import throwaway_cluster
 
     configure_logging(level="warning")

@@ -284,10 +284,10 @@ def yardsticks(args: argparse.Namespace, watcher_cpu_per_poll: float) -> dict:
 def big_responses(args: argparse.Namespace) -> dict:
     print(f"\n== 3. Big responses: one fine-tune with {args.big} checkpoints carrying inference samples ==")
     sys.path.insert(0, str(ROOT))
-    from watcher.app import Watcher
-    from watcher.client import HubClient
-    from watcher.config import parse_config
-    from watcher.logs import configure_logging
+    from watcher.config.load import parse_config
+    from watcher.daemon.app import Watcher
+    from watcher.hub.client import HubClient
+    from watcher.observe.logs import configure_logging
     from watcher.store import SqliteStore
 
     configure_logging(level="warning")
@@ -375,7 +375,7 @@ def latency(args: argparse.Namespace) -> dict:
     import base64
     import random
 
-    from watcher.receiver import Receiver
+    from watcher.testing.receiver import Receiver
 
     secret = "whsec_" + base64.b64encode(b"bench-secret-bytes-32-bytes-long").decode()
     hub = Hub(fine_tunes=1, checkpoints=1)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 
-from watcher.simhub import SimHub
+from watcher.testing.simhub import SimHub
 
 # the throwaway PostgreSQL cluster (`pg_cluster`, session) and a fresh database per test (`pg_url`)
 pytest_plugins = ["pgcluster"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from watcher.store.postgres import PostgresStore
+from watcher.store.postgres.store import PostgresStore
 from watcher.testing.pgcluster import SUPERUSER, PgCluster
 
 README = Path(__file__).resolve().parent.parent / "README.md"

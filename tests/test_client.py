@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from watcher.client import (
+from watcher.core.models import FineTuneRef
+from watcher.errors import HubUnauthorized, HubUnavailable, PollError
+from watcher.hub.client import (
     MAX_BODY_BYTES,
     FetchedBody,
     FetchedDeferred,
@@ -20,9 +22,7 @@ from watcher.client import (
     HubClient,
     parse_retry_after,
 )
-from watcher.errors import HubUnauthorized, HubUnavailable, PollError
-from watcher.hubgate import HubGate
-from watcher.models import FineTuneRef
+from watcher.hub.gate import HubGate
 
 BASE_URL = "https://hub.test"
 TOKEN = "secret-token"

@@ -11,11 +11,11 @@ import httpx
 import orjson
 import pytest
 
-from watcher.client import FetchedNotFound, HubClient
+from watcher.core.models import FineTuneRef, HubFineTune
 from watcher.errors import HubUnauthorized, HubUnavailable, InvalidResponse, PollError
-from watcher.models import FineTuneRef, HubFineTune
-from watcher.schema import parse_fine_tune, parse_fine_tune_list, parse_time
-from watcher.simhub import Fault, SimHub
+from watcher.hub.client import FetchedNotFound, HubClient
+from watcher.hub.schema import parse_fine_tune, parse_fine_tune_list, parse_time
+from watcher.testing.simhub import Fault, SimHub
 
 BASE_URL = "https://hub.test"
 TOKEN = "secret-token"

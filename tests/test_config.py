@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, cli, write_config
 
-from watcher.config import (
+from watcher.config.load import (
     Config,
     load_config,
     oxen_cli_token,

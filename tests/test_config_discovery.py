@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from conftest import cli, write_config
 
-from watcher.config import parse_config
+from watcher.config.load import parse_config
 from watcher.errors import ConfigError
 
 
@@ -135,7 +135,7 @@ def test_check_config_exits_78_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_the_example_config_documents_both_sections() -> None:
-    from watcher.config import load_config
+    from watcher.config.load import load_config
 
     config = load_config(Path(__file__).resolve().parent.parent / "config.example.toml")
     (source,) = config.discover

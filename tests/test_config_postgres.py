@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from conftest import cli, write_config
 
-from watcher.config import parse_config, resolve_state_url
+from watcher.config.load import parse_config, resolve_state_url
 from watcher.errors import ConfigError
-from watcher.logs import SecretRedactor, database_url_secrets
+from watcher.observe.logs import SecretRedactor, database_url_secrets
 
 URL = "postgresql://watcher:pa55-w0rd-xyz@db.example.internal:5432/watcher?sslmode=verify-full"
 FT = [{"namespace": "ox", "repo": "models", "id": "ft_1"}]

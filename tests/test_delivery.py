@@ -12,12 +12,12 @@ import orjson
 import pytest
 from conftest import base_config, cli, wait_for, write_config
 
-from watcher.config import parse_config, resolve_notifier_secrets
-from watcher.diff import DiffOptions
-from watcher.dispatch import Dispatcher, RetryPolicy
-from watcher.models import FineTuneRef, PollSuccess
-from watcher.receiver import Answer, Receiver
+from watcher.config.load import parse_config, resolve_notifier_secrets
+from watcher.core.diff import DiffOptions
+from watcher.core.models import FineTuneRef, PollSuccess
+from watcher.delivery.dispatch import Dispatcher, RetryPolicy
 from watcher.store import SqliteStore
+from watcher.testing.receiver import Answer, Receiver
 
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"o" * 24).decode()
@@ -391,8 +391,8 @@ def test_webhook_does_not_follow_redirects():
         requests.append(request)
         return httpx.Response(301, headers={"Location": "http://elsewhere.invalid/"})
 
-    from watcher.models import Event
-    from watcher.notifiers.webhook import WebhookNotifier
+    from watcher.core.models import Event
+    from watcher.delivery.notifiers.webhook import WebhookNotifier
 
     async def go():
         notifier = WebhookNotifier(

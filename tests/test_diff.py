@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from watcher.diff import DiffOptions, diff
-from watcher.events import MAX_EVENT_BYTES, fit_data, stamp
-from watcher.models import (
+from watcher.core.diff import DiffOptions, diff
+from watcher.core.events import MAX_EVENT_BYTES, fit_data, stamp
+from watcher.core.models import (
     EVENT_TYPES,
     LIFECYCLE_EVENT_TYPES,
     EventDraft,

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import pytest
 import structlog
 
-from watcher.client import FetchedNotFound, HubClient
-from watcher.config_discovery import DiscoverConfig
-from watcher.discovery import ListRead, SourceReader, discover, finished_at, matches, ref_of, unseen
+from watcher.config.discovery import DiscoverConfig
+from watcher.core.discovery import ListRead, SourceReader, discover, finished_at, matches, ref_of, unseen
+from watcher.core.models import FINE_TUNE_DISCOVERED, HubFineTune, SourceState
 from watcher.errors import HubUnavailable, PollError
-from watcher.models import FINE_TUNE_DISCOVERED, HubFineTune, SourceState
-from watcher.simhub import Fault, SimHub
+from watcher.hub.client import FetchedNotFound, HubClient
+from watcher.testing.simhub import Fault, SimHub
 
 TOKEN = "simhub-token"
 NOW = 1_700_000_000.0

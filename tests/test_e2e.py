@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 from conftest import ROOT, base_config, cli, wait_for, write_config
 
-from watcher.receiver import Answer, Receiver
+from watcher.testing.receiver import Answer, Receiver
 
 FT = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}
 KEY = "acme/bot/ft_1"

@@ -13,10 +13,10 @@ import pytest
 from conftest import wait_for
 from store_contract.support import OPTIONS, REF, T0, apply, counter_ids, cp, success, types
 
+from watcher.core.models import CHECKPOINT_CREATED
 from watcher.errors import LeaseLost, StoreError
-from watcher.models import CHECKPOINT_CREATED
-from watcher.store.leases import Claim, PostgresLeases, fair_share
-from watcher.store.postgres import PostgresStore
+from watcher.store.postgres.leases import Claim, PostgresLeases, fair_share
+from watcher.store.postgres.store import PostgresStore
 
 KEYS = [f"ox/models/ft_{i:02d}" for i in range(10)]
 LONG = 60.0  # a lease that does not expire during a test

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from watcher.diff import fingerprint
-from watcher.lifecycle import (
+from watcher.core.diff import fingerprint
+from watcher.core.lifecycle import (
     LifecycleOptions,
     advance,
     checkpoint_interval,
@@ -18,7 +18,7 @@ from watcher.lifecycle import (
     summary,
     wants_final_poll,
 )
-from watcher.models import (
+from watcher.core.models import (
     FINE_TUNE_STALLED,
     FINE_TUNE_STATUS_CHANGED,
     FineTuneRef,

@@ -15,11 +15,11 @@ import pytest
 from conftest import Daemon, base_config, cli, wait_for, write_config
 from prometheus_client import CollectorRegistry, generate_latest
 
-from watcher.app import App, resolve_all
-from watcher.config import load_config
-from watcher.models import Event
-from watcher.simhub import SimHub
+from watcher.config.load import load_config
+from watcher.core.models import Event
+from watcher.daemon.app import App, resolve_all
 from watcher.store import SqliteReports
+from watcher.testing.simhub import SimHub
 
 
 async def until(condition: Callable[[], Any], *, timeout: float = 20.0, what: str = "") -> Any:

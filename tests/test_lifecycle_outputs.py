@@ -8,10 +8,10 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from watcher.events import describe, duration_text
-from watcher.metrics import Metrics
-from watcher.models import EVENT_TYPES, LIFECYCLE_EVENT_TYPES, Event, FineTuneRef
-from watcher.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
+from watcher.core.events import describe, duration_text
+from watcher.core.models import EVENT_TYPES, LIFECYCLE_EVENT_TYPES, Event, FineTuneRef
+from watcher.delivery.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
+from watcher.observe.metrics import Metrics
 
 FINE_TUNE = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot <sft>"}
 COMPLETED = {

@@ -15,8 +15,8 @@ import structlog
 from conftest import Daemon, base_config, cli, wait_for, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from watcher.receiver import Answer, Receiver
-from watcher.simhub import Fault
+from watcher.testing.receiver import Answer, Receiver
+from watcher.testing.simhub import Fault
 
 FT = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}
 MISSING = {"namespace": "acme", "repo": "ghost", "id": "ft_gone"}
@@ -281,8 +281,8 @@ def test_secrets_never_appear_in_any_output(hub, tmp_path, daemons):
 
 
 async def test_healthz_turns_503_when_a_loop_dies(hub, tmp_path):
-    from watcher.app import App, resolve_all
-    from watcher.config import parse_config
+    from watcher.config.load import parse_config
+    from watcher.daemon.app import App, resolve_all
 
     hub.add_fine_tune("acme", "bot", "ft_1")
     config = parse_config(base_config(hub, tmp_path, fine_tunes=[FT]), source="t.toml", directory=tmp_path)
@@ -358,8 +358,8 @@ class StartedApp:
 
 
 def make_app(hub, tmp_path, **sections):
-    from watcher.app import App, resolve_all
-    from watcher.config import load_config
+    from watcher.config.load import load_config
+    from watcher.daemon.app import App, resolve_all
 
     path = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, **sections))
     config = load_config(str(path))
@@ -367,7 +367,7 @@ def make_app(hub, tmp_path, **sections):
 
 
 async def test_counters_with_known_labels_start_at_0_and_removed_fine_tunes_series_go(hub, tmp_path):
-    from watcher.models import EVENT_TYPES
+    from watcher.core.models import EVENT_TYPES
 
     hub.add_fine_tune("acme", "bot", "ft_1")
     hub.add_fine_tune("acme", "ghost", "ft_gone")
@@ -440,8 +440,8 @@ class DyingSystemd:
 
 
 async def test_a_dying_ticker_is_logged_with_its_traceback_and_turns_healthz_503(hub, tmp_path):
-    from watcher.app import App, resolve_all
-    from watcher.config import parse_config
+    from watcher.config.load import parse_config
+    from watcher.daemon.app import App, resolve_all
 
     hub.add_fine_tune("acme", "bot", "ft_1")
     config = parse_config(base_config(hub, tmp_path, fine_tunes=[FT]), source="t.toml", directory=tmp_path)
@@ -465,8 +465,8 @@ async def test_a_dying_ticker_is_logged_with_its_traceback_and_turns_healthz_503
 
 
 def test_hub_url_credentials_never_reach_a_log_line():
-    from watcher.app import Secrets, public_url
-    from watcher.logs import SecretRedactor
+    from watcher.daemon.app import Secrets, public_url
+    from watcher.observe.logs import SecretRedactor
 
     url = "https://alice:pa55word-s3cret@hub.example.com:8443"
     secrets = Secrets(hub_token="tok-123456", notifiers={}, metrics_token=None, hub_url=url)

@@ -23,19 +23,19 @@ from pg_roles import least_privilege_database
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from watcher.app import App, resolve_all
-from watcher.config import parse_config
-from watcher.diff import DiffOptions
-from watcher.events import rfc3339
-from watcher.lifecycle import LifecycleOptions
-from watcher.models import FineTuneRef, HubFineTune, PollFailed, PollSuccess
-from watcher.server import HttpServer
-from watcher.server import Verdict as ServerVerdict
+from watcher.config.load import parse_config
+from watcher.core.diff import DiffOptions
+from watcher.core.events import rfc3339
+from watcher.core.lifecycle import LifecycleOptions
+from watcher.core.models import FineTuneRef, HubFineTune, PollFailed, PollSuccess
+from watcher.daemon.app import App, resolve_all
+from watcher.observe.server import HttpServer
+from watcher.observe.server import Verdict as ServerVerdict
 from watcher.store import SqliteReports, SqliteStore, Store
-from watcher.store.leases import PostgresLeases
-from watcher.store.postgres import PostgresStore
-from watcher.store.postgres_base import open_pool
-from watcher.store.reports_postgres import PostgresReports
+from watcher.store.postgres.base import open_pool
+from watcher.store.postgres.leases import PostgresLeases
+from watcher.store.postgres.reports import PostgresReports
+from watcher.store.postgres.store import PostgresStore
 from watcher.web.charts import ema, fmt, loss_chart, robust_range
 from watcher.web.reports import Reports, RunSummary
 from watcher.web.security import CSP

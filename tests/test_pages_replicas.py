@@ -10,7 +10,7 @@ import psycopg
 from conftest import wait_for
 from test_replicas import KEYS, Replica, _add_round, _config, _seed, _split
 
-from watcher.receiver import Receiver
+from watcher.testing.receiver import Receiver
 from watcher.web.charts import fmt
 
 

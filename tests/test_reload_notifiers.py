@@ -14,13 +14,13 @@ from typing import Any
 from conftest import write_config
 from test_delivery import REF, SECRET, Rig, _config
 
-from watcher.app import App, resolve_all
-from watcher.config import load_config, resolve_notifier_secrets
-from watcher.diff import DiffOptions
-from watcher.models import FineTuneRef, PollFailed, PollSuccess
-from watcher.notifiers import NotifierSet
-from watcher.receiver import Answer, Receiver
+from watcher.config.load import load_config, resolve_notifier_secrets
+from watcher.core.diff import DiffOptions
+from watcher.core.models import FineTuneRef, PollFailed, PollSuccess
+from watcher.daemon.app import App, resolve_all
+from watcher.delivery.notifiers import NotifierSet
 from watcher.store import SqliteStore
+from watcher.testing.receiver import Answer, Receiver
 
 SECOND_SECRET = "whsec_" + base64.b64encode(b"t" * 32).decode()
 

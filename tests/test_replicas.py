@@ -15,7 +15,7 @@ import orjson
 from conftest import Daemon, base_config, cli, wait_for, write_config
 from test_operations import listen_port, scrape, value
 
-from watcher.receiver import Receiver
+from watcher.testing.receiver import Receiver
 
 LEASE_S = 3.0
 RENEW_S = 1.0
@@ -261,9 +261,9 @@ def _toml_of(path: Path) -> dict[str, Any]:
 def test_retention_runs_on_one_replica_at_a_time(pg_url):
     import asyncio
 
-    from watcher.replicas import AdvisoryGate
-    from watcher.retention import RetentionJob
-    from watcher.store.postgres import PostgresStore
+    from watcher.daemon.replicas.keeper import AdvisoryGate
+    from watcher.daemon.retention import RetentionJob
+    from watcher.store.postgres.store import PostgresStore
 
     first, second = PostgresStore(pg_url), PostgresStore(pg_url)
     try:

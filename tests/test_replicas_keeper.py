@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client import CollectorRegistry
 
+from watcher.daemon.replicas.keeper import LeaseKeeper
 from watcher.errors import StoreError
-from watcher.metrics import Metrics
-from watcher.replicas import LeaseKeeper
-from watcher.store.leases import Claim, Lease, fair_share, is_source_lease, source_lease_key
+from watcher.observe.metrics import Metrics
+from watcher.store.postgres.leases import Claim, Lease, fair_share, is_source_lease, source_lease_key
 
 KEYS = [f"acme/bot/ft_{n}" for n in range(4)]
 

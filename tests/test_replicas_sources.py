@@ -18,15 +18,15 @@ from prometheus_client import CollectorRegistry
 from test_lifecycle_daemon import running, until
 from test_replicas import LEASE_S, RENEW_S, Replica, _events
 
-from watcher.app import App, resolve_all
-from watcher.config import load_config
-from watcher.lifecycle_poller import LifecycleJobs
-from watcher.receiver import Receiver
-from watcher.replica_setup import claim_for_once
-from watcher.runtime import build_runtime
-from watcher.simhub import SimHub
-from watcher.store.leases import PostgresLeases, is_source_lease
-from watcher.store.postgres import PostgresStore
+from watcher.config.load import load_config
+from watcher.daemon.app import App, resolve_all
+from watcher.daemon.lifecycle_jobs import LifecycleJobs
+from watcher.daemon.replicas.wiring import claim_for_once
+from watcher.daemon.runtime import build_runtime
+from watcher.store.postgres.leases import PostgresLeases, is_source_lease
+from watcher.store.postgres.store import PostgresStore
+from watcher.testing.receiver import Receiver
+from watcher.testing.simhub import SimHub
 
 SOURCE = "source:acme/lab"
 RUNS = [f"acme/lab/ft_{n}" for n in range(10)]

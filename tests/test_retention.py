@@ -16,8 +16,8 @@ import structlog
 from conftest import cli, write_config
 from store_contract.support import DAY, REF, apply, counter_ids, cp, success
 
+from watcher.daemon.retention import RetentionJob, parse_since
 from watcher.errors import StoreError
-from watcher.retention import RetentionJob, parse_since
 from watcher.store import PruneReport, SqliteStore
 
 NOW = 1_780_000_000.0

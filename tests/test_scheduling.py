@@ -9,7 +9,7 @@ import random
 import pytest
 import structlog
 
-from watcher.scheduling import PollDriver, PollSchedule
+from watcher.daemon.scheduling import PollDriver, PollSchedule
 
 
 class Clock:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
 from watcher.errors import InvalidResponse, PollError
-from watcher.schema import body_hash, parse_checkpoint_list
+from watcher.hub.schema import body_hash, parse_checkpoint_list
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

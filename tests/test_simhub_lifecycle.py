@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from watcher.client import HubClient
-from watcher.lifecycle import advance, wants_final_poll
-from watcher.models import EventDraft, FineTuneRef, HubFineTune, LifecycleState
-from watcher.simhub import Fault, SimHub, StatusStep
+from watcher.core.lifecycle import advance, wants_final_poll
+from watcher.core.models import EventDraft, FineTuneRef, HubFineTune, LifecycleState
+from watcher.hub.client import HubClient
+from watcher.testing.simhub import Fault, SimHub, StatusStep
 
 TOKEN = "simhub-token"
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z

@@ -8,9 +8,9 @@ import orjson
 import pytest
 from test_delivery import OTHER, REF, Rig
 
-from watcher.models import Event
-from watcher.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
-from watcher.receiver import Answer, Receiver
+from watcher.core.models import Event
+from watcher.delivery.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
+from watcher.testing.receiver import Answer, Receiver
 
 FINE_TUNE = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot <sft>"}
 

@@ -11,13 +11,13 @@ import psycopg
 import pytest
 from store_contract.support import REF, T0, counter_ids
 
-from watcher.config_discovery import DiscoverConfig
+from watcher.config.discovery import DiscoverConfig
+from watcher.core.lifecycle import LifecycleOptions
+from watcher.core.models import FINE_TUNE_DISCOVERED, EventDraft, FineTuneRef, HubFineTune, SourceState
+from watcher.daemon.replicas.sources import lease_key, merge
 from watcher.errors import LeaseLost
-from watcher.lifecycle import LifecycleOptions
-from watcher.models import FINE_TUNE_DISCOVERED, EventDraft, FineTuneRef, HubFineTune, SourceState
-from watcher.source_leases import lease_key, merge
-from watcher.store.leases import PostgresLeases, is_source_lease, source_lease_key
-from watcher.store.postgres import PostgresStore
+from watcher.store.postgres.leases import PostgresLeases, is_source_lease, source_lease_key
+from watcher.store.postgres.store import PostgresStore
 
 FINE_TUNES = [f"acme/lab/ft_{i}" for i in range(4)]
 SOURCES = [source_lease_key("acme", "lab"), source_lease_key("acme", "bot")]

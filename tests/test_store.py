@@ -14,9 +14,8 @@ import orjson
 import pytest
 from store_contract.support import DAY, OPTIONS, OTHER, REF, T0, apply, counter_ids, cp, failed, success, types
 
-from watcher.diff import fingerprint
-from watcher.errors import StoreError
-from watcher.models import (
+from watcher.core.diff import fingerprint
+from watcher.core.models import (
     CHECKPOINT_CREATED,
     CHECKPOINT_DEPLOYMENT_CHANGED,
     CHECKPOINT_REMOVED,
@@ -25,6 +24,7 @@ from watcher.models import (
     PollSuccess,
     PollUnchanged,
 )
+from watcher.errors import StoreError
 from watcher.store import MIGRATIONS, SCHEMA_VERSION, Committed, SqliteStore, open_store
 
 
@@ -431,7 +431,7 @@ def plan(store: SqliteStore, sql: str, args: tuple[Any, ...] = ()) -> str:
 
 
 def test_hot_queries_read_pending_rows_only_and_events_by_index(store: SqliteStore) -> None:
-    from watcher.store.sqlite_prune import _OLD
+    from watcher.store.sqlite.prune import _OLD
 
     stats = plan(
         store, "SELECT notifier, COUNT(*), MIN(queued_at) FROM deliveries WHERE state = 'pending' GROUP BY notifier"
@@ -546,7 +546,7 @@ def test_a_large_prune_rewrites_the_file_once_and_the_daemon_defers_a_big_rewrit
 ) -> None:
     import structlog
 
-    from watcher.store import sqlite_prune
+    from watcher.store.sqlite import prune as sqlite_prune
 
     apply(store, success(cp(0)), now=T0, route=everywhere)
     deliver_all(store, many_events(store, polls=10, per_poll=40, start=T0 + 1, step_s=1), T0 + 50)

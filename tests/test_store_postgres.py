@@ -25,8 +25,7 @@ from store_contract.support import (
     types,
 )
 
-from watcher.errors import StoreError
-from watcher.models import (
+from watcher.core.models import (
     CHECKPOINT_CREATED,
     CHECKPOINT_DEPLOYMENT_CHANGED,
     CHECKPOINT_REMOVED,
@@ -34,9 +33,10 @@ from watcher.models import (
     PollSuccess,
     PollUnchanged,
 )
-from watcher.store.postgres import PostgresStore
+from watcher.errors import StoreError
+from watcher.store.postgres.schema import SCHEMA_VERSION
+from watcher.store.postgres.store import PostgresStore
 from watcher.store.protocols import Committed
-from watcher.store.schema_postgres import SCHEMA_VERSION
 
 
 def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -379,8 +379,8 @@ async def test_the_dispatcher_delivers_in_lane_order_from_postgresql(pg_url: str
     """The real dispatcher and a verifying receiver over PostgresStore: retries keep per-lane order."""
     from test_delivery import SECRET, Rig, webhook
 
-    from watcher.dispatch import Dispatcher
-    from watcher.receiver import Answer, Receiver
+    from watcher.delivery.dispatch import Dispatcher
+    from watcher.testing.receiver import Answer, Receiver
 
     with Receiver(secret=SECRET) as receiver:
         receiver.script(Answer(status=500, times=2))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TOKEN, base_config, wait_for, write_config
 
-from watcher.cli import EX_CONFIG
+from watcher.cli.main import EX_CONFIG
 
 UNIT = ROOT / "systemd" / "oxen-watcher.service"
 SHIPPED_EXEC = "/usr/local/bin/oxen-watcher"

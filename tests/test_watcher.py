@@ -11,13 +11,13 @@ import structlog
 from conftest import TOKEN, base_config
 from prometheus_client import CollectorRegistry
 
-from watcher.app import Watcher
-from watcher.client import HubClient
-from watcher.config import parse_config
-from watcher.metrics import Metrics
-from watcher.scheduling import PollDriver, PollSchedule
-from watcher.simhub import Fault, SimHub
+from watcher.config.load import parse_config
+from watcher.daemon.app import Watcher
+from watcher.daemon.scheduling import PollDriver, PollSchedule
+from watcher.hub.client import HubClient
+from watcher.observe.metrics import Metrics
 from watcher.store import SqliteStore
+from watcher.testing.simhub import Fault, SimHub
 
 KEY = "acme/bot/ft_1"
 FT = {"namespace": "acme", "repo": "bot", "id": "ft_1"}

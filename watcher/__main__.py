@@ -1,5 +1,5 @@
 """`python -m watcher` is the `oxen-watcher` command."""
 
-from .cli import main
+from watcher.cli.main import main
 
 main()

@@ -17,7 +17,7 @@ from pgcluster import PgCluster
 from playwright.sync_api import Browser, ConsoleMessage, Page, Response, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
-from watcher.simhub import Fault, SimHub
+from watcher.testing.simhub import Fault, SimHub
 
 ARTIFACTS = ROOT / "test-artifacts"
 LAUNCH_ARGS = [

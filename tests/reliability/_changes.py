@@ -7,8 +7,8 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from watcher.receiver import Answer, Receiver
-from watcher.simhub import SimHub
+from watcher.testing.receiver import Answer, Receiver
+from watcher.testing.simhub import SimHub
 
 from ._support import fine_tune_key
 

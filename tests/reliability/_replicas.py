@@ -21,9 +21,9 @@ from conftest import Daemon, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from watcher.errors import StoreError
-from watcher.receiver import Receiver
-from watcher.simhub import SimHub
-from watcher.store.postgres import PostgresStore
+from watcher.store.postgres.store import PostgresStore
+from watcher.testing.receiver import Receiver
+from watcher.testing.simhub import SimHub
 
 from ._changes import Change, HubChanges
 from ._support import change_of, listen_port

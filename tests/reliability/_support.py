@@ -11,8 +11,8 @@ import orjson
 from conftest import Daemon, cli, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from watcher.core.models import FineTuneStatus
 from watcher.errors import StoreError
-from watcher.models import FineTuneStatus
 from watcher.store import open_store
 
 

@@ -25,7 +25,7 @@ from conftest import cli, toml_value
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from watcher.config import ConfigModel
+from watcher.config.load import ConfigModel
 
 VALID_SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 

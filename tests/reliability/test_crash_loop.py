@@ -18,7 +18,7 @@ from typing import Any
 
 from conftest import base_config, wait_for, write_config
 
-from watcher.simhub import SimHub
+from watcher.testing.simhub import SimHub
 
 from ._changes import HubChanges, ScriptedReceiver, first_2xx_order, random_answers
 from ._support import change_of, events_json, fine_tune_key, statuses, stored_events

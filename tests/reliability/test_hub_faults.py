@@ -17,10 +17,10 @@ import orjson
 import pytest
 from conftest import TOKEN, base_config, wait_for, write_config
 
-from watcher.client import HubClient
+from watcher.core.models import FineTuneRef
 from watcher.errors import HubUnavailable
-from watcher.models import FineTuneRef
-from watcher.simhub import Fault, SimHub
+from watcher.hub.client import HubClient
+from watcher.testing.simhub import Fault, SimHub
 
 from ._support import (
     change_of,

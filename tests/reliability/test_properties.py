@@ -35,10 +35,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from watcher.diff import DiffOptions, _same_status, changed_fields, diff, fingerprint
-from watcher.errors import InvalidResponse, PollError
-from watcher.events import MAX_EVENT_BYTES, stamp
-from watcher.models import (
+from watcher.core.diff import DiffOptions, _same_status, changed_fields, diff, fingerprint
+from watcher.core.events import MAX_EVENT_BYTES, stamp
+from watcher.core.models import (
     FineTuneRef,
     FineTuneState,
     PollFailed,
@@ -49,9 +48,10 @@ from watcher.models import (
     Transition,
     metric_of,
 )
-from watcher.schema import body_hash, parse_checkpoint_list
-from watcher.simhub import SimHub
+from watcher.errors import InvalidResponse, PollError
+from watcher.hub.schema import body_hash, parse_checkpoint_list
 from watcher.store import SqliteStore
+from watcher.testing.simhub import SimHub
 
 REF = FineTuneRef("acme", "bot", "ft_1", "bot-sft")
 KEY = REF.key

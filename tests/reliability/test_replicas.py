@@ -23,8 +23,8 @@ from typing import Any
 
 from conftest import base_config, wait_for
 
-from watcher.models import FINE_TUNE_NOT_FOUND
-from watcher.simhub import Fault, SimHub
+from watcher.core.models import FINE_TUNE_NOT_FOUND
+from watcher.testing.simhub import Fault, SimHub
 
 from ._changes import ScriptedReceiver, first_2xx_order, random_answers
 from ._replicas import (

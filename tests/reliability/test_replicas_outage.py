@@ -12,7 +12,7 @@ from collections import Counter
 import httpx
 from conftest import base_config, wait_for
 
-from watcher.receiver import Receiver
+from watcher.testing.receiver import Receiver
 
 from ._replicas import URL_ENV, Producer, Replicas, all_delivered, delivery_states, diagnose, events, owners
 from ._support import change_of

@@ -28,16 +28,16 @@ import pytest
 import structlog
 from conftest import TOKEN, base_config, cli, wait_for, write_config
 
-from watcher.app import Watcher
-from watcher.client import HubClient
-from watcher.config import parse_config
-from watcher.diff import DiffOptions
-from watcher.dispatch import Dispatcher
+from watcher.config.load import parse_config
+from watcher.core.diff import DiffOptions
+from watcher.core.models import FineTuneRef, PollSuccess
+from watcher.daemon.app import Watcher
+from watcher.delivery.dispatch import Dispatcher
+from watcher.delivery.notifiers.base import DeliveryResult
 from watcher.errors import StoreError
-from watcher.models import FineTuneRef, PollSuccess
-from watcher.notifiers.base import DeliveryResult
-from watcher.simhub import SimHub
+from watcher.hub.client import HubClient
 from watcher.store import SqliteStore
+from watcher.testing.simhub import SimHub
 
 FT = {"namespace": "acme", "repo": "bot", "id": "ft_1"}
 KEY = "acme/bot/ft_1"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from watcher.store import SqliteStore, Store
-from watcher.store.postgres import PostgresStore
+from watcher.store.postgres.store import PostgresStore
 
 Opener = Callable[..., Store]  # open(new_id=None) -> a new store on the test's database
 

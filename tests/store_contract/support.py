@@ -9,9 +9,9 @@ from typing import Any
 
 import orjson
 
-from watcher.diff import DiffOptions
-from watcher.models import FineTuneRef, PollFailed, PollSuccess
-from watcher.schema import body_hash
+from watcher.core.diff import DiffOptions
+from watcher.core.models import FineTuneRef, PollFailed, PollSuccess
+from watcher.hub.schema import body_hash
 from watcher.store import Committed, StateStore
 
 REF = FineTuneRef(namespace="ox", repo="models", id="ft_1", name="first")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from watcher.models import (
+from watcher.core.models import (
     CHECKPOINT_CREATED,
     CHECKPOINT_DEPLOYMENT_CHANGED,
     CHECKPOINT_REMOVED,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from watcher.lifecycle import LifecycleOptions
-from watcher.models import EventDraft, HubFineTune, SourceState
+from watcher.core.lifecycle import LifecycleOptions
+from watcher.core.models import EventDraft, HubFineTune, SourceState
 from watcher.store import Store
 
 from .conftest import Opener

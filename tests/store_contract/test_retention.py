@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from watcher.models import Event
+from watcher.core.models import Event
 from watcher.store import Store
 
 from .support import DAY, OTHER, REF, T0, apply, cp, success

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from watcher.diff import DiffOptions
-from watcher.models import (
+from watcher.core.diff import DiffOptions
+from watcher.core.models import (
     CHECKPOINT_CREATED,
     CHECKPOINT_DEPLOYMENT_CHANGED,
     CHECKPOINT_REMOVED,

@@ -1,7 +1,7 @@
 """Durable state: protocols per concern, the SQLite implementation, the dispatch lock."""
 
-from .lock import DispatchLock
-from .protocols import (
+from watcher.store.lock import DispatchLock
+from watcher.store.protocols import (
     Committed,
     EventLog,
     LifecycleCommitted,
@@ -14,9 +14,9 @@ from .protocols import (
     StateStore,
     Store,
 )
-from .reports_sqlite import SqliteReports
-from .schema_sqlite import MIGRATIONS, SCHEMA_VERSION
-from .sqlite import SqliteStore, open_store, wall_clock
+from watcher.store.sqlite.reports import SqliteReports
+from watcher.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+from watcher.store.sqlite.store import SqliteStore, open_store, wall_clock
 
 __all__ = [
     "MIGRATIONS",

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..lifecycle import LifecycleOptions, advance
-from ..models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, LifecycleState
-from .protocols import LifecycleCommitted, LifecycleRecord
+from watcher.core.lifecycle import LifecycleOptions, advance
+from watcher.core.models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, LifecycleState
+from watcher.store.protocols import LifecycleCommitted, LifecycleRecord
 
 COLUMNS = (
     "fine_tune_key, source, status, error, started_at, finished_at, first_seen_at, newest_step, newest_seen_at, "

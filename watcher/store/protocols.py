@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..diff import DiffOptions
-from ..lifecycle import LifecycleOptions
-from ..models import (
+from watcher.core.diff import DiffOptions
+from watcher.core.lifecycle import LifecycleOptions
+from watcher.core.models import (
     Delivery,
     Event,
     EventDraft,

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from ..models import Event, FineTuneStatus, metric_of
+from watcher.core.models import Event, FineTuneStatus, metric_of
 
 # the columns of fine_tunes that status_of reads, in its order (the key first)
 STATUS_COLUMNS = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ..models import OutboxStats, SourceState
+from watcher.core.models import OutboxStats, SourceState
 
 
 class SharedReads:

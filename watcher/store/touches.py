@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from ..models import FineTuneState
+from watcher.core.models import FineTuneState
 
 
 def touch_sql(mark: str) -> str:

@@ -9,10 +9,10 @@ from typing import Any
 import orjson
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from ..models import EVENT_TYPES, FineTuneRef, metric_of
-from .charts import Chart, ema, fmt, fmt_step, loss_chart, metric_chart, sparkline
-from .reports import EventRow, Reports
-from .views import (
+from watcher.core.models import EVENT_TYPES, FineTuneRef, metric_of
+from watcher.web.charts import Chart, ema, fmt, fmt_step, loss_chart, metric_chart, sparkline
+from watcher.web.reports import EventRow, Reports
+from watcher.web.views import (
     SORTS,
     LiveSnapshot,
     Row,

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..models import Delivery, Event
+from watcher.core.models import Delivery, Event
 
 
 @dataclass(frozen=True, slots=True)

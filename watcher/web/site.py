@@ -14,13 +14,13 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from ..errors import StoreError
-from ..models import EVENT_TYPES, FineTuneRef
-from ..watched import ref_of
-from . import pages
-from .reports import Reports
-from .security import guard
-from .views import PAGE_SIZE, LiveSnapshot, PollView, Verdict, parse_page, parse_sort
+from watcher.core.models import EVENT_TYPES, FineTuneRef
+from watcher.daemon.watched import ref_of
+from watcher.errors import StoreError
+from watcher.web import pages
+from watcher.web.reports import Reports
+from watcher.web.security import guard
+from watcher.web.views import PAGE_SIZE, LiveSnapshot, PollView, Verdict, parse_page, parse_sort
 
 log = structlog.get_logger("watcher.web")
 T = TypeVar("T")
@@ -104,11 +104,11 @@ class StatusPages:
         shared by every replica) and its in-memory state."""
         reports: Reports
         if app.config.state.postgresql:
-            from ..store.reports_postgres import PostgresReports
+            from watcher.store.postgres.reports import PostgresReports
 
             reports = PostgresReports(app.watcher.store.pool)
         else:
-            from ..store import SqliteReports
+            from watcher.store import SqliteReports
 
             reports = SqliteReports(app.config.state_path())
         return cls(reports=reports, snapshot=lambda: app_snapshot(app))

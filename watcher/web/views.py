@@ -9,9 +9,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from ..events import rfc3339
-from ..models import FineTuneRef
-from .reports import NotifierHealth, RunSummary
+from watcher.core.events import rfc3339
+from watcher.core.models import FineTuneRef
+from watcher.web.reports import NotifierHealth, RunSummary
 
 PAGE_SIZE = 100
 STALL_AFTER_S = 2 * 3600  # as the OxenFineTuneTrainingStalled alert: no new checkpoint for 2 h ...

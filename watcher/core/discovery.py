@@ -1,0 +1,187 @@
+"""Discovery: reading a source's fine-tune list correctly, and deciding what is new against its baseline.
+
+Lists are newest first, have no total, and shift while being read: a fine-tune created during a read pushes
+entries down (de-duplicated by id here) and is found at the top of the next read; one that disappears is
+never taken as removed (only a 404 of the fine-tune says that). A failed read raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from watcher.config.discovery import DiscoverConfig
+from watcher.core.models import (
+    FINE_TUNE_DISCOVERED,
+    TERMINAL_STATUSES,
+    EventDraft,
+    FineTuneRef,
+    HubFineTune,
+    SourceState,
+)
+from watcher.hub.client import FetchedNotFound
+from watcher.hub.schema import parse_time
+
+log = structlog.get_logger("watcher.discovery")
+
+PAGE_SIZE = 100
+MAX_PAGES = 10
+DAY_S = 86_400.0
+
+
+class FineTuneLister(Protocol):
+    """What discovery needs of the Hub client (HubClient.list_fine_tunes)."""
+
+    async def list_fine_tunes(
+        self,
+        namespace: str,
+        repo: str,
+        *,
+        page: int,
+        page_size: int,
+        created_by: str | None = None,
+        status: str | None = None,
+    ) -> tuple[HubFineTune, ...] | FetchedNotFound:
+        """One page of a repository's fine-tunes, newest first."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ListRead:
+    """One read of a source's list: every fine-tune seen once (newest first), and how the read ended.
+
+    `complete`: a short page ended it (everything was listed); `truncated`: max_pages ended it first.
+    """
+
+    fine_tunes: tuple[HubFineTune, ...]
+    pages: int
+    complete: bool
+    truncated: bool
+
+    @property
+    def by_id(self) -> dict[str, HubFineTune]:
+        """The fine-tunes seen, by id (their statuses are fresh as of this read)."""
+        return {fine_tune.id: fine_tune for fine_tune in self.fine_tunes}
+
+
+class SourceReader:
+    """Reads sources' lists page by page; logs once per source when max_pages cuts a read short."""
+
+    def __init__(self, client: FineTuneLister, *, page_size: int = PAGE_SIZE, max_pages: int = MAX_PAGES) -> None:
+        self._client = client
+        self._page_size = page_size
+        self._max_pages = max_pages
+        self._truncated: set[str] = set()
+
+    async def read(self, source: DiscoverConfig, *, watched_ids: Collection[str] = ()) -> ListRead | FetchedNotFound:
+        """Pages until a short page, every id in watched_ids was seen, or max_pages; PollError when a page fails."""
+        seen: dict[str, HubFineTune] = {}
+        missing = set(watched_ids)
+        pages = 0
+        complete = False
+        while pages < self._max_pages:
+            page = await self._client.list_fine_tunes(
+                source.namespace,
+                source.repo,
+                page=pages + 1,
+                page_size=self._page_size,
+                created_by=source.created_by or None,
+            )
+            if isinstance(page, FetchedNotFound):
+                return page
+            pages += 1
+            for fine_tune in page:
+                seen.setdefault(fine_tune.id, fine_tune)  # a shifted list repeats entries: the first is newest
+                missing.discard(fine_tune.id)
+            if len(page) < self._page_size:
+                complete = True
+                break
+            if watched_ids and not missing:
+                break  # newest first: nothing new can be further down
+        truncated = not complete and pages >= self._max_pages and (not watched_ids or bool(missing))
+        if truncated and source.name not in self._truncated:
+            self._truncated.add(source.name)
+            log.warning("discover.list_truncated", source=source.name, pages=pages, fine_tunes=len(seen))
+        elif not truncated and source.name in self._truncated:
+            self._truncated.discard(source.name)
+            log.info("discover.list_complete", source=source.name, pages=pages, fine_tunes=len(seen))
+        return ListRead(tuple(seen.values()), pages, complete, truncated)
+
+
+def _matches_any(fine_tune: HubFineTune, globs: Iterable[str]) -> bool:
+    names = [fine_tune.id] if fine_tune.name is None else [fine_tune.name, fine_tune.id]
+    return any(fnmatch.fnmatchcase(name, glob) for glob in globs for name in names)
+
+
+def finished_at(fine_tune: HubFineTune) -> float | None:
+    """When a fine-tune finished (finished_at, else updated_at for a terminal status); None while it has not."""
+    finished = parse_time(fine_tune.finished_at)
+    if finished is None and (fine_tune.status or "").casefold() in TERMINAL_STATUSES:
+        finished = parse_time(fine_tune.updated_at)
+    return finished
+
+
+def matches(source: DiscoverConfig, fine_tune: HubFineTune, *, now: float) -> bool:
+    """Whether a source watches this fine-tune: include/exclude globs (exclude wins), creator, max_age_days."""
+    if not _matches_any(fine_tune, source.include) or _matches_any(fine_tune, source.exclude):
+        return False
+    if source.created_by and fine_tune.created_by is not None and fine_tune.created_by != source.created_by:
+        return False  # the Hub filters by creator; this guards against a Hub that ignores the filter
+    finished = finished_at(fine_tune)
+    return finished is None or now - finished <= source.max_age_days * DAY_S
+
+
+def ref_of(source: DiscoverConfig, fine_tune: HubFineTune) -> FineTuneRef:
+    """The reference of a discovered fine-tune: named by the Hub's name, else its id."""
+    return FineTuneRef(source.namespace, source.repo, fine_tune.id, fine_tune.name or fine_tune.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """What one read of a source changes: events, the source's new state, and what it watches now."""
+
+    events: tuple[EventDraft, ...]
+    state: SourceState
+    watch: tuple[HubFineTune, ...]  # the fine-tunes of this read the source watches, newest first
+    new: tuple[HubFineTune, ...]  # the ones first seen in this read (announced unless it was the baseline)
+
+
+def discover(
+    source: DiscoverConfig, old: SourceState, read: ListRead, *, now: float, baseline: bool = True
+) -> Discovery:
+    """The pure decision: fine-tunes of this read not in the source's known ids are new.
+
+    The first read of a source records what it finds silently when `baseline` ([watch] baseline) is on; every
+    id seen becomes known (also ones filtered out, so a filter change later does not announce old runs) and
+    stays known (a fine-tune missing from a list is not gone).
+    """
+    watch = tuple(fine_tune for fine_tune in read.fine_tunes if matches(source, fine_tune, now=now))
+    new = tuple(fine_tune for fine_tune in watch if fine_tune.id not in old.known_ids)
+    silent = baseline and not old.baselined
+    events = () if silent else tuple(_discovered(source, fine_tune) for fine_tune in reversed(new))
+    known = old.known_ids | {fine_tune.id for fine_tune in read.fine_tunes}
+    return Discovery(events, SourceState(baselined=True, known_ids=frozenset(known)), watch, new)
+
+
+def _discovered(source: DiscoverConfig, fine_tune: HubFineTune) -> EventDraft:
+    return EventDraft(
+        FINE_TUNE_DISCOVERED,
+        {
+            "fine_tune": ref_of(source, fine_tune).as_data(),
+            "source": source.name,
+            "status": fine_tune.status,
+            "created_at": fine_tune.created_at,
+            "base_model": fine_tune.base_model,
+            "created_by": fine_tune.created_by,
+        },
+    )
+
+
+def unseen(watched_ids: Collection[str], read: ListRead) -> Sequence[str]:
+    """Watched ids this read did not list (shifted off, past the pages read, or deleted): read them one by one."""
+    listed = {fine_tune.id for fine_tune in read.fine_tunes}
+    return sorted(fine_tune_id for fine_tune_id in watched_ids if fine_tune_id not in listed)

@@ -1,0 +1,363 @@
+"""Wiring: config -> scheduler -> client -> diff -> store -> dispatcher, with signals and a clean shutdown.
+
+The parts live in their own modules: `poller` (one fine-tune's poll and its state object), `scheduling` (when
+each poll is due), `reload` (plan, then apply), `health` (verdicts); this module builds and runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC
+from typing import Any
+
+import httpx
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from prometheus_client import CollectorRegistry
+
+from watcher import __version__
+from watcher.config.load import Config, load_config
+from watcher.daemon.health import liveness, readiness, status_line, watch_task
+from watcher.daemon.lifecycle_jobs import LifecycleJobs
+from watcher.daemon.poller import EventSink, PollHealth, PollReport, WatchedFineTune, Watcher, ref_of
+from watcher.daemon.reload import apply_reload, plan_reload
+from watcher.daemon.replicas.wiring import attach
+from watcher.daemon.retention import RetentionJob
+from watcher.daemon.runtime import Secrets, build_runtime, make_client, on_poll_retry, public_url, resolve_all
+from watcher.daemon.scheduling import SCHEDULE_GRID_S, PollDriver, PollSchedule
+from watcher.errors import ConfigError
+from watcher.hub.client import HubClient
+from watcher.observe.logs import REDACTOR
+from watcher.observe.metrics import Metrics
+from watcher.observe.server import HttpServer, Verdict
+from watcher.observe.systemd import Notifier as SystemdNotifier
+from watcher.store import DispatchLock
+
+__all__ = [
+    "SCHEDULE_GRID_S",
+    "App",
+    "EventSink",
+    "PollHealth",
+    "PollReport",
+    "Secrets",
+    "WatchedFineTune",
+    "Watcher",
+    "build_runtime",
+    "make_client",
+    "on_poll_retry",
+    "public_url",
+    "ref_of",
+    "resolve_all",
+]
+
+from watcher.web.site import StatusPages
+
+log = structlog.get_logger("watcher")
+LOCK_RETRY_S = 1.0  # how often a daemon waiting for the dispatch lock tries again
+
+
+class App:
+    """The daemon: poll driver, dispatcher, HTTP endpoints, systemd notifications, signals and reloads."""
+
+    def __init__(
+        self,
+        config: Config,
+        secrets: Secrets,
+        *,
+        config_path: str | None = None,
+        registry: CollectorRegistry | None = None,
+        sinks: Sequence[EventSink] = (),
+        sd: SystemdNotifier | None = None,
+        hub_transport: httpx.AsyncBaseTransport | None = None,
+        notifier_transport: httpx.AsyncBaseTransport | None = None,
+        reload_requested: Callable[[], bool] | None = None,
+    ) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.config_path = config_path
+        self.metrics = Metrics(registry or CollectorRegistry(), version=__version__)
+        self.sd = sd or SystemdNotifier()
+        self.hub_transport = hub_transport
+        self.notifier_transport = notifier_transport
+        self._reload_requested = reload_requested  # a SIGHUP caught before the event loop took the signals
+        REDACTOR.add(secrets.values())
+        self.watcher, self.dispatcher = build_runtime(
+            config,
+            token=secrets.hub_token,
+            secrets=secrets.notifiers,
+            metrics=self.metrics,
+            sinks=sinks,
+            hub_transport=hub_transport,
+            notifier_transport=notifier_transport,
+            state_url=secrets.state_url,
+        )
+        self.server = HttpServer(
+            host=config.http.host,
+            port=config.http.port,
+            registry=self.metrics.registry,
+            liveness=self.liveness,
+            readiness=self.readiness,
+            token=secrets.metrics_token,
+            # on PostgreSQL every replica serves the page from the shared database: every fine-tune, owned or not
+            pages=StatusPages.for_app(self),
+        )
+        # housekeeping jobs (hourly and the like); the polls have their own monotonic driver (scheduling.py)
+        self.scheduler: AsyncIOScheduler | None = None
+        self.watcher.client.on_request = self.metrics.observe_hub_request
+        # checkpoint polls, source reads and the status sweep: one monotonic schedule (lifecycle_poller.py)
+        self.lifecycle = LifecycleJobs(self.watcher, on_change=lambda: self.reschedule(self.config))
+        self.driver = PollDriver(PollSchedule(grid_s=SCHEDULE_GRID_S), self.lifecycle.run, on_skip=self._skipped)
+        self.lifecycle.scheduled = self.driver.schedule.interval_of
+        self.stop = asyncio.Event()
+        self.started = False
+        self._loaded = False
+        self._beat = time.monotonic()
+        self._driver_task: asyncio.Task[None] | None = None
+        self._dispatch_task: asyncio.Task[None] | None = None
+        self._ticker_task: asyncio.Task[None] | None = None
+        self.retention = RetentionJob(
+            store=self.watcher.store, in_store=self.watcher.in_store, retain_days=config.model.state.retain_days
+        )
+        self._retention_task: asyncio.Task[None] | None = None
+        self._retired: list[Any] = []  # replaced Hub clients not closed yet (polls may still hold them)
+        self._closing: set[asyncio.Task[None]] = set()
+        self._reloading = asyncio.Lock()
+        self._reload_pending = False
+        self._reloads: set[asyncio.Task[bool]] = set()
+        # SQLite: one process delivers the outbox; replicas on PostgreSQL each deliver the lanes they own
+        self._dispatch_lock = None if config.state.postgresql else DispatchLock(config.state_path())
+        self.delivering = False  # holds the dispatch lock
+        self.keeper = attach(self)  # the lease keeper on PostgreSQL; None on SQLite (this process owns everything)
+        self._leases_task: asyncio.Task[None] | None = None
+
+    # --- parts the reload steps use -----------------------------------------------------------------
+
+    def make_client(self, config: Config, token: str) -> HubClient:
+        """A Hub client for a (re)loaded config."""
+        client = make_client(config, token, transport=self.hub_transport)
+        client.on_request = self.metrics.observe_hub_request
+        return client
+
+    def retire(self, closable: Any) -> None:
+        """Close a replaced Hub client once the polls running now (which may still use it) have ended."""
+        self._retired.append(closable)
+        task = asyncio.get_running_loop().create_task(self._close_when_idle(closable, self.watcher.in_flight()))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_when_idle(self, closable: Any, polls: set[asyncio.Task[Any]]) -> None:
+        if polls:
+            await asyncio.wait(polls)
+        try:
+            await closable.aclose()
+        except Exception:  # the top of a close job: a failed close leaks one pool, it must not stop the daemon
+            log.exception("hub.client_close_failed")
+        finally:
+            with contextlib.suppress(ValueError):
+                self._retired.remove(closable)
+
+    def reschedule(self, config: Config) -> None:
+        """Schedule the jobs of a config (unchanged ones keep their phase): each fine-tune's checkpoint polls at
+        the interval of its status, source reads, the status sweep. Replicas: only owned fine-tunes are watched."""
+        self.driver.reschedule(self.lifecycle.wanted(config), jitter_s=config.watch.jitter_s)
+        self.lifecycle.update_metrics()
+
+    def _skipped(self, key: str) -> None:
+        self.metrics.polls_skipped.inc()
+
+    # --- health -------------------------------------------------------------------------------------
+
+    def liveness(self) -> Verdict:
+        """Alive while the poll driver, the dispatcher and the ticker run (and, replicas, lease renewals work)."""
+        verdict = liveness(
+            now=time.monotonic(),
+            beat=self._beat,
+            tasks={
+                "scheduler": self._driver_task,
+                "dispatcher": self._dispatch_task,
+                "ticker": self._ticker_task,
+                "retention": self._retention_task,
+                **({"leases": self._leases_task} if self.keeper is not None and self.started else {}),
+            },
+            dispatcher_beat=self.dispatcher.last_beat if self.delivering else None,
+        )
+        problem = self.keeper.problem() if self.keeper is not None else None
+        if problem is None:
+            return verdict
+        return Verdict(False, "; ".join(part for part in (verdict.reason, problem) if part))
+
+    def readiness(self) -> Verdict:
+        """Ready once the store is open and every fine-tune has been polled once."""
+        return readiness(loaded=self._loaded, health=self.watcher.health)
+
+    def status_line(self) -> str:
+        """The STATUS= line systemd shows."""
+        return status_line(
+            health=self.watcher.health.values(),
+            pending=self.metrics.state.pending_total(),
+            throttled=self.watcher.client.gate.throttled,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight work within the grace period."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if self._reload_requested is not None and self._reload_requested():
+            self.request_reload()
+        try:
+            await self.watcher.load()
+            if self.keeper is not None:  # the first round: claim a share before polling
+                await self.keeper.step()
+            await self.lifecycle.load_records()
+            await self.dispatcher.report_outbox()
+            self._loaded = True
+            await self.server.start()
+            self.scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
+            self.scheduler.start()
+            self.reschedule(self.config)
+            dispatching = asyncio.Event()
+            self._driver_task = asyncio.create_task(self.driver.run(), name="scheduler")
+            self._dispatch_task = asyncio.create_task(self._deliver(dispatching), name="dispatcher")
+            self._ticker_task = asyncio.create_task(self._tick(), name="ticker")
+            # at start, then hourly; small batches on the store thread, interleaved with the polls' commits
+            self._retention_task = asyncio.create_task(self.retention.run_forever(), name="retention")
+            if self.keeper is not None:
+                self._leases_task = asyncio.create_task(self.keeper.run_forever(), name="leases")
+                watch_task(self._leases_task, what="leases", stopping=self.stop.is_set)
+            for task in (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task):
+                watch_task(task, what=task.get_name(), stopping=self.stop.is_set)
+            log.info(
+                "watcher.started",
+                fine_tunes=len(self.watcher.fine_tunes),
+                notifiers=len(self.dispatcher.notifiers),
+                hub=public_url(self.config.hub.url),
+                listen=f"{self.config.http.host}:{self.server.port}",
+            )
+            self.sd.send(ready="1", status=self.status_line())
+            self.started = True
+            if self._reload_pending:  # a SIGHUP during start-up, applied now
+                self._reload_pending = False
+                self.request_reload()
+            await self.stop.wait()
+            log.info("watcher.stopping")
+            self.sd.send(stopping="1", status="stopping: finishing in-flight work")
+            # no new polls; in-flight ones get the grace period to finish and commit
+            self.driver.paused = True
+            self._driver_task.cancel()
+            self._retention_task.cancel()  # no new prune batches while in-flight work drains
+            dispatching.set()
+            await asyncio.wait([self._dispatch_task], timeout=5)
+            grace = self.config.watch.shutdown_grace_s
+            await asyncio.gather(self.watcher.drain(grace), self.dispatcher.drain(grace))
+            if self._leases_task is not None:
+                self._leases_task.cancel()
+            if self.keeper is not None:  # the other replicas take this one's fine-tunes over at once
+                await self.keeper.leave()
+            self.scheduler.shutdown(wait=False)
+            self._ticker_task.cancel()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(signum)
+            tasks = (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task, self._leases_task)
+            for running in tasks:
+                if running is not None and not running.done():
+                    running.cancel()
+            await self.server.stop()
+            if self._dispatch_lock is not None:
+                self._dispatch_lock.release()
+            await self.dispatcher.aclose()
+            await self.watcher.aclose()
+            for closing in list(self._closing):
+                closing.cancel()
+            for retired in list(self._retired):
+                with contextlib.suppress(Exception):
+                    await retired.aclose()
+            log.info("watcher.stopped")
+
+    async def _deliver(self, stop: asyncio.Event) -> None:
+        """Deliver only while holding the dispatch lock; until then, try again every second."""
+        waiting = False
+        while self._dispatch_lock is not None and not self._dispatch_lock.acquire():
+            if not waiting:
+                log.warning("dispatch.lock_busy", hint="another process delivers this outbox; waiting for it")
+                waiting = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LOCK_RETRY_S)
+            if stop.is_set():
+                return
+        if waiting:
+            log.info("dispatch.lock_acquired")
+        self.delivering = True
+        self.dispatcher.last_beat = time.monotonic()
+        await self.dispatcher.run(stop)
+
+    async def _tick(self) -> None:
+        last_watchdog = last_status = 0.0
+        while True:
+            now = time.monotonic()
+            self._beat = now
+            watchdog = self.sd.watchdog_s
+            # only a healthy process pets the watchdog, so systemd restarts a wedged one
+            if watchdog and now - last_watchdog >= watchdog / 2 and self.liveness().ok:
+                self.sd.send(watchdog="1")
+                last_watchdog = now
+            await self.watcher.flush_touches()
+            if now - last_status >= 10:
+                self.sd.send(status=self.status_line())
+                last_status = now
+            await asyncio.sleep(1)
+
+    # --- reload -------------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload now, or once started when it arrives during start-up."""
+        if not self.started:
+            if not self._reload_pending:
+                log.info("reload.deferred", reason="still starting; applied once started")
+            self._reload_pending = True
+            return
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> bool:
+        """Re-read the config and apply it all or nothing; an invalid one is rejected, the old one keeps running."""
+        async with self._reloading:
+            if self.config_path is None:
+                log.warning("reload.unsupported", reason="no config file")
+                return False
+            self.sd.send(status="reloading the configuration")
+            try:
+                return await self._reload()
+            finally:
+                self.sd.send(status=self.status_line())
+
+    async def _reload(self) -> bool:
+        assert self.config_path is not None
+        try:
+            config = load_config(self.config_path)
+            secrets = resolve_all(config)
+        except ConfigError as err:
+            log.error("reload.rejected", error=str(err), hint="the previous configuration keeps running")
+            return False
+        try:
+            plan = plan_reload(self, config, secrets)
+        except Exception as err:
+            log.exception("reload.failed", error=type(err).__name__, hint="the previous configuration keeps running")
+            return False
+        try:
+            apply_reload(self, plan)
+        except Exception as err:
+            log.exception("reload.failed", error=type(err).__name__, hint="the previous configuration keeps running")
+            await plan.discard(self)
+            return False
+        return True

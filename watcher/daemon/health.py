@@ -1,0 +1,68 @@
+"""The daemon's health: liveness and readiness verdicts, the systemd STATUS= line, and its watched tasks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import structlog
+
+from watcher.daemon.poller import PollHealth
+from watcher.observe.server import Verdict
+
+log = structlog.get_logger("watcher")
+LOOP_SILENT_S = 10.0
+DISPATCHER_SILENT_S = 30.0
+
+
+def watch_task(task: asyncio.Task[Any], *, what: str, stopping: Callable[[], bool]) -> None:
+    """Log a long-lived task that dies (with its traceback); liveness reports it as stopped."""
+
+    def done(finished: asyncio.Task[Any]) -> None:
+        if finished.cancelled() or (stopping() and finished.exception() is None):
+            return
+        error = finished.exception()
+        if error is not None:
+            log.error("task.died", task=what, error=type(error).__name__, exc_info=error)
+        else:
+            log.error("task.died", task=what, error="returned")
+
+    task.add_done_callback(done)
+
+
+def liveness(
+    *,
+    now: float,
+    beat: float,
+    tasks: Mapping[str, asyncio.Task[Any] | None],
+    dispatcher_beat: float | None,
+) -> Verdict:
+    """Alive while the scheduler, the dispatcher and the ticker run and the main loop answers."""
+    problems = [f"{name} stopped" for name, task in tasks.items() if task is None or task.done()]
+    if now - beat > LOOP_SILENT_S:
+        problems.append(f"main loop silent for {now - beat:.0f}s")
+    silent = dispatcher_beat is not None and now - dispatcher_beat > DISPATCHER_SILENT_S
+    if silent and dispatcher_beat is not None and "dispatcher stopped" not in problems:
+        problems.append(f"dispatcher silent for {now - dispatcher_beat:.0f}s")
+    return Verdict(not problems, "; ".join(problems))
+
+
+def readiness(*, loaded: bool, health: Mapping[str, PollHealth]) -> Verdict:
+    """Ready once the store is open and every fine-tune has been polled once (or is held back)."""
+    if not loaded:
+        return Verdict(False, "opening the state database")
+    waiting = [key for key, entry in health.items() if entry.polls == 0 and not entry.deferred]
+    if waiting:
+        return Verdict(
+            False, f"waiting for the first poll of {len(waiting)} fine-tunes", {"waiting": sorted(waiting)[:20]}
+        )
+    return Verdict(True)
+
+
+def status_line(*, health: Iterable[PollHealth], pending: int, throttled: bool = False) -> str:
+    """The STATUS= line systemd shows."""
+    entries = list(health)
+    failing = sum(1 for entry in entries if entry.last_outcome in ("error", "unauthorized"))
+    line = f"watching {len(entries)} fine-tunes, {failing} failing, {pending} deliveries pending"
+    return line + ", Hub throttling (backing off)" if throttled else line

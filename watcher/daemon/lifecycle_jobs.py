@@ -1,0 +1,307 @@
+"""Lifecycle and discovery in the daemon: source reads, status freshness, adaptive checkpoint intervals, the
+final checkpoint poll of a finished run, and stalls.
+
+Everything runs as jobs of the one monotonic PollDriver: a fine-tune's key polls its checkpoints (every
+checkpoint_interval() of its status), `SOURCE_PREFIX + name` reads a [[discover]] source's list, and
+`SWEEP_KEY` keeps every status fresh (GET .../fine_tunes/{id} for the ones no list read refreshed) and checks
+for stalls. The rules themselves are pure (discovery.py, lifecycle.py); the state lives in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import structlog
+
+from watcher.config.load import Config
+from watcher.core.discovery import SourceReader
+from watcher.core.lifecycle import LifecycleOptions, checkpoint_interval, wants_final_poll
+from watcher.core.models import FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess
+from watcher.daemon.poller import PollReport, WatchedFineTune, Watcher
+from watcher.daemon.sources import SourceReads, _Source
+from watcher.errors import LeaseLost, PollError, StoreError
+from watcher.hub.client import FetchedNotFound
+from watcher.store import LifecycleRecord
+
+log = structlog.get_logger("watcher.lifecycle")
+T = TypeVar("T")
+SOURCE_PREFIX = "\x00source:"
+SWEEP_KEY = "\x00lifecycle"
+
+
+def sweep_interval(config: Config) -> float:
+    """How often statuses and stalls are checked: a tenth of status_interval_s, between 0.5 and 5 s."""
+    return min(5.0, max(0.5, config.lifecycle.status_interval_s / 10))
+
+
+class LifecycleJobs(SourceReads):
+    """The lifecycle and discovery jobs of one daemon (or of `once`)."""
+
+    def __init__(
+        self, watcher: Watcher, *, on_change: Callable[[], None] | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.watcher = watcher
+        self.on_change = on_change  # the intervals changed: reschedule
+        self.clock = clock
+        self.reader = SourceReader(self)
+        self._sources: dict[str, _Source] = {}
+        self._listed: set[str] = set()  # keys whose status a source's list keeps fresh
+        self.scheduled: Callable[[str], float | None] | None = None  # a key's interval in the PollDriver now
+        self._batching = False
+        self._pending = False
+        self._store_failing = False
+        self.source_fence = None  # replicas: set by source_leases.attach_sources
+        self.on_source_fenced = None
+
+    @property
+    def options(self) -> LifecycleOptions:
+        """The lifecycle rules' options from [lifecycle]."""
+        return LifecycleOptions(stall_after_s=self.config.lifecycle.stall_after_s)
+
+    # --- the schedule ---------------------------------------------------------------------------------
+
+    def interval_of(self, watched: WatchedFineTune, config: Config) -> float | None:
+        """A fine-tune's checkpoint interval in its status (None: status reads only)."""
+        status = watched.lifecycle.state.status if watched.lifecycle is not None else None
+        checkpoints = self.watcher.store.load_cached(watched.ref.key).checkpoints
+        return checkpoint_interval(
+            status,
+            (checkpoint.deployment_status for checkpoint in checkpoints.values()),
+            interval_s=watched.interval_s,
+            idle_interval_s=config.lifecycle.idle_interval_s,
+        )
+
+    def wanted(self, config: Config) -> dict[str, float]:
+        """Every job of a config: checkpoint polls (adaptive), source reads, the status sweep."""
+        wanted: dict[str, float] = {}
+        for key, watched in self.watcher.fine_tunes.items():
+            interval = self.interval_of(watched, config)
+            if interval is not None:
+                wanted[key] = interval
+            elif not watched.health.polls:
+                watched.health.deferred = True  # no checkpoint poll in this status: ready without one
+        for source in config.discover:
+            if self.reads(source):  # replicas: only the sources whose lease this one holds
+                wanted[SOURCE_PREFIX + source.name] = source.interval_s
+        if self.watcher.fine_tunes or config.discover:
+            wanted[SWEEP_KEY] = sweep_interval(config)
+        return wanted
+
+    def update_metrics(self) -> None:
+        """oxen_watcher_watched_fine_tunes{source} and oxen_fine_tune_status for what is watched now."""
+        metrics = self.watcher.metrics
+        if metrics is None or not self.watcher.commit:
+            return
+        counts: dict[str, int] = {"config": 0} if self.config.fine_tunes else {}
+        counts.update({source.name: 0 for source in self.config.discover})
+        for watched in self.watcher.fine_tunes.values():
+            counts[watched.source] = counts.get(watched.source, 0) + 1
+            status = watched.lifecycle.state.status if watched.lifecycle is not None else None
+            metrics.lifecycle.set_status(watched.ref, status)
+        metrics.lifecycle.set_watched(counts)
+        metrics.lifecycle.retain(self.watcher.fine_tunes)
+
+    def _changed(self) -> None:
+        if self._batching:  # one reschedule at the end of a list read, not one per fine-tune in it
+            self._pending = True
+            return
+        self.update_metrics()
+        if self.on_change is not None:
+            self.on_change()
+
+    # --- jobs -------------------------------------------------------------------------------------------
+
+    async def run(self, key: str) -> object:
+        """The PollDriver's job: one checkpoint poll, source read or sweep; never raises (but cancellation)."""
+        try:
+            if key == SWEEP_KEY:
+                await self.sweep()
+                return None
+            if key.startswith(SOURCE_PREFIX):
+                return await self.read_source(key.removeprefix(SOURCE_PREFIX))
+            result = await self.poll(key)
+        except asyncio.CancelledError:
+            raise
+        except StoreError as err:  # the store failing: said once (the polls say it too), tried again next time
+            if not self._store_failing:
+                log.error("lifecycle.store_failed", job=key.lstrip("\x00"), error=str(err))
+            self._store_failing = True
+            return None
+        except Exception as err:  # the top of a job: the next one still runs
+            log.exception("lifecycle.job_crashed", job=key.lstrip("\x00"), error=type(err).__name__)
+            return None
+        if self._store_failing and isinstance(result, PollReport) and result.error is None:
+            log.info("lifecycle.store_recovered")
+            self._store_failing = False
+        return result
+
+    async def poll(self, key: str) -> PollReport | None:
+        """A checkpoint poll, then the lifecycle's view of it (newest checkpoint, stall end, interval)."""
+        report = await self.watcher.poll(key)
+        watched = self.watcher.fine_tunes.get(key)
+        if report is None or watched is None or not watched.watched:
+            return report
+        if isinstance(report.result, PollSuccess):  # the checkpoints may have changed
+            await self.advance(watched, None)
+            if self.scheduled is not None and self.interval_of(watched, self.config) != self.scheduled(key):
+                self._changed()  # a deployment went transitional (or settled)
+        return report
+
+    async def load_records(self, keys: list[str] | None = None) -> None:
+        """Read the persisted lifecycle of watched fine-tunes not loaded yet (at start, after adoptions)."""
+        wanted = [k for k, w in self.watcher.fine_tunes.items() if w.lifecycle is None and (keys is None or k in keys)]
+        if not wanted:
+            return
+        records = await self.watcher.in_store(self.watcher.store.load_lifecycle, wanted)
+        for key in wanted:
+            watched = self.watcher.fine_tunes.get(key)
+            if watched is not None and watched.lifecycle is None:
+                watched.lifecycle = records.get(key, LifecycleRecord(LifecycleState(), watched.source))
+
+    async def advance(self, watched: WatchedFineTune, fine_tune: HubFineTune | None) -> None:
+        """Commit what a status read (or the committed checkpoints alone) changes, and publish its events."""
+        watcher = self.watcher
+        committed = await self._commit(
+            watched.ref.key,
+            watcher.store.apply_lifecycle,
+            watched.ref,
+            fine_tune,
+            options=self.options,
+            now=self.clock(),
+            source=watched.source,
+            commit=watcher.commit,
+            route=watcher.route,
+        )
+        if committed is None:
+            return
+        old = watched.lifecycle
+        record = committed.record
+        if old is not None and (old.status_at or 0.0) > (record.status_at or 0.0):
+            # statuses read without a change are fresh in memory only (no write per list read)
+            record = replace(record, status_at=old.status_at)
+        watched.lifecycle = record
+        for event in committed.events:
+            self.watcher.publish(event)
+        if watched.watched and (old is None or old.state.status != record.state.status):
+            if old is not None and old.state.status is not None:
+                log.info("lifecycle.status", fine_tune=watched.ref.key, status=record.state.status)
+            self._changed()
+
+    async def _commit(self, key: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """A store write of one fine-tune; replicas: under its lease, as polls commit (None: another replica owns
+        it now, or the commit was fenced)."""
+        watcher = self.watcher
+        fence = watcher.fences(key) if watcher.fences is not None else None
+        if watcher.fences is not None and fence is None:
+            return None
+        try:  # only the PostgreSQL store takes a fence
+            return await watcher.in_store(fn, *args, **kwargs, **({"fence": fence} if fence is not None else {}))
+        except LeaseLost as err:  # another replica took the fine-tune over: nothing was committed
+            log.warning("lifecycle.fenced", fine_tune=key, error=str(err))
+            if watcher.on_fenced is not None and fence is not None:
+                watcher.on_fenced(key, fence[1])
+            return None
+
+    async def observe_status(self, watched: WatchedFineTune, fine_tune: HubFineTune) -> None:
+        """A fresh status: on the way to a terminal one, the final checkpoints are committed first."""
+        record = watched.lifecycle
+        if record is None:
+            await self.load_records([watched.ref.key])
+            record = watched.lifecycle
+        assert record is not None
+        old = record.state
+        if (
+            old.status is not None
+            and fine_tune.status == old.status
+            and (fine_tune.error, fine_tune.started_at or old.started_at, fine_tune.finished_at or old.finished_at)
+            == (old.error, old.started_at, old.finished_at)
+        ):
+            watched.lifecycle = replace(record, status_at=self.clock())  # fresh, nothing to write
+            return
+        if wants_final_poll(old, fine_tune):
+            report = await self.watcher.poll(watched.ref.key)  # committed before the status_changed event
+            if report is None or not report.answered_200:
+                log.warning("lifecycle.final_poll_failed", fine_tune=watched.ref.key, status=fine_tune.status)
+        await self.advance(watched, fine_tune)
+
+    async def refresh_status(self, watched: WatchedFineTune) -> None:
+        """GET .../fine_tunes/{id}: a 404 is the existing fine_tune.not_found."""
+        ref = watched.ref
+        try:
+            fine_tune = await self.watcher.client.get_fine_tune(ref.namespace, ref.repo, ref.id)
+        except PollError as err:
+            log.debug("lifecycle.status_failed", fine_tune=ref.key, error=err.message, http_status=err.http_status)
+            return
+        if isinstance(fine_tune, FetchedNotFound):
+            await self.not_found(ref)
+            if watched.lifecycle is not None:
+                watched.lifecycle = replace(watched.lifecycle, status_at=self.clock())
+            return
+        await self.observe_status(watched, fine_tune)
+
+    async def not_found(self, ref: FineTuneRef) -> None:
+        """Commit a 404 like a checkpoint poll's (fine_tune.not_found once, until it answers again)."""
+        watcher = self.watcher
+        committed = await self._commit(
+            ref.key,
+            watcher.store.apply_poll,
+            ref,
+            PollNotFound(),
+            options=watcher.options,
+            now=self.clock(),
+            commit=watcher.commit,
+            route=watcher.route,
+        )
+        for event in committed.events if committed else ():
+            watcher.publish(event)
+
+    async def sweep(self) -> None:
+        """Keep every status at most status_interval_s old, and check running fine-tunes for a stall."""
+        await self.load_records()
+        config = self.config
+        now = self.clock()
+        step = sweep_interval(config)
+        due: list[WatchedFineTune] = []
+        stalls: list[WatchedFineTune] = []
+        for key, watched in list(self.watcher.fine_tunes.items()):
+            record = watched.lifecycle
+            if record is None:
+                continue
+            # a list read refreshes it: a GET only when that read is late (failing); else just in time
+            late = max(2 * step, config.lifecycle.status_interval_s / 2)
+            slack = config.watch.jitter_s + late if key in self._listed else -step
+            if record.status_at is None or now - record.status_at >= config.lifecycle.status_interval_s + slack:
+                due.append(watched)
+            elif (
+                config.lifecycle.stall_after_s > 0
+                and (record.state.status or "").casefold() == "running"
+                and not record.state.stalled
+            ):
+                stalls.append(watched)
+        await asyncio.gather(*(self.refresh_status(watched) for watched in due))
+        for watched in stalls:
+            if watched.watched:
+                await self.advance(watched, None)
+
+    async def once(self) -> None:
+        """`once`: read every source, then the status of each fine-tune no list refreshed."""
+        for source in self.config.discover:
+            await self.run(SOURCE_PREFIX + source.name)
+        await self.load_records()
+        read_at = self.clock()
+        stale = [
+            watched
+            for watched in self.watcher.fine_tunes.values()
+            if watched.lifecycle is None
+            or watched.lifecycle.status_at is None
+            or watched.lifecycle.status_at < read_at - 1
+        ]
+        for outcome in await asyncio.gather(*(self.refresh_status(w) for w in stale), return_exceptions=True):
+            if isinstance(outcome, StoreError):  # e.g. a read-only database from before lifecycle (--dry-run)
+                log.error("lifecycle.store_failed", job="once", error=str(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome

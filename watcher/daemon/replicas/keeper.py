@@ -1,0 +1,332 @@
+"""Replicas on PostgreSQL: the lease keeper that decides which fine-tunes this process polls and delivers.
+
+Every `renew_s` the keeper renews its leases (one missing from the answer was taken over: `expired`), gives up
+those above its fair share (`released`) and claims free or expired ones up to it (`acquired`). The watcher then
+holds only the owned fine-tunes (so health, readiness and per-fine-tune gauges cover only them), the poll driver
+schedules only them, each poll commits under its lease's epoch (a `fenced` commit drops the fine-tune at once),
+and the dispatcher delivers only their lanes. The [[discover]] sources' leases go the same rounds, with a fair
+share of their own: only the owner of a source reads its list (source_leases.py). On SQLite there is one process
+and no keeper: it owns everything. The wiring into the daemon and `once` is in replica_setup.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+import structlog
+
+from watcher.errors import StoreError
+from watcher.observe.metrics import Metrics
+from watcher.store.postgres.base import store_error
+from watcher.store.postgres.leases import Claim, Lease, Leases, is_source_lease
+
+log = structlog.get_logger("watcher.replicas")
+T = TypeVar("T")
+RETENTION_LOCK = 0x6F78_6E77_7265_7401  # pg advisory lock key: one replica prunes at a time
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """What one renewal round found in the database."""
+
+    renewed: tuple[Lease, ...]
+    released: tuple[str, ...]
+    claim: Claim
+    unowned: int
+    sources_released: tuple[str, ...] = ()
+    sources_acquired: tuple[Lease, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Changes:
+    """What one round changed for one kind of lease (fine-tunes or sources)."""
+
+    held: dict[str, int]
+    expired: list[str]
+    released: list[str]
+    acquired: list[str]
+
+
+def _changes(
+    owned: dict[str, int], renewed: Sequence[Lease], released: Sequence[str], acquired: Sequence[Lease]
+) -> _Changes:
+    held = {lease.key: lease.epoch for lease in renewed}
+    for key in released:
+        held.pop(key, None)
+    expired = [key for key in owned if key not in held and key not in released]
+    readopted = [key for key in held if key not in owned]  # leases kept through an outage
+    for lease in acquired:
+        held[lease.key] = lease.epoch
+    gained = sorted({*readopted, *(lease.key for lease in acquired)})
+    return _Changes(held, expired, [key for key in released if key in owned], gained)
+
+
+class LeaseKeeper:
+    """Holds this replica's leases; tells the watcher which fine-tunes it owns, at which epoch."""
+
+    def __init__(
+        self,
+        leases: Leases,
+        *,
+        keys: Callable[[], Collection[str]],
+        lease_s: float,
+        renew_s: float,
+        metrics: Metrics | None = None,
+        pool_stats: Callable[[], dict[str, int]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sources: Callable[[], Collection[str]] | None = None,
+    ) -> None:
+        self.leases = leases
+        self.replica = leases.replica
+        self._keys = keys
+        self.source_keys = sources  # the lease keys of the [[discover]] sources (leases.source_lease_key)
+        self.lease_s = lease_s
+        self.renew_s = renew_s
+        self._metrics = metrics
+        self._pool_stats = pool_stats
+        self._clock = clock
+        self.owned: dict[str, int] = {}  # fine-tune key -> epoch of the lease held
+        self.sources_owned: dict[str, int] = {}  # source lease key -> epoch
+        self.last_ok = clock()  # when the last successful round started (leases good for lease_s from then)
+        self.failing_since: float | None = None  # a round failed (database unreachable) since then
+        self._attempt: float | None = None  # a round in progress since then
+        self.live = 0
+        self.on_change: Callable[[Collection[str]], Any] | None = None  # set by the app: (acquired keys) -> awaitable
+        self.on_lost: Callable[[Collection[str]], None] | None = None  # set by the app: leases gone
+        # set by the app: (source leases acquired, source leases lost); and what to do after each good round
+        self.on_sources: Callable[[Collection[str], Collection[str]], None] | None = None
+        self.after_round: Callable[[], Awaitable[None]] | None = None
+        self._executor = ThreadPoolExecutor(1, "leases")
+
+    # --- what the rest of the daemon asks ---------------------------------------------------------------
+
+    def owns(self, key: str) -> bool:
+        """Whether this replica holds the fine-tune's lease (as of its last round)."""
+        return key in self.owned
+
+    def fence(self, key: str) -> tuple[str, int] | None:
+        """(replica, epoch) a poll of this fine-tune commits under; None when not owned."""
+        epoch = self.owned.get(key)
+        return None if epoch is None or self.stale() else (self.replica, epoch)
+
+    def fence_source(self, key: str) -> tuple[str, int] | None:
+        """(replica, epoch) a read of a source commits under; None when another replica reads it."""
+        epoch = self.sources_owned.get(key)
+        return None if epoch is None or self.stale() else (self.replica, epoch)
+
+    def lanes(self) -> list[str]:
+        """The fine-tunes whose outbox lanes this replica delivers: the owned ones, while the leases are fresh."""
+        return [] if self._clock() - self.last_ok > self.lease_s else sorted(self.owned)
+
+    def stale(self) -> bool:
+        """Renewing has been failing past the lease deadline: the replica polls and delivers nothing."""
+        now = self._clock()
+        failing = self.failing_since is not None or (self._attempt is not None and now - self._attempt > self.renew_s)
+        return failing and now - self.last_ok > self.lease_s
+
+    def problem(self) -> str | None:
+        """The liveness problem, if any."""
+        if not self.stale():
+            return None
+        return f"lease renewals failing for {self._clock() - self.last_ok:.0f}s (lease {self.lease_s:g}s)"
+
+    # --- the rounds ------------------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(*args))
+
+    def _round(self, keys: Sequence[str], sources: Sequence[str]) -> Round:
+        renewed = self.leases.renew()
+        released = self.leases.release_excess(keys)
+        claim = self.leases.claim(keys)
+        found = Round(tuple(renewed), tuple(released), claim, self.leases.unowned(keys))
+        if not sources and not any(is_source_lease(lease.key) for lease in renewed):
+            return found  # no source configured, none held: two transactions saved
+        sources_released = self.leases.release_excess(sources, sources=True)
+        sources_claim = self.leases.claim(sources)
+        return Round(
+            found.renewed, found.released, claim, found.unowned, tuple(sources_released), sources_claim.acquired
+        )
+
+    async def step(self) -> None:
+        """One round: renew, release the excess, claim the fair share (of fine-tunes, then of sources); apply what
+        changed, then run `after_round`."""
+        keys = sorted(self._keys())
+        sources = sorted(self.source_keys()) if self.source_keys is not None else []
+        started = self._attempt = self._clock()
+        try:
+            found = await self._call(self._round, keys, sources)
+        except StoreError as err:
+            self._attempt = None
+            self._failed(err)
+            return
+        finally:
+            self._report_pool()
+        self._attempt = None
+        self.last_ok = started
+        if self.failing_since is not None:
+            log.info("replica.renew_recovered", replica=self.replica)
+            self.failing_since = None
+        fine_tunes = [lease for lease in found.renewed if not is_source_lease(lease.key)]
+        changed = _changes(self.owned, fine_tunes, found.released, found.claim.acquired)
+        held, expired, released, acquired = changed.held, changed.expired, changed.released, changed.acquired
+        self.owned = held
+        self.live = found.claim.live
+        changed_sources = self._sources_round(found)
+        for change in ("expired", "released", "acquired"):
+            self._count(change, len(getattr(changed, change)) + len(getattr(changed_sources, change)))
+        if expired or released or acquired:
+            log.info(
+                "replica.leases_changed",
+                replica=self.replica,
+                acquired=len(acquired),
+                released=len(released),
+                expired=len(expired),
+                owned=len(held),
+                live=found.claim.live,
+                share=found.claim.share,
+            )
+        if self._metrics is not None:
+            self._metrics.leases_owned.set(len(held) + len(self.sources_owned))
+            self._metrics.replicas_live.set(found.claim.live)
+            self._metrics.fine_tunes_unowned.set(found.unowned)
+        if (expired or released) and self.on_lost is not None:
+            self.on_lost([*expired, *released])
+        lost_sources = [*changed_sources.expired, *changed_sources.released]
+        if (changed_sources.acquired or lost_sources) and self.on_sources is not None:
+            self.on_sources(changed_sources.acquired, lost_sources)
+        if acquired and self.on_change is not None:
+            await self.on_change(acquired)
+        if self.after_round is not None:  # e.g. learn what other replicas' sources found: claimed next round
+            await self.after_round()
+
+    def _sources_round(self, found: Round) -> _Changes:
+        renewed = [lease for lease in found.renewed if is_source_lease(lease.key)]
+        changed = _changes(self.sources_owned, renewed, found.sources_released, found.sources_acquired)
+        self.sources_owned = changed.held
+        if changed.expired or changed.released or changed.acquired:
+            log.info(
+                "replica.sources_changed",
+                replica=self.replica,
+                acquired=changed.acquired,
+                released=changed.released,
+                expired=changed.expired,
+                owned=len(changed.held),
+            )
+        return changed
+
+    def _failed(self, err: StoreError) -> None:
+        if self.failing_since is None:
+            self.failing_since = self._clock()
+            log.error("replica.renew_failed", replica=self.replica, error=str(err))
+        if not self.stale() or not (self.owned or self.sources_owned):
+            return
+        lost, sources = list(self.owned), list(self.sources_owned)
+        self.owned, self.sources_owned = {}, {}
+        self._count("expired", len(lost) + len(sources))
+        log.error(
+            "replica.stopped",
+            replica=self.replica,
+            leases=len(lost),
+            sources=len(sources),
+            hint="renewing failed past the lease deadline: no polls, reads or deliveries until the database answers",
+        )
+        if self._metrics is not None:
+            self._metrics.leases_owned.set(0)
+        if sources and self.on_sources is not None:
+            self.on_sources((), sources)
+        if lost and self.on_lost is not None:
+            self.on_lost(lost)
+
+    def fenced(self, key: str, epoch: int | None = None) -> None:
+        """A poll's (or a source read's) commit was refused: the lease moved on; drop it now (the next round
+        confirms)."""
+        self._count("fenced", 1)
+        held = self.sources_owned if is_source_lease(key) else self.owned
+        if key not in held or (epoch is not None and held[key] != epoch):
+            return
+        del held[key]
+        if self._metrics is not None:
+            self._metrics.leases_owned.set(len(self.owned) + len(self.sources_owned))
+        if held is self.sources_owned:
+            if self.on_sources is not None:
+                self.on_sources((), [key])
+        elif self.on_lost is not None:
+            self.on_lost([key])
+
+    def _count(self, change: str, n: int) -> None:
+        if n and self._metrics is not None:
+            self._metrics.lease_changes.labels(change).inc(n)
+
+    def _report_pool(self) -> None:
+        if self._metrics is None or self._pool_stats is None:
+            return
+        stats = self._pool_stats()
+        self._metrics.db_pool_size.set(stats.get("pool_size", 0))
+        self._metrics.db_pool_waiting.set(stats.get("requests_waiting", 0))
+
+    async def run_forever(self) -> None:
+        """A round every renew_s until cancelled; never raises out of a round (but for cancellation)."""
+        while True:
+            await asyncio.sleep(self.renew_s)
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the top of a job: the next round still runs
+                log.exception("replica.round_crashed", replica=self.replica)
+
+    async def leave(self) -> None:
+        """On shutdown: release every lease and stop counting as live."""
+        try:
+            await self._call(self.leases.leave)
+        except StoreError as err:
+            log.warning("replica.leave_failed", replica=self.replica, error=str(err))
+        else:
+            self._count("released", len(self.owned) + len(self.sources_owned))
+            log.info("replica.left", replica=self.replica, released=len(self.owned) + len(self.sources_owned))
+        self.owned = {}
+        self.sources_owned = {}
+        self._executor.shutdown(wait=False)
+
+
+class AdvisoryGate:
+    """A session advisory lock held on one pool connection: one replica at a time runs what it guards."""
+
+    def __init__(self, pool: Any, key: int = RETENTION_LOCK) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn: Any = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another replica holds it."""
+        try:
+            conn = self._pool.getconn()
+        except psycopg.Error as err:
+            raise store_error("cannot take the retention lock", err) from err
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
+        except psycopg.Error as err:
+            self._pool.putconn(conn)
+            raise store_error("cannot take the retention lock", err) from err
+        if not (row and row[0]):
+            self._pool.putconn(conn)
+            return False
+        self._conn = conn
+        return True
+
+    def release(self) -> None:
+        """Give the lock back (a lost connection released it already)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+        self._pool.putconn(conn)

@@ -1,0 +1,132 @@
+"""Retention: the daemon prunes old events at start and then hourly, off the hot path.
+
+Each store call is one small transaction (a batch of deletions or a vacuum step) on the store's single thread,
+so polls and deliveries interleave with a long prune instead of waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from watcher.store import PruneReport, Retention
+
+log = structlog.get_logger("watcher.retention")
+
+DAY_S = 86400.0
+RETENTION_EVERY_S = 3600.0
+
+InStore = Callable[..., Awaitable[Any]]
+
+
+class Gate(Protocol):
+    """A lock across replicas: one of them at a time runs retention (replicas.AdvisoryGate)."""
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another replica holds it."""
+        ...
+
+    def release(self) -> None:
+        """Give the lock back."""
+        ...
+
+
+def retain_s_of(retain_days: int) -> float:
+    """The retention window in seconds."""
+    return retain_days * DAY_S
+
+
+@dataclass(slots=True)
+class RetentionJob:
+    """Prunes the store now and every `every_s`; never raises out of a pass (but for cancellation)."""
+
+    store: Retention
+    in_store: InStore
+    retain_days: int
+    clock: Callable[[], float] = time.time
+    every_s: float = RETENTION_EVERY_S
+    batch: int = 500
+    runs: int = 0
+    failures: int = 0
+    last: PruneReport | None = field(default=None)
+    gate: Gate | None = None  # replicas: only the holder of the gate prunes
+
+    async def run_once(self) -> PruneReport | None:
+        """One full pass, a transaction per store call; logs `retention.pruned` when it removed something.
+
+        Returns what it removed, or None when the pass failed (logged with its traceback)."""
+        gate = self.gate
+        try:
+            if gate is not None and not await self.in_store(gate.acquire):
+                log.debug("retention.left_to_another_replica")
+                return PruneReport()
+        except Exception:  # the top of a job: retention must never take the daemon down
+            self.failures += 1
+            log.exception("retention.failed", retain_days=self.retain_days)
+            return None
+        try:
+            total = PruneReport()
+            now = self.clock()
+            while True:
+                report: PruneReport = await self.in_store(
+                    self.store.prune, now=now, retain_s=retain_s_of(self.retain_days), batch=self.batch, max_batches=1
+                )
+                total += report
+                if report.done:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the top of a job: retention must never take the daemon down
+            self.failures += 1
+            log.exception("retention.failed", retain_days=self.retain_days)
+            return None
+        finally:
+            if gate is not None:  # one quick statement; also when cancelled, so never awaited
+                gate.release()
+        self.runs += 1
+        self.last = total
+        if total.events or total.deliveries or total.bytes_freed:
+            log.info(
+                "retention.pruned",
+                events=total.events,
+                deliveries=total.deliveries,
+                bytes_freed=total.bytes_freed,
+                retain_days=self.retain_days,
+            )
+        return total
+
+    async def run_forever(self) -> None:
+        """At start, then every `every_s` until cancelled."""
+        while True:
+            await self.run_once()
+            await asyncio.sleep(self.every_s)
+
+
+_UNITS_S = {"d": DAY_S, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_since(text: str, *, now: float) -> float:
+    """A lower time bound from a duration back from `now` (`7d`, `12h`, `30m`, `45s`) or an RFC 3339 time.
+
+    Raises ValueError with a message naming what is accepted."""
+    from datetime import datetime
+
+    value = text.strip()
+    number, unit = value[:-1], value[-1:].lower()
+    if unit in _UNITS_S and number.replace(".", "", 1).isdigit():
+        return now - float(number) * _UNITS_S[unit]
+    try:
+        moment = datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ValueError(
+            f"{text!r} is neither a duration (7d, 12h, 30m, 45s) nor an RFC 3339 time with an offset "
+            "(2026-01-31T12:00:00Z)"
+        )
+    return moment.timestamp()

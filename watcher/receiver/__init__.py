@@ -1,0 +1,1 @@
+"""`python -m watcher.receiver`: the verifying webhook receiver (it lives in `watcher.testing.receiver`)."""

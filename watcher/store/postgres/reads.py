@@ -1,0 +1,70 @@
+"""The PostgreSQL store's reports: per fine-tune status and committed events (newest first, or after a cursor)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import psycopg
+
+from watcher.core.models import Event, FineTuneStatus
+from watcher.store.postgres.base import PgBase
+from watcher.store.rows import STATUS_COLUMNS, event_from_row, status_of
+
+
+class PgReports(PgBase):
+    """The read-only reports of PostgresStore (same results as SqliteStore's)."""
+
+    def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
+        """Per fine-tune status (those in `keys`, in that order, or all), for `status` and metrics."""
+
+        def read(conn: psycopg.Connection[Any]) -> list[FineTuneStatus]:
+            rows = {row[0]: row for row in conn.execute(f"SELECT {STATUS_COLUMNS} FROM fine_tunes")}
+            wanted = list(keys) if keys is not None else sorted(rows)
+            checkpoints: dict[str, list[tuple[int, Any]]] = {key: [] for key in wanted}
+            for key, step, data in conn.execute(
+                "SELECT fine_tune_key, step, data FROM checkpoints WHERE fine_tune_key = ANY(%s) "
+                "ORDER BY fine_tune_key, step",
+                (wanted,),
+            ):
+                checkpoints[key].append((step, orjson.loads(data)))
+            return [status_of(key, rows.get(key), checkpoints[key]) for key in wanted]
+
+        return self._tx(read, what="read state")
+
+    def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
+        """Committed events, newest first, optionally only those whose type matches a glob."""
+        found: list[Event] = []
+        below = None
+        while len(found) < limit:
+            page = self._read(
+                "SELECT seq, envelope, fine_tune_key, type FROM events WHERE (%s::bigint IS NULL OR seq < %s::bigint) "
+                "ORDER BY seq DESC LIMIT 500",
+                (below, below),
+                what="read events",
+            )
+            for _, envelope, key, kind in page:
+                if type_glob is None or fnmatch.fnmatchcase(kind, type_glob):
+                    found.append(event_from_row(envelope, key))
+                    if len(found) >= limit:
+                        break
+            if len(page) < 500:
+                break
+            below = page[-1][0]
+        return found
+
+    def events_after(self, seq: int, *, limit: int = 1000) -> list[tuple[int, Event]]:
+        """Committed events with a sequence number above `seq`, oldest first.
+
+        Only events of transactions older than every transaction still in progress are returned: those are all
+        final, so an event committed later can never sort below what a reader has already seen.
+        """
+        rows = self._read(
+            "SELECT seq, envelope, fine_tune_key FROM events WHERE seq > %s "
+            "AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY seq LIMIT %s",
+            (seq, limit),
+            what="read events",
+        )
+        return [(s, event_from_row(envelope, key)) for s, envelope, key in rows]
