@@ -8,8 +8,7 @@ import psycopg
 import pytest
 from pg_roles import least_privilege_database
 
-from watcher.daemon.replicas.keeper import AdvisoryGate
-from watcher.store.postgres.leases import PostgresLeases
+from watcher.store.postgres.leases import AdvisoryGate, PostgresLeases
 from watcher.store.postgres.store import PostgresStore
 
 KEYS = ["acme/bot/ft_a", "acme/bot/ft_b", "acme/bot/ft_c"]

@@ -261,8 +261,8 @@ def _toml_of(path: Path) -> dict[str, Any]:
 def test_retention_runs_on_one_replica_at_a_time(pg_url):
     import asyncio
 
-    from watcher.daemon.replicas.keeper import AdvisoryGate
     from watcher.daemon.retention import RetentionJob
+    from watcher.store.postgres.leases import AdvisoryGate
     from watcher.store.postgres.store import PostgresStore
 
     first, second = PostgresStore(pg_url), PostgresStore(pg_url)

@@ -4,7 +4,7 @@ stops polling and delivering, and how it comes back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -87,17 +87,41 @@ class Clock:
         return self.now
 
 
-def _keeper(leases: FakeLeases, clock: Clock, metrics: Metrics) -> tuple[LeaseKeeper, list[list[str]], list[list[str]]]:
-    keeper = LeaseKeeper(leases, keys=lambda: KEYS, lease_s=15, renew_s=5, metrics=metrics, clock=clock)
-    gained: list[list[str]] = []
-    lost: list[list[str]] = []
+class Recorder:
+    """A LeaseListener that wants KEYS (and `sources`) and records what the rounds tell it."""
 
-    async def on_change(keys: Sequence[str]) -> None:
-        gained.append(sorted(keys))
+    def __init__(self, sources: Sequence[str] = ()) -> None:
+        self.sources = list(sources)
+        self.gained: list[list[str]] = []
+        self.lost_keys: list[list[str]] = []
+        self.moved: list[tuple[list[str], list[str]]] = []
 
-    keeper.on_change = on_change
-    keeper.on_lost = lambda keys: lost.append(sorted(keys))
-    return keeper, gained, lost
+    def wanted(self) -> Sequence[str]:
+        return KEYS
+
+    def source_keys(self) -> Sequence[str]:
+        return self.sources
+
+    def lost(self, keys: Collection[str]) -> None:
+        self.lost_keys.append(sorted(keys))
+
+    def sources_changed(self, acquired: Collection[str], lost: Collection[str]) -> None:
+        self.moved.append((sorted(acquired), sorted(lost)))
+
+    async def acquired(self, keys: Collection[str]) -> None:
+        self.gained.append(sorted(keys))
+
+    async def after_round(self) -> None:
+        pass
+
+
+def _keeper(
+    leases: FakeLeases, clock: Clock, metrics: Metrics | None, *, sources: Sequence[str] = ()
+) -> tuple[LeaseKeeper, Recorder]:
+    keeper = LeaseKeeper(leases, lease_s=15, renew_s=5, metrics=metrics, clock=clock)
+    recorder = Recorder(sources)
+    keeper.attach(recorder)
+    return keeper, recorder
 
 
 def _changes(metrics: Metrics) -> dict[str, float]:
@@ -122,7 +146,8 @@ def test_a_lone_replica_claims_all_then_gives_half_to_a_second_one(metrics):
     table: dict[str, tuple[str | None, int]] = {}
     live = ["a"]
     clock = Clock()
-    keeper, gained, lost = _keeper(FakeLeases("a", table, live), clock, metrics)
+    keeper, recorder = _keeper(FakeLeases("a", table, live), clock, metrics)
+    gained, lost = recorder.gained, recorder.lost_keys
     asyncio.run(keeper.step())
     assert sorted(keeper.owned) == KEYS and gained == [KEYS]
     assert keeper.fence(KEYS[0]) == ("a", 1)
@@ -141,7 +166,8 @@ def test_a_lone_replica_claims_all_then_gives_half_to_a_second_one(metrics):
 def test_a_lease_taken_over_counts_as_expired_and_a_fenced_commit_drops_the_fine_tune(metrics):
     table: dict[str, tuple[str | None, int]] = {}
     clock = Clock()
-    keeper, _, lost = _keeper(FakeLeases("a", table, ["a"]), clock, metrics)
+    keeper, recorder = _keeper(FakeLeases("a", table, ["a"]), clock, metrics)
+    lost = recorder.lost_keys
     asyncio.run(keeper.step())
     table[KEYS[0]] = ("b", 2)  # another replica took it over while this one was paused
     asyncio.run(keeper.step())
@@ -157,7 +183,8 @@ def test_renewals_failing_past_the_lease_stop_polling_and_delivering_until_the_d
     table: dict[str, tuple[str | None, int]] = {}
     clock = Clock()
     leases = FakeLeases("a", table, ["a"])
-    keeper, gained, lost = _keeper(leases, clock, metrics)
+    keeper, recorder = _keeper(leases, clock, metrics)
+    gained, lost = recorder.gained, recorder.lost_keys
     asyncio.run(keeper.step())
     leases.down = True
     clock.now += 5
@@ -181,7 +208,7 @@ def test_renewals_failing_past_the_lease_stop_polling_and_delivering_until_the_d
 def test_a_paused_process_keeps_its_fences_so_the_database_fences_its_commits_but_delivers_nothing(metrics):
     table: dict[str, tuple[str | None, int]] = {}
     clock = Clock()
-    keeper, _, _ = _keeper(FakeLeases("a", table, ["a"]), clock, metrics)
+    keeper, _ = _keeper(FakeLeases("a", table, ["a"]), clock, metrics)
     asyncio.run(keeper.step())
     clock.now += 40  # SIGSTOP for longer than the lease: no renewal failed, none was tried
     assert not keeper.stale() and keeper.problem() is None
@@ -192,7 +219,7 @@ def test_a_paused_process_keeps_its_fences_so_the_database_fences_its_commits_bu
 def test_leave_releases_everything(metrics):
     table: dict[str, tuple[str | None, int]] = {}
     live = ["a"]
-    keeper, _, _ = _keeper(FakeLeases("a", table, live), Clock(), metrics)
+    keeper, _ = _keeper(FakeLeases("a", table, live), Clock(), metrics)
     asyncio.run(keeper.step())
     asyncio.run(keeper.leave())
     assert all(owner is None for owner, _ in table.values()) and live == []
@@ -206,18 +233,16 @@ async def test_sources_are_claimed_in_the_same_rounds_with_a_share_of_their_own_
     table: dict[str, tuple[str | None, int]] = {}
     a, b = FakeLeases("a", table, ["a", "b"]), FakeLeases("b", table, ["a", "b"])
     clock = Clock()
-    keeper, gained, lost = _keeper(a, clock, metrics)
-    keeper.source_keys = lambda: SOURCES
-    moved: list[tuple[list[str], list[str]]] = []
-    keeper.on_sources = lambda acquired, gone: moved.append((sorted(acquired), sorted(gone)))
+    keeper, recorder = _keeper(a, clock, metrics, sources=SOURCES)
+    gained, lost, moved = recorder.gained, recorder.lost_keys, recorder.moved
     await keeper.step()
-    other = LeaseKeeper(b, keys=lambda: KEYS, lease_s=15, renew_s=5, clock=clock, sources=lambda: SOURCES)
+    other, _ = _keeper(b, clock, None, sources=SOURCES)
     await other.step()
     # two fine-tunes and one source each: the sources' share is ceil(2 / 2), not part of the fine-tunes' share
     assert sorted(keeper.owned) == KEYS[:2] and sorted(other.owned) == KEYS[2:]
     assert list(keeper.sources_owned) == [SOURCES[0]] and list(other.sources_owned) == [SOURCES[1]]
     assert moved == [([SOURCES[0]], [])] and gained == [KEYS[:2]]
-    assert keeper.fence_source(SOURCES[0]) == ("a", 1) and keeper.fence_source(SOURCES[1]) is None
+    assert keeper.source_fence(SOURCES[0]) == ("a", 1) and keeper.source_fence(SOURCES[1]) is None
     assert metrics.registry.get_sample_value("oxen_watcher_leases_owned") == 3
     assert _changes(metrics)["acquired"] == 3
     # a fenced source read drops the source at once (and only it), counted like a fenced poll
@@ -235,4 +260,4 @@ async def test_sources_are_claimed_in_the_same_rounds_with_a_share_of_their_own_
     await keeper.step()
     assert keeper.sources_owned == {} and keeper.owned == {}
     assert moved[-1] == ([], [SOURCES[0]]) and lost[-1] == KEYS[:2]
-    assert keeper.fence_source(SOURCES[0]) is None
+    assert keeper.source_fence(SOURCES[0]) is None

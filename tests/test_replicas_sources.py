@@ -22,7 +22,7 @@ from watcher.config.load import load_config
 from watcher.daemon.app import App, resolve_all
 from watcher.daemon.lifecycle_jobs import LifecycleJobs
 from watcher.daemon.replicas.wiring import claim_for_once
-from watcher.daemon.runtime import build_runtime
+from watcher.daemon.runtime import build_runtime, open_state
 from watcher.store.postgres.leases import PostgresLeases, is_source_lease
 from watcher.store.postgres.store import PostgresStore
 from watcher.testing.receiver import Receiver
@@ -173,11 +173,13 @@ async def test_once_reads_only_a_source_no_running_replica_reads_and_releases_it
     async def once() -> int:
         """`once`'s source reads; returns how many list requests the Hub saw."""
         before = len(hub.requests("acme/lab"))
+        state = open_state(config, secrets.state_url)
+        leases = claim_for_once(state, config)
+        assert leases is not None
         watcher, dispatcher = build_runtime(
-            config, token=secrets.hub_token, secrets=secrets.notifiers, state_url=secrets.state_url
+            config, store=state, token=secrets.hub_token, secrets=secrets.notifiers, ownership=leases
         )
         lifecycle = LifecycleJobs(watcher)
-        leases = claim_for_once(watcher, dispatcher, lifecycle)
         try:
             await lifecycle.once()
         finally:

@@ -8,11 +8,13 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from conftest import cli, write_config
 from store_contract.support import DAY, REF, apply, counter_ids, cp, success
 
@@ -96,26 +98,25 @@ async def test_a_failing_pass_is_logged_with_its_traceback_and_never_raises(in_s
     assert job.failures == 1 and failing.calls == 1
 
 
-async def test_run_forever_repeats_until_cancelled(tmp_path: Path, in_store: Any) -> None:
+async def test_apscheduler_runs_a_pass_at_start_then_every_interval(tmp_path: Path, in_store: Any) -> None:
     store, _old, _recent = aged_store(tmp_path / "w.db")
-    third_run = asyncio.Event()
-
-    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if job.runs >= 2:  # two whole passes done: this call starts the third
-            third_run.set()
-        return await in_store(fn, *args, **kwargs)
-
-    job = RetentionJob(store=store, in_store=counting, retain_days=30, clock=lambda: NOW, every_s=0.01)
-    task = asyncio.create_task(job.run_forever())
+    job = RetentionJob(store=store, in_store=in_store, retain_days=30, clock=lambda: NOW, every_s=0.05)
+    scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(), timezone=UTC)
+    job.schedule(scheduler)
+    [scheduled] = scheduler.get_jobs()
+    assert (scheduled.id, scheduled.max_instances, scheduled.coalesce) == ("retention", 1, True)
+    scheduler.start()
     try:
-        await asyncio.wait_for(third_run.wait(), timeout=20)
+        deadline = asyncio.get_running_loop().time() + 20
+        while job.runs < 3:  # the first pass at start, then one per interval
+            assert asyncio.get_running_loop().time() < deadline, f"only {job.runs} retention passes ran"
+            await asyncio.sleep(0.01)
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    assert job.runs >= 2 and job.failures == 0
+        scheduler.shutdown(wait=False)
+        job.stop()
+    assert job.failures == 0
     assert job.last is not None and job.last.done
-    # the cancelled pass may still be pruning on the store thread: close there, after it (closing under it crashes)
+    # a stopped pass may still be pruning on the store thread: close there, after it (closing under it crashes)
     await in_store(store.close)
 
 

@@ -62,20 +62,27 @@ def resolve_secrets(config: Config) -> Any:
 
 
 def make_runtime(config: Config, secrets: Any, *, readonly: bool = False, sinks: list[Any] | None = None) -> Any:
-    """The store, client, watcher and dispatcher of a configuration; a store that cannot open exits 1."""
-    from watcher.daemon.app import build_runtime
+    """`once`: the watcher and dispatcher of a configuration, and the leases it claimed on a shared store (None on
+    SQLite, or for a dry run); a store that cannot open (or claim) exits 1."""
+    from watcher.daemon.replicas.wiring import claim_for_once
+    from watcher.daemon.runtime import build_runtime, open_state
 
     try:
-        return build_runtime(
+        store = open_state(config, secrets.state_url, readonly=readonly)
+        # replicas may be running: poll (and read) only free leases
+        claim = None if readonly else claim_for_once(store, config)
+        watcher, dispatcher = build_runtime(
             config,
+            store=store,
             token=secrets.hub_token,
             secrets=secrets.notifiers,
             readonly=readonly,
+            ownership=claim,
             sinks=sinks or [],
-            state_url=secrets.state_url,
         )
     except StoreError as err:
         fail(str(err), 1)
+    return watcher, dispatcher, claim
 
 
 def state_url_of(config: Config) -> str | None:

@@ -94,18 +94,10 @@ def once(config_path: str, dry_run: bool) -> None:
     secrets = resolve_secrets(config)
     setup_logging(config)
     sinks = [lambda event: json_line(event.envelope())] if dry_run else []
-    watcher, dispatcher = make_runtime(config, secrets, readonly=dry_run, sinks=sinks)
+    watcher, dispatcher, leases = make_runtime(config, secrets, readonly=dry_run, sinks=sinks)
     from watcher.daemon.lifecycle_jobs import LifecycleJobs
 
     lifecycle = LifecycleJobs(watcher)
-    leases = None
-    if config.state.postgresql and not dry_run:  # replicas may be running: poll (and read) only free leases
-        from watcher.daemon.replicas.wiring import claim_for_once
-
-        try:
-            leases = claim_for_once(watcher, dispatcher, lifecycle)
-        except StoreError as err:
-            fail(str(err), 1)
 
     async def main() -> list[Any]:
         try:

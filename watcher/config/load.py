@@ -6,7 +6,6 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from watcher.config.secrets import (
 )
 from watcher.config.sections import (
     DEFAULT_RETRY_SCHEDULE_S,
+    Config,
     ConfigModel,
     FineTuneConfig,
     HttpConfig,
@@ -67,73 +67,6 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = "/etc/oxen-watcher/config.toml"
 CONFIG_ENV = "OXEN_WATCHER_CONFIG"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """A validated configuration plus where it came from (relative paths resolve against `directory`)."""
-
-    model: ConfigModel
-    source: str
-    directory: Path
-
-    @property
-    def hub(self) -> HubConfig:
-        """The [hub] section."""
-        return self.model.hub
-
-    @property
-    def watch(self) -> WatchConfig:
-        """The [watch] section."""
-        return self.model.watch
-
-    @property
-    def http(self) -> HttpConfig:
-        """The [http] section."""
-        return self.model.http
-
-    @property
-    def log(self) -> LogConfig:
-        """The [log] section."""
-        return self.model.log
-
-    @property
-    def state(self) -> StateConfig:
-        """The [state] section."""
-        return self.model.state
-
-    @property
-    def notifiers(self) -> Sequence[NotifierConfig]:
-        """The configured notifiers, in configuration order."""
-        return self.model.notifiers
-
-    @property
-    def fine_tunes(self) -> Sequence[FineTuneConfig]:
-        """The watched fine-tunes, in configuration order."""
-        return self.model.fine_tunes
-
-    @property
-    def discover(self) -> Sequence[DiscoverConfig]:
-        """The [[discover]] sources, in configuration order."""
-        return self.model.discover
-
-    @property
-    def lifecycle(self) -> LifecycleConfig:
-        """The [lifecycle] section."""
-        return self.model.lifecycle
-
-    def state_path(self, environ: Mapping[str, str] | None = None) -> Path:
-        """The database path: relative paths resolve against $STATE_DIRECTORY, else the config's folder."""
-        env = os.environ if environ is None else environ
-        path = Path(self.model.state.path).expanduser()
-        if path.is_absolute():
-            return path
-        state_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
-        return (Path(state_dir) if state_dir else self.directory) / path
-
-    def interval_of(self, fine_tune: FineTuneConfig) -> float:
-        """The poll interval of one fine-tune: its override, else [watch] interval_s."""
-        return fine_tune.interval_s if fine_tune.interval_s is not None else self.watch.interval_s
 
 
 def _key_of(loc: Sequence[str | int]) -> str:

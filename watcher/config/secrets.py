@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from watcher.errors import ConfigError
 
 if TYPE_CHECKING:
-    from watcher.config.load import Config
+    from watcher.config.sections import Config
 
 
 def resolve_secrets(

@@ -24,10 +24,18 @@ from watcher.config.load import Config, load_config
 from watcher.daemon.health import liveness, readiness, status_line, watch_task
 from watcher.daemon.lifecycle_jobs import LifecycleJobs
 from watcher.daemon.poller import EventSink, PollHealth, PollReport, WatchedFineTune, Watcher, ref_of
-from watcher.daemon.reload import apply_reload, plan_reload
-from watcher.daemon.replicas.wiring import attach
+from watcher.daemon.reload import Reloadable, apply_reload, plan_reload
+from watcher.daemon.replicas.wiring import build_keeper, join
 from watcher.daemon.retention import RetentionJob
-from watcher.daemon.runtime import Secrets, build_runtime, make_client, on_poll_retry, public_url, resolve_all
+from watcher.daemon.runtime import (
+    Secrets,
+    build_runtime,
+    make_client,
+    on_poll_retry,
+    open_state,
+    public_url,
+    resolve_all,
+)
 from watcher.daemon.scheduling import SCHEDULE_GRID_S, PollDriver, PollSchedule
 from watcher.errors import ConfigError
 from watcher.hub.client import HubClient
@@ -36,6 +44,7 @@ from watcher.observe.metrics import Metrics
 from watcher.observe.server import HttpServer, Verdict
 from watcher.observe.systemd import Notifier as SystemdNotifier
 from watcher.store import DispatchLock
+from watcher.store.replicas import ReplicaStore
 
 __all__ = [
     "SCHEDULE_GRID_S",
@@ -85,16 +94,43 @@ class App:
         self.notifier_transport = notifier_transport
         self._reload_requested = reload_requested  # a SIGHUP caught before the event loop took the signals
         REDACTOR.add(secrets.values())
+        store = open_state(config, secrets.state_url)
+        # PostgreSQL: the lease keeper decides what this replica polls, reads and delivers; SQLite: everything
+        self.keeper = build_keeper(store, config, self.metrics)
         self.watcher, self.dispatcher = build_runtime(
             config,
+            store=store,
             token=secrets.hub_token,
             secrets=secrets.notifiers,
+            ownership=self.keeper,
             metrics=self.metrics,
             sinks=sinks,
             hub_transport=hub_transport,
             notifier_transport=notifier_transport,
-            state_url=secrets.state_url,
         )
+        self.watcher.client.on_request = self.metrics.observe_hub_request
+        # checkpoint polls, source reads and the status sweep: one monotonic schedule (lifecycle_jobs.py)
+        schedule = PollSchedule(grid_s=SCHEDULE_GRID_S)
+        self.lifecycle = LifecycleJobs(
+            self.watcher, scheduled=schedule.interval_of, on_change=lambda: self.reschedule(self.config)
+        )
+        self.driver = PollDriver(schedule, self.lifecycle.run, on_skip=self._skipped)
+        self.retention = RetentionJob(
+            store=store,
+            in_store=self.watcher.in_store,
+            retain_days=config.model.state.retain_days,
+            gate=store.retention_gate() if isinstance(store, ReplicaStore) else None,  # one replica prunes
+        )
+        if self.keeper is not None:
+            assert isinstance(store, ReplicaStore)
+            join(
+                self.keeper,
+                store,
+                self.watcher,
+                self.lifecycle,
+                reschedule=lambda: self.reschedule(self.config),
+                wake=self.dispatcher.wake,
+            )
         self.server = HttpServer(
             host=config.http.host,
             port=config.http.port,
@@ -105,13 +141,8 @@ class App:
             # on PostgreSQL every replica serves the page from the shared database: every fine-tune, owned or not
             pages=StatusPages.for_app(self),
         )
-        # housekeeping jobs (hourly and the like); the polls have their own monotonic driver (scheduling.py)
+        # the wall-clock jobs (retention hourly); the polls have their own monotonic driver (scheduling.py)
         self.scheduler: AsyncIOScheduler | None = None
-        self.watcher.client.on_request = self.metrics.observe_hub_request
-        # checkpoint polls, source reads and the status sweep: one monotonic schedule (lifecycle_poller.py)
-        self.lifecycle = LifecycleJobs(self.watcher, on_change=lambda: self.reschedule(self.config))
-        self.driver = PollDriver(PollSchedule(grid_s=SCHEDULE_GRID_S), self.lifecycle.run, on_skip=self._skipped)
-        self.lifecycle.scheduled = self.driver.schedule.interval_of
         self.stop = asyncio.Event()
         self.started = False
         self._loaded = False
@@ -119,10 +150,6 @@ class App:
         self._driver_task: asyncio.Task[None] | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
         self._ticker_task: asyncio.Task[None] | None = None
-        self.retention = RetentionJob(
-            store=self.watcher.store, in_store=self.watcher.in_store, retain_days=config.model.state.retain_days
-        )
-        self._retention_task: asyncio.Task[None] | None = None
         self._retired: list[Any] = []  # replaced Hub clients not closed yet (polls may still hold them)
         self._closing: set[asyncio.Task[None]] = set()
         self._reloading = asyncio.Lock()
@@ -131,8 +158,21 @@ class App:
         # SQLite: one process delivers the outbox; replicas on PostgreSQL each deliver the lanes they own
         self._dispatch_lock = None if config.state.postgresql else DispatchLock(config.state_path())
         self.delivering = False  # holds the dispatch lock
-        self.keeper = attach(self)  # the lease keeper on PostgreSQL; None on SQLite (this process owns everything)
         self._leases_task: asyncio.Task[None] | None = None
+
+    def parts(self) -> Reloadable:
+        """What a reload changes."""
+        return Reloadable(
+            watcher=self.watcher,
+            dispatcher=self.dispatcher,
+            server=self.server,
+            retention=self.retention,
+            metrics=self.metrics,
+            make_client=self.make_client,
+            retire=self.retire,
+            reschedule=self.reschedule,
+            notifier_transport=self.notifier_transport,
+        )
 
     # --- parts the reload steps use -----------------------------------------------------------------
 
@@ -180,10 +220,12 @@ class App:
                 "scheduler": self._driver_task,
                 "dispatcher": self._dispatch_task,
                 "ticker": self._ticker_task,
-                "retention": self._retention_task,
                 **({"leases": self._leases_task} if self.keeper is not None and self.started else {}),
             },
             dispatcher_beat=self.dispatcher.last_beat if self.delivering else None,
+            stopped=["housekeeping"]
+            if self.started and self.scheduler is not None and not self.scheduler.running
+            else [],
         )
         problem = self.keeper.problem() if self.keeper is not None else None
         if problem is None:
@@ -220,19 +262,19 @@ class App:
             await self.dispatcher.report_outbox()
             self._loaded = True
             await self.server.start()
+            # at start, then hourly; small batches on the store thread, interleaved with the polls' commits
             self.scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
+            self.retention.schedule(self.scheduler)
             self.scheduler.start()
             self.reschedule(self.config)
             dispatching = asyncio.Event()
             self._driver_task = asyncio.create_task(self.driver.run(), name="scheduler")
             self._dispatch_task = asyncio.create_task(self._deliver(dispatching), name="dispatcher")
             self._ticker_task = asyncio.create_task(self._tick(), name="ticker")
-            # at start, then hourly; small batches on the store thread, interleaved with the polls' commits
-            self._retention_task = asyncio.create_task(self.retention.run_forever(), name="retention")
             if self.keeper is not None:
                 self._leases_task = asyncio.create_task(self.keeper.run_forever(), name="leases")
                 watch_task(self._leases_task, what="leases", stopping=self.stop.is_set)
-            for task in (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task):
+            for task in (self._driver_task, self._dispatch_task, self._ticker_task):
                 watch_task(task, what=task.get_name(), stopping=self.stop.is_set)
             log.info(
                 "watcher.started",
@@ -252,7 +294,8 @@ class App:
             # no new polls; in-flight ones get the grace period to finish and commit
             self.driver.paused = True
             self._driver_task.cancel()
-            self._retention_task.cancel()  # no new prune batches while in-flight work drains
+            self.scheduler.shutdown(wait=False)
+            self.retention.stop()  # no new prune batches while in-flight work drains
             dispatching.set()
             await asyncio.wait([self._dispatch_task], timeout=5)
             grace = self.config.watch.shutdown_grace_s
@@ -261,13 +304,15 @@ class App:
                 self._leases_task.cancel()
             if self.keeper is not None:  # the other replicas take this one's fine-tunes over at once
                 await self.keeper.leave()
-            self.scheduler.shutdown(wait=False)
             self._ticker_task.cancel()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(signum)
-            tasks = (self._driver_task, self._dispatch_task, self._ticker_task, self._retention_task, self._leases_task)
+            if self.scheduler is not None and self.scheduler.running:
+                self.scheduler.shutdown(wait=False)
+            self.retention.stop()
+            tasks = (self._driver_task, self._dispatch_task, self._ticker_task, self._leases_task)
             for running in tasks:
                 if running is not None and not running.done():
                     running.cancel()
@@ -349,15 +394,17 @@ class App:
         except ConfigError as err:
             log.error("reload.rejected", error=str(err), hint="the previous configuration keeps running")
             return False
+        parts = self.parts()
         try:
-            plan = plan_reload(self, config, secrets)
+            plan = plan_reload(parts, running=(self.config, self.secrets), config=config, secrets=secrets)
         except Exception as err:
             log.exception("reload.failed", error=type(err).__name__, hint="the previous configuration keeps running")
             return False
         try:
-            apply_reload(self, plan)
+            apply_reload(parts, plan)
         except Exception as err:
             log.exception("reload.failed", error=type(err).__name__, hint="the previous configuration keeps running")
-            await plan.discard(self)
+            await plan.discard(parts)
             return False
+        self.config, self.secrets = plan.config, plan.secrets
         return True

@@ -37,9 +37,12 @@ def liveness(
     beat: float,
     tasks: Mapping[str, asyncio.Task[Any] | None],
     dispatcher_beat: float | None,
+    stopped: Iterable[str] = (),
 ) -> Verdict:
-    """Alive while the scheduler, the dispatcher and the ticker run and the main loop answers."""
+    """Alive while the scheduler, the dispatcher and the ticker run and the main loop answers; `stopped` names
+    other parts found stopped (the housekeeping scheduler)."""
     problems = [f"{name} stopped" for name, task in tasks.items() if task is None or task.done()]
+    problems += [f"{name} stopped" for name in stopped]
     if now - beat > LOOP_SILENT_S:
         problems.append(f"main loop silent for {now - beat:.0f}s")
     silent = dispatcher_beat is not None and now - dispatcher_beat > DISPATCHER_SILENT_S

@@ -12,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import structlog
 
+from watcher.config.discovery import DiscoverConfig
 from watcher.config.load import Config
-from watcher.core.discovery import SourceReader
+from watcher.core.discovery import ListRead, SourceReader, discover, ref_of
 from watcher.core.lifecycle import LifecycleOptions, checkpoint_interval, wants_final_poll
-from watcher.core.models import FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess
+from watcher.core.models import FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess, SourceState
 from watcher.daemon.poller import PollReport, WatchedFineTune, Watcher
-from watcher.daemon.sources import SourceReads, _Source
 from watcher.errors import LeaseLost, PollError, StoreError
 from watcher.hub.client import FetchedNotFound
 from watcher.store import LifecycleRecord
+from watcher.store.replicas import ReplicaStore, SourceFence, source_lease_key
 
 log = structlog.get_logger("watcher.lifecycle")
 T = TypeVar("T")
@@ -38,24 +39,41 @@ def sweep_interval(config: Config) -> float:
     return min(5.0, max(0.5, config.lifecycle.status_interval_s / 10))
 
 
-class LifecycleJobs(SourceReads):
-    """The lifecycle and discovery jobs of one daemon (or of `once`)."""
+@dataclass(slots=True)
+class _Source:
+    """What the process knows about one source between reads."""
+
+    state: SourceState | None = None  # once loaded
+    failing: bool = False
+    missing: bool = False
+
+
+class LifecycleJobs:
+    """The lifecycle and discovery jobs of one daemon (or of `once`): source reads, statuses, stalls."""
 
     def __init__(
-        self, watcher: Watcher, *, on_change: Callable[[], None] | None = None, clock: Callable[[], float] = time.time
+        self,
+        watcher: Watcher,
+        *,
+        scheduled: Callable[[str], float | None] | None = None,
+        on_change: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.watcher = watcher
         self.on_change = on_change  # the intervals changed: reschedule
+        self.scheduled = scheduled  # a key's interval in the PollDriver now
         self.clock = clock
         self.reader = SourceReader(self)
         self._sources: dict[str, _Source] = {}
         self._listed: set[str] = set()  # keys whose status a source's list keeps fresh
-        self.scheduled: Callable[[str], float | None] | None = None  # a key's interval in the PollDriver now
         self._batching = False
         self._pending = False
         self._store_failing = False
-        self.source_fence = None  # replicas: set by source_leases.attach_sources
-        self.on_source_fenced = None
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+        return self.watcher.config
 
     @property
     def options(self) -> LifecycleOptions:
@@ -195,15 +213,14 @@ class LifecycleJobs(SourceReads):
         """A store write of one fine-tune; replicas: under its lease, as polls commit (None: another replica owns
         it now, or the commit was fenced)."""
         watcher = self.watcher
-        fence = watcher.fences(key) if watcher.fences is not None else None
-        if watcher.fences is not None and fence is None:
+        owned, fence = watcher.lease_of(key)
+        if not owned:
             return None
-        try:  # only the PostgreSQL store takes a fence
-            return await watcher.in_store(fn, *args, **kwargs, **({"fence": fence} if fence is not None else {}))
+        try:
+            return await watcher.in_store(fn, *args, **kwargs, fence=fence)
         except LeaseLost as err:  # another replica took the fine-tune over: nothing was committed
             log.warning("lifecycle.fenced", fine_tune=key, error=str(err))
-            if watcher.on_fenced is not None and fence is not None:
-                watcher.on_fenced(key, fence[1])
+            watcher.fenced(key, fence)
             return None
 
     async def observe_status(self, watched: WatchedFineTune, fine_tune: HubFineTune) -> None:
@@ -305,3 +322,167 @@ class LifecycleJobs(SourceReads):
                 log.error("lifecycle.store_failed", job="once", error=str(outcome))
             elif isinstance(outcome, BaseException):
                 raise outcome
+
+    # --- [[discover]] sources -------------------------------------------------------------------------
+
+    async def list_fine_tunes(
+        self,
+        namespace: str,
+        repo: str,
+        *,
+        page: int,
+        page_size: int,
+        created_by: str | None = None,
+        status: str | None = None,
+    ) -> tuple[HubFineTune, ...] | FetchedNotFound:
+        """SourceReader's lister: the watcher's current client (a reload may replace it)."""
+        return await self.watcher.client.list_fine_tunes(
+            namespace, repo, page=page, page_size=page_size, created_by=created_by, status=status
+        )
+
+    def source_lease(self, source: DiscoverConfig) -> tuple[bool, SourceFence | None]:
+        """Whether this process reads the source's list (replicas: it holds the source's lease), and the fence
+        its read commits under (None on SQLite: every source is read here)."""
+        ownership = self.watcher.ownership
+        if ownership is None:
+            return True, None
+        key = source_lease_key(source.namespace, source.repo)
+        held = ownership.source_fence(key)
+        return held is not None, None if held is None else (key, *held)
+
+    def reads(self, source: DiscoverConfig) -> bool:
+        """Whether this process reads the source's list (replicas: it holds the source's lease)."""
+        return self.source_lease(source)[0]
+
+    def forget_source(self, name: str) -> None:
+        """Drop what this process knows of a source: its next read starts from the stored state."""
+        self._sources.pop(name, None)
+
+    def unlist(self, source: DiscoverConfig) -> None:
+        """This process no longer reads the source: its list keeps no status fresh here any more."""
+        prefix = f"{source.namespace}/{source.repo}/"
+        self._listed.difference_update([key for key in self._listed if key.startswith(prefix)])
+
+    def baselined(self, name: str) -> bool:
+        """Whether a source's first read has been committed (by this process or an earlier one)."""
+        entry = self._sources.get(name)
+        return entry is not None and entry.state is not None and entry.state.baselined
+
+    async def read_source(self, name: str) -> ListRead | None:
+        """Read a source's list: discovered events, what it watches now, and every listed status."""
+        source = next((s for s in self.config.discover if s.name == name), None)
+        if source is None:
+            return None
+        reads, fence = self.source_lease(source)
+        if not reads:
+            return None  # another replica holds the source's lease and reads it
+        entry = self._sources.setdefault(name, _Source())
+        if entry.state is None:
+            entry.state = await self.watcher.in_store(self.watcher.store.load_source, name)
+            if fence is not None:  # replicas: go on from what the source's previous reader watched
+                await self._resume(name)
+        mine = {key for key, (_, owner) in self.watcher.discovered.items() if owner == name}
+        try:
+            read = await self.reader.read(source, watched_ids=[self.watcher.discovered[k][0].id for k in mine])
+        except PollError as err:
+            if not entry.failing:
+                log.warning("discover.list_failed", source=name, error=err.message, http_status=err.http_status)
+            entry.failing = True
+            return None
+        if entry.failing:
+            log.info("discover.list_recovered", source=name)
+            entry.failing = False
+        if isinstance(read, FetchedNotFound):
+            if not entry.missing:
+                log.warning("discover.repo_not_found", source=name, namespace=source.namespace, repo=source.repo)
+            entry.missing = True
+            for key in mine:
+                if self.watcher.owns(key):  # replicas: each owner commits its own fine-tunes' 404
+                    await self.not_found(self.watcher.discovered[key][0])
+            return None
+        entry.missing = False
+        self._batching, self._pending = True, False
+        try:
+            try:
+                await self._adopt(source, entry, read, mine, fence)
+            except LeaseLost as err:  # another replica took the source over meanwhile: nothing was committed
+                log.warning("discover.fenced", source=name, error=str(err))
+                self._sources.pop(name, None)  # its state moved on: read it afresh if the lease comes back
+                if self.watcher.ownership is not None and fence is not None:
+                    self.watcher.ownership.fenced(fence[0], fence[2])
+                return None
+            if source.interval_s <= self.config.lifecycle.status_interval_s:
+                self._listed |= {f"{source.namespace}/{source.repo}/{ft.id}" for ft in read.fine_tunes}
+            for fine_tune in read.fine_tunes:
+                watched = self.watcher.fine_tunes.get(f"{source.namespace}/{source.repo}/{fine_tune.id}")
+                if watched is not None and watched.watched:
+                    await self.observe_status(watched, fine_tune)
+        finally:
+            self._batching = False
+            if self._pending:
+                self._changed()
+        return read
+
+    async def _resume(self, name: str) -> None:
+        watcher = self.watcher
+        if not isinstance(watcher.store, ReplicaStore):  # a fence comes only from a replica-aware store's leases
+            return
+        stored = await watcher.in_store(watcher.store.load_watching, [name])
+        sources = {source.name for source in self.config.discover}
+        for ref in stored.get(name, []):
+            holder = watcher.discovered.get(ref.key)
+            if holder is None or holder[1] not in sources:
+                watcher.discovered[ref.key] = (ref, name)
+
+    async def _adopt(
+        self, source: DiscoverConfig, entry: _Source, read: ListRead, mine: set[str], fence: SourceFence | None
+    ) -> None:
+        watcher = self.watcher
+        now = self.clock()
+        before = set(watcher.discovered)
+        result = discover(source, entry.state or SourceState(), read, now=now, baseline=self.config.watch.baseline)
+        refs = {fine_tune.id: ref_of(source, fine_tune) for fine_tune in result.watch}
+        announced = {fine_tune.id for fine_tune in result.new} if result.events else set()
+        pairs = [(refs[ft.id], draft) for ft, draft in zip(reversed(result.new), result.events, strict=False)]
+        listed = {f"{source.namespace}/{source.repo}/{ft.id}" for ft in read.fine_tunes}
+        # one that no longer matches (aged out, filtered) goes; one missing from this read stays (not gone)
+        now_mine = {ref.key: (ref, source.name) for ref in refs.values()}
+        now_mine.update({key: watcher.discovered[key] for key in mine if key not in listed})
+        # replicas: under the source's lease, with what it watches now (the other replicas claim from that)
+        watching = None if fence is None else [ref for ref, _ in now_mine.values()]
+        events = await watcher.in_store(
+            watcher.store.apply_discovery,
+            source.name,
+            result.state,
+            pairs,
+            now=now,
+            sources=[(ref, fine_tune_id in announced) for fine_tune_id, ref in refs.items()],
+            commit=watcher.commit,
+            route=watcher.route,
+            fence=fence,
+            watching=watching,
+        )
+        entry.state = result.state
+        for event in events:
+            watcher.publish(event)
+        for key, value in now_mine.items():
+            owner = watcher.discovered.get(key)
+            if owner is not None and owner[1] != source.name and owner[1] in {s.name for s in self.config.discover}:
+                continue  # another source found it first
+            watcher.discovered[key] = value
+        gone = [key for key in mine if key not in now_mine]
+        for key in gone:
+            del watcher.discovered[key]
+        # replicas: a fine-tune found here is watched by whichever replica claims it
+        added = [key for key in now_mine if key not in watcher.fine_tunes and watcher.owns(key)]
+        news = added if watcher.ownership is None else [key for key in now_mine if key not in before]
+        if news:
+            log.info("discover.watching", source=source.name, added=len(news), removed=len(gone))
+        if added or gone:
+            records = await watcher.in_store(watcher.store.load_lifecycle, added)
+            watcher.set_fine_tunes(self.config)
+            for key in added:
+                watched = watcher.fine_tunes.get(key)
+                if watched is not None and watched.lifecycle is None:
+                    watched.lifecycle = records.get(key, LifecycleRecord(LifecycleState(), watched.source))
+            self._changed()

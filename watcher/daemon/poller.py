@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,13 +21,15 @@ from watcher.core.models import (
     PollUnchanged,
     outcome_of,
 )
-from watcher.daemon.tasks import finish_or_cancel
 from watcher.daemon.watched import PollHealth, PollReport, WatchedFineTune, ref_of
 from watcher.daemon.watchset import WatchSet
+from watcher.delivery.tasks import finish_or_cancel
 from watcher.errors import LeaseLost, PollError, StoreError
 from watcher.hub.client import FetchedBody, FetchedDeferred, FetchedNotFound, HubClient
 from watcher.hub.schema import body_hash, parse_checkpoint_list
 from watcher.store import Committed, Router, Store
+from watcher.store.replicas import Fence
+from watcher.store.thread import StoreThread
 
 __all__ = ["PollHealth", "PollReport", "WatchSet", "WatchedFineTune", "Watcher", "ref_of"]
 log = structlog.get_logger("watcher")
@@ -50,12 +51,8 @@ class Watcher(WatchSet):
     clock: Callable[[], float] = time.time
     sinks: list[EventSink] = field(default_factory=list)
     route: Router | None = None
-    _executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
+    thread: StoreThread = field(default_factory=StoreThread)  # shared with the dispatcher and retention
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
-    # replicas (replicas.LeaseKeeper): the lease a poll commits under, and what to do when a commit was fenced;
-    # None on SQLite (one process owns everything)
-    fences: Callable[[str], tuple[str, int] | None] | None = None
-    on_fenced: Callable[[str, int], None] | None = None
 
     def __post_init__(self) -> None:
         self.set_fine_tunes(self.config)
@@ -67,8 +64,7 @@ class Watcher(WatchSet):
 
     async def in_store(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a store call on the store's own thread, so a slow disk never blocks the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        return await self.thread(fn, *args, **kwargs)
 
     async def load(self, keys: Collection[str] | None = None) -> None:
         """Read persisted hold-backs (Retry-After) and the state the metrics show, so a restart resets neither
@@ -91,6 +87,23 @@ class Watcher(WatchSet):
             health.last_poll_at = status.last_poll_at
             if status.failing:
                 health.failing_since = status.last_poll_at
+
+    def lease_of(self, key: str) -> tuple[bool, Fence | None]:
+        """Whether a commit of this fine-tune may go ahead here, and the fence it goes under (None on SQLite)."""
+        if self.ownership is None:
+            return True, None
+        fence = self.ownership.fence(key)
+        return fence is not None, fence
+
+    def fenced(self, key: str, fence: Fence | None) -> None:
+        """A commit under `fence` was refused: the lease moved on; the keeper drops the fine-tune."""
+        if self.ownership is not None and fence is not None:
+            self.ownership.fenced(key, fence[1])
+
+    def swap_client(self, client: HubClient) -> HubClient:
+        """Poll through another Hub client from now on (a reload); returns the one replaced."""
+        old, self.client = self.client, client
+        return old
 
     def _interpret(self, key: str, fetched: FetchedBody | FetchedNotFound) -> PollResult:
         if isinstance(fetched, FetchedNotFound):
@@ -148,8 +161,8 @@ class Watcher(WatchSet):
         if hold is not None and now < hold:
             log.debug("poll.deferred", fine_tune=key, until=hold)
             return None
-        fence = self.fences(key) if self.fences is not None else None
-        if self.fences is not None and fence is None:  # no longer owned (or renewing failed): not ours to poll
+        owned, fence = self.lease_of(key)
+        if not owned:  # no longer owned (or renewing failed): not ours to poll
             return None
         fetched: FetchedBody | FetchedNotFound | FetchedDeferred | None = None
         try:
@@ -170,8 +183,7 @@ class Watcher(WatchSet):
                 committed, result = await self._commit(ref, result, fetched, now, fence)
             except LeaseLost as err:  # another replica took the fine-tune over: nothing was committed
                 log.warning("poll.fenced", fine_tune=key, error=str(err))
-                if self.on_fenced is not None and fence is not None:
-                    self.on_fenced(key, fence[1])
+                self.fenced(key, fence)
                 return PollReport(ref, result, error=str(err))
             except StoreError as err:
                 if watched.watched:
@@ -199,7 +211,7 @@ class Watcher(WatchSet):
         return None if state is None else Committed((), state)
 
     async def _commit(
-        self, ref: FineTuneRef, result: PollResult, fetched: object, now: float, fence: tuple[str, int] | None = None
+        self, ref: FineTuneRef, result: PollResult, fetched: object, now: float, fence: Fence | None = None
     ) -> tuple[Committed, PollResult]:
         committed = await self._apply(ref, result, now, fence)
         if committed is None and isinstance(fetched, FetchedBody):
@@ -214,14 +226,13 @@ class Watcher(WatchSet):
         return committed, result
 
     async def _apply(
-        self, ref: FineTuneRef, result: PollResult, now: float, fence: tuple[str, int] | None = None
+        self, ref: FineTuneRef, result: PollResult, now: float, fence: Fence | None = None
     ) -> Committed | None:
         options = self.options
         watched = self.fine_tunes.get(ref.key)
         if watched is not None and watched.lifecycle is not None and watched.lifecycle.announce_checkpoints:
             # discovered after its source's first read: a new run, every checkpoint it has is news
             options = DiffOptions(baseline=False, failure_threshold=options.failure_threshold)
-        fenced = {"fence": fence} if fence is not None else {}  # only the PostgreSQL store takes a fence
         return await self.in_store(
             self.store.apply_poll,
             ref,
@@ -230,15 +241,15 @@ class Watcher(WatchSet):
             now=now,
             commit=self.commit,
             route=self.route,
-            **fenced,
+            fence=fence,
         )
 
     async def _record_crash(self, ref: FineTuneRef, err: Exception) -> None:
         # a crashed poll is a failed poll: it counts towards failure_threshold, so a fine-tune stuck on a
         # body the watcher cannot handle ends in fine_tune.poll_failing rather than in silence
         try:
-            fence = self.fences(ref.key) if self.fences is not None else None
-            if self.fences is not None and fence is None:
+            owned, fence = self.lease_of(ref.key)
+            if not owned:
                 return
             failed = PollFailed(f"internal error: {type(err).__name__}", None)
             committed = await self._apply(ref, failed, self.clock(), fence)
@@ -336,4 +347,4 @@ class Watcher(WatchSet):
         """Write what is batched, close the Hub client and the store's thread."""
         await self.flush_touches()
         await self.client.aclose()
-        self._executor.shutdown(wait=True)
+        self.thread.close()

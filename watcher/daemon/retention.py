@@ -1,4 +1,4 @@
-"""Retention: the daemon prunes old events at start and then hourly, off the hot path.
+"""Retention: the daemon prunes old events at start and then hourly (an APScheduler job), off the hot path.
 
 Each store call is one small transaction (a batch of deletions or a vacuum step) on the store's single thread,
 so polls and deliveries interleave with a long prune instead of waiting for it.
@@ -10,11 +10,15 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any
 
 import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 
 from watcher.store import PruneReport, Retention
+from watcher.store.replicas import Gate
 
 log = structlog.get_logger("watcher.retention")
 
@@ -22,18 +26,6 @@ DAY_S = 86400.0
 RETENTION_EVERY_S = 3600.0
 
 InStore = Callable[..., Awaitable[Any]]
-
-
-class Gate(Protocol):
-    """A lock across replicas: one of them at a time runs retention (replicas.AdvisoryGate)."""
-
-    def acquire(self) -> bool:
-        """Take the lock without waiting; False when another replica holds it."""
-        ...
-
-    def release(self) -> None:
-        """Give the lock back."""
-        ...
 
 
 def retain_s_of(retain_days: int) -> float:
@@ -55,6 +47,7 @@ class RetentionJob:
     failures: int = 0
     last: PruneReport | None = field(default=None)
     gate: Gate | None = None  # replicas: only the holder of the gate prunes
+    _passes: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def run_once(self) -> PruneReport | None:
         """One full pass, a transaction per store call; logs `retention.pruned` when it removed something.
@@ -100,11 +93,37 @@ class RetentionJob:
             )
         return total
 
-    async def run_forever(self) -> None:
-        """At start, then every `every_s` until cancelled."""
-        while True:
+    def set_retain_days(self, retain_days: int) -> None:
+        """A reload's new window, from the next pass on."""
+        self.retain_days = retain_days
+
+    def schedule(self, scheduler: AsyncIOScheduler) -> None:
+        """Add this job to the daemon's wall-clock scheduler: a pass now, then every `every_s` (one at a time; a
+        pass missed while the host slept runs once, late)."""
+        scheduler.add_job(
+            self._scheduled_pass,
+            IntervalTrigger(seconds=self.every_s, timezone=UTC),
+            id="retention",
+            name="retention",
+            next_run_time=datetime.now(UTC),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+
+    async def _scheduled_pass(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None, "APScheduler runs coroutine jobs as tasks"
+        self._passes.add(task)
+        try:
             await self.run_once()
-            await asyncio.sleep(self.every_s)
+        finally:
+            self._passes.discard(task)
+
+    def stop(self) -> None:
+        """Cancel a pass in progress (shutdown: no new prune batches while in-flight work drains)."""
+        for task in list(self._passes):
+            task.cancel()
 
 
 _UNITS_S = {"d": DAY_S, "h": 3600.0, "m": 60.0, "s": 1.0}

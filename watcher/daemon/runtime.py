@@ -18,6 +18,7 @@ from watcher.config.load import (
     resolve_state_url,
 )
 from watcher.core.models import FineTuneRef
+from watcher.daemon.ownership import Ownership
 from watcher.daemon.poller import EventSink, Watcher
 from watcher.delivery.dispatch import Dispatcher
 from watcher.errors import PollError
@@ -25,6 +26,7 @@ from watcher.hub.client import HubClient
 from watcher.observe.logs import REDACTOR, database_url_secrets
 from watcher.observe.metrics import Metrics
 from watcher.store import SqliteStore, Store, open_store
+from watcher.store.thread import StoreThread
 
 log = structlog.get_logger("watcher")
 
@@ -73,36 +75,44 @@ def open_state(config: Config, state_url: str | None, *, readonly: bool = False)
 def build_runtime(
     config: Config,
     *,
+    store: Store,
     token: str,
     secrets: Mapping[str, NotifierSecrets],
     readonly: bool = False,
-    state_url: str | None = None,
+    ownership: Ownership | None = None,
     metrics: Metrics | None = None,
     sinks: Sequence[EventSink] = (),
     hub_transport: httpx.AsyncBaseTransport | None = None,
     notifier_transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[Watcher, Dispatcher]:
-    """The watcher and the dispatcher over one store (read-only and silent for a dry run)."""
-    store = open_state(config, state_url, readonly=readonly)
-    client = make_client(config, token, transport=hub_transport)
-    watcher = Watcher(
-        config=config, store=store, client=client, sinks=list(sinks), commit=not readonly, metrics=metrics
-    )
+    """The watcher and the dispatcher over one store and its thread (read-only and silent for a dry run);
+    `ownership`: replicas, what this process owns (None: everything)."""
+    thread = StoreThread()
     dispatcher = Dispatcher(
         store=store,
         notifiers={},
         configs=config.notifiers,
-        in_store=watcher.in_store,
+        in_store=thread,
         on_outcome=metrics.observe_delivery if metrics is not None else None,
         redact=REDACTOR.redact,
         on_outbox=metrics.state.set_outbox if metrics is not None else None,
+        lanes=ownership.lanes if ownership is not None else None,
     )
     if not readonly:
         dispatcher.reconfigure(config, secrets, transport=notifier_transport)
     if metrics is not None:
         metrics.set_notifiers(entry.name for entry in config.notifiers)
-    watcher.route = dispatcher.route
-    watcher.sinks.append(lambda _event: dispatcher.wake())
+    watcher = Watcher(
+        config=config,
+        store=store,
+        client=make_client(config, token, transport=hub_transport),
+        sinks=[*sinks, lambda _event: dispatcher.wake()],
+        route=dispatcher.route,
+        commit=not readonly,
+        metrics=metrics,
+        ownership=ownership,
+        thread=thread,
+    )
     return watcher, dispatcher
 
 

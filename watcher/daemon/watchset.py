@@ -3,11 +3,11 @@ being watched (its health, hold-back, flags and metric series go with it)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from watcher.config.load import Config
 from watcher.core.models import FineTuneRef
+from watcher.daemon.ownership import Ownership
 from watcher.daemon.watched import PollHealth, WatchedFineTune, ref_of
 from watcher.observe.metrics import Metrics
 
@@ -23,8 +23,8 @@ class WatchSet:
     # fine-tunes the [[discover]] sources watch: key -> (ref, source name); set_fine_tunes() adopts them
     discovered: dict[str, tuple[FineTuneRef, str]] = field(default_factory=dict)
     _unauthorized: int = 0  # watched fine-tunes whose last answer was 401/403
-    # replicas (replicas.LeaseKeeper): which fine-tunes this process owns; None on SQLite (it owns everything)
-    owns: Callable[[str], bool] | None = None
+    # replicas: which fine-tunes this process owns (the lease keeper); None on SQLite (it owns everything)
+    ownership: Ownership | None = None
 
     @property
     def refs(self) -> dict[str, FineTuneRef]:
@@ -46,8 +46,8 @@ class WatchSet:
         for key, (ref, source) in self.discovered.items():
             if source in sources and key not in wanted:
                 wanted[key] = (ref, source, config.watch.interval_s)
-        owns = self.owns
-        if owns is not None:  # replicas: only the fine-tunes this one holds the lease of
+        if self.ownership is not None:  # replicas: only the fine-tunes this one holds the lease of
+            owns = self.ownership.owns
             wanted = {key: entry for key, entry in wanted.items() if owns(key)}
         for key in [k for k in self.fine_tunes if k not in wanted]:
             self.drop(key)
@@ -62,6 +62,18 @@ class WatchSet:
                 watched.ref = ref
                 if self.metrics is not None and watched.status is not None:
                     self.metrics.state.set_fine_tune(ref, watched.status)
+
+    def owns(self, key: str) -> bool:
+        """Whether this process polls the fine-tune (replicas: holds its lease; SQLite: always)."""
+        return self.ownership is None or self.ownership.owns(key)
+
+    def set_discovered(self, found: dict[str, tuple[FineTuneRef, str]]) -> bool:
+        """Take what the sources watch now (replicas: as the database says for the sources others read) and adopt
+        it; returns whether the set of watched fine-tunes changed."""
+        before = set(self.fine_tunes)
+        self.discovered = found
+        self.set_fine_tunes(self.config)  # drops an owned fine-tune its source no longer watches
+        return set(self.fine_tunes) != before
 
     def snapshot(self) -> tuple[Config, dict[str, WatchedFineTune]]:
         """The watched set as it is now, for restore() when a reload fails half-way."""

@@ -15,11 +15,11 @@ import structlog
 
 from watcher.config.load import Config, NotifierConfig, NotifierSecrets
 from watcher.core.models import Delivery, Event, OutboxStats
-from watcher.daemon.tasks import finish_or_cancel
 from watcher.delivery.notifiers import NotifierSet, PreparedNotifiers
 from watcher.delivery.notifiers.base import DeliveryResult, Notifier, Paced
 from watcher.delivery.outcomes import OutcomeLog
 from watcher.delivery.retry import FALLBACK_POLICY, RetryPolicy, clip, policy_of, settle
+from watcher.delivery.tasks import finish_or_cancel
 from watcher.errors import StoreError
 from watcher.store import Store
 
@@ -49,7 +49,9 @@ class Dispatcher:
         on_outcome: Callable[[str, str], None] | None = None,
         on_outbox: Callable[[list[OutboxStats], list[str]], None] | None = None,
         redact: Callable[[str], str] = str,
+        lanes: Callable[[], Sequence[str]] | None = None,
     ) -> None:
+        """`lanes`: replicas, the fine-tunes whose lanes this process delivers (those it owns); None: every lane."""
         self._store = store
         self._in_store = in_store or _direct
         self._clock = clock
@@ -71,8 +73,7 @@ class Dispatcher:
         self._set = NotifierSet()
         self._retire_due = True  # rows of notifiers no longer configured: retired by the loop at start, reload
         self._deferred_until: float | None = None  # the earliest first attempt held back by retry_schedule_s[0]
-        # replicas: the fine-tunes whose lanes this process delivers (those it owns); None: every lane (SQLite)
-        self.lanes: Callable[[], Sequence[str]] | None = None
+        self.lanes = lanes
         self.configure(notifiers, configs)
 
     def configure(self, notifiers: Mapping[str, Notifier], configs: Sequence[NotifierConfig]) -> None:
@@ -85,6 +86,19 @@ class Dispatcher:
         self.disabled.clear()
         self._retire_due = True
         self.wake()
+
+    def configure_undoable(
+        self, notifiers: Mapping[str, Notifier], configs: Sequence[NotifierConfig]
+    ) -> Callable[[], None]:
+        """configure(), returning what undoes it (back to the notifiers, configs and 410-disabled set before)."""
+        old_notifiers, old_configs, old_disabled = dict(self.notifiers), list(self.configs.values()), set(self.disabled)
+        self.configure(notifiers, configs)
+
+        def undo() -> None:
+            self.configure(old_notifiers, old_configs)
+            self.disabled |= old_disabled
+
+        return undo
 
     def reconfigure(
         self,

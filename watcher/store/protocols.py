@@ -22,6 +22,7 @@ from watcher.core.models import (
     PollResult,
     SourceState,
 )
+from watcher.store.replicas import Fence, SourceFence
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class StateStore(Protocol):
         now: float,
         commit: bool = True,
         route: Router | None = None,
+        fence: Fence | None = None,
     ) -> Committed | None:
         """Diff a poll result against the stored state; commit state, events and outbox rows in one transaction."""
         ...
@@ -230,6 +232,7 @@ class LifecycleStore(Protocol):
         source: str | None = None,
         commit: bool = True,
         route: Router | None = None,
+        fence: Fence | None = None,
     ) -> LifecycleCommitted:
         """advance() the stored state with a status read (or, fine_tune None, the committed checkpoints alone)
         and commit the state, its events and their outbox rows in one transaction (nothing when unchanged)."""
@@ -253,6 +256,8 @@ class LifecycleStore(Protocol):
         sources: Sequence[tuple[FineTuneRef, bool]] = (),
         commit: bool = True,
         route: Router | None = None,
+        fence: SourceFence | None = None,
+        watching: Sequence[FineTuneRef] | None = None,
     ) -> tuple[Event, ...]:
         """Commit a source's new state and its discovered events (with outbox rows) in one transaction;
         `sources` names fine-tunes this source now watches (True: announce their checkpoints, they are new)."""

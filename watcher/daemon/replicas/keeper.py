@@ -12,24 +12,20 @@ and no keeper: it owns everything. The wiring into the daemon and `once` is in r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import psycopg
 import structlog
 
 from watcher.errors import StoreError
 from watcher.observe.metrics import Metrics
-from watcher.store.postgres.base import store_error
 from watcher.store.postgres.leases import Claim, Lease, Leases, is_source_lease
 
 log = structlog.get_logger("watcher.replicas")
 T = TypeVar("T")
-RETENTION_LOCK = 0x6F78_6E77_7265_7401  # pg advisory lock key: one replica prunes at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +64,56 @@ def _changes(
     return _Changes(held, expired, [key for key in released if key in owned], gained)
 
 
+class LeaseListener(Protocol):
+    """What a lease keeper shares out and whom it tells of the changes of its rounds (replicas/wiring.py)."""
+
+    def wanted(self) -> Collection[str]:
+        """Every fine-tune this replica's config wants watched (the keeper claims its share of them)."""
+        ...
+
+    def source_keys(self) -> Collection[str]:
+        """The lease keys of the configured [[discover]] sources."""
+        ...
+
+    def lost(self, keys: Collection[str]) -> None:
+        """These fine-tunes' leases are gone (expired, released or fenced)."""
+        ...
+
+    def sources_changed(self, acquired: Collection[str], lost: Collection[str]) -> None:
+        """Source leases moved: read the acquired ones afresh, stop reading the lost ones."""
+        ...
+
+    async def acquired(self, keys: Collection[str]) -> None:
+        """These fine-tunes' leases were acquired: watch them."""
+        ...
+
+    async def after_round(self) -> None:
+        """After each good round (e.g. learn what the sources other replicas read watch now)."""
+        ...
+
+
+class _NoListener:
+    """Until attach(): nothing wanted, nothing to tell."""
+
+    def wanted(self) -> Collection[str]:
+        return ()
+
+    def source_keys(self) -> Collection[str]:
+        return ()
+
+    def lost(self, keys: Collection[str]) -> None:
+        pass
+
+    def sources_changed(self, acquired: Collection[str], lost: Collection[str]) -> None:
+        pass
+
+    async def acquired(self, keys: Collection[str]) -> None:
+        pass
+
+    async def after_round(self) -> None:
+        pass
+
+
 class LeaseKeeper:
     """Holds this replica's leases; tells the watcher which fine-tunes it owns, at which epoch."""
 
@@ -75,35 +121,33 @@ class LeaseKeeper:
         self,
         leases: Leases,
         *,
-        keys: Callable[[], Collection[str]],
         lease_s: float,
         renew_s: float,
         metrics: Metrics | None = None,
         pool_stats: Callable[[], dict[str, int]] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        sources: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.leases = leases
         self.replica = leases.replica
-        self._keys = keys
-        self.source_keys = sources  # the lease keys of the [[discover]] sources (leases.source_lease_key)
         self.lease_s = lease_s
         self.renew_s = renew_s
         self._metrics = metrics
         self._pool_stats = pool_stats
         self._clock = clock
+        self._listener: LeaseListener = _NoListener()
         self.owned: dict[str, int] = {}  # fine-tune key -> epoch of the lease held
         self.sources_owned: dict[str, int] = {}  # source lease key -> epoch
         self.last_ok = clock()  # when the last successful round started (leases good for lease_s from then)
         self.failing_since: float | None = None  # a round failed (database unreachable) since then
         self._attempt: float | None = None  # a round in progress since then
         self.live = 0
-        self.on_change: Callable[[Collection[str]], Any] | None = None  # set by the app: (acquired keys) -> awaitable
-        self.on_lost: Callable[[Collection[str]], None] | None = None  # set by the app: leases gone
-        # set by the app: (source leases acquired, source leases lost); and what to do after each good round
-        self.on_sources: Callable[[Collection[str], Collection[str]], None] | None = None
-        self.after_round: Callable[[], Awaitable[None]] | None = None
         self._executor = ThreadPoolExecutor(1, "leases")
+
+    def attach(self, listener: LeaseListener) -> None:
+        """Give the keeper what it shares out and whom it tells of changes (once, before the first round)."""
+        if not isinstance(self._listener, _NoListener):
+            raise RuntimeError("a lease keeper takes one listener")
+        self._listener = listener
 
     # --- what the rest of the daemon asks ---------------------------------------------------------------
 
@@ -116,7 +160,7 @@ class LeaseKeeper:
         epoch = self.owned.get(key)
         return None if epoch is None or self.stale() else (self.replica, epoch)
 
-    def fence_source(self, key: str) -> tuple[str, int] | None:
+    def source_fence(self, key: str) -> tuple[str, int] | None:
         """(replica, epoch) a read of a source commits under; None when another replica reads it."""
         epoch = self.sources_owned.get(key)
         return None if epoch is None or self.stale() else (self.replica, epoch)
@@ -158,8 +202,9 @@ class LeaseKeeper:
     async def step(self) -> None:
         """One round: renew, release the excess, claim the fair share (of fine-tunes, then of sources); apply what
         changed, then run `after_round`."""
-        keys = sorted(self._keys())
-        sources = sorted(self.source_keys()) if self.source_keys is not None else []
+        listener = self._listener
+        keys = sorted(listener.wanted())
+        sources = sorted(listener.source_keys())
         started = self._attempt = self._clock()
         try:
             found = await self._call(self._round, keys, sources)
@@ -197,15 +242,14 @@ class LeaseKeeper:
             self._metrics.leases_owned.set(len(held) + len(self.sources_owned))
             self._metrics.replicas_live.set(found.claim.live)
             self._metrics.fine_tunes_unowned.set(found.unowned)
-        if (expired or released) and self.on_lost is not None:
-            self.on_lost([*expired, *released])
+        if expired or released:
+            listener.lost([*expired, *released])
         lost_sources = [*changed_sources.expired, *changed_sources.released]
-        if (changed_sources.acquired or lost_sources) and self.on_sources is not None:
-            self.on_sources(changed_sources.acquired, lost_sources)
-        if acquired and self.on_change is not None:
-            await self.on_change(acquired)
-        if self.after_round is not None:  # e.g. learn what other replicas' sources found: claimed next round
-            await self.after_round()
+        if changed_sources.acquired or lost_sources:
+            listener.sources_changed(changed_sources.acquired, lost_sources)
+        if acquired:
+            await listener.acquired(acquired)
+        await listener.after_round()  # e.g. learn what other replicas' sources found: claimed next round
 
     def _sources_round(self, found: Round) -> _Changes:
         renewed = [lease for lease in found.renewed if is_source_lease(lease.key)]
@@ -240,10 +284,10 @@ class LeaseKeeper:
         )
         if self._metrics is not None:
             self._metrics.leases_owned.set(0)
-        if sources and self.on_sources is not None:
-            self.on_sources((), sources)
-        if lost and self.on_lost is not None:
-            self.on_lost(lost)
+        if sources:
+            self._listener.sources_changed((), sources)
+        if lost:
+            self._listener.lost(lost)
 
     def fenced(self, key: str, epoch: int | None = None) -> None:
         """A poll's (or a source read's) commit was refused: the lease moved on; drop it now (the next round
@@ -256,10 +300,9 @@ class LeaseKeeper:
         if self._metrics is not None:
             self._metrics.leases_owned.set(len(self.owned) + len(self.sources_owned))
         if held is self.sources_owned:
-            if self.on_sources is not None:
-                self.on_sources((), [key])
-        elif self.on_lost is not None:
-            self.on_lost([key])
+            self._listener.sources_changed((), [key])
+        else:
+            self._listener.lost([key])
 
     def _count(self, change: str, n: int) -> None:
         if n and self._metrics is not None:
@@ -295,38 +338,3 @@ class LeaseKeeper:
         self.owned = {}
         self.sources_owned = {}
         self._executor.shutdown(wait=False)
-
-
-class AdvisoryGate:
-    """A session advisory lock held on one pool connection: one replica at a time runs what it guards."""
-
-    def __init__(self, pool: Any, key: int = RETENTION_LOCK) -> None:
-        self._pool = pool
-        self._key = key
-        self._conn: Any = None
-
-    def acquire(self) -> bool:
-        """Take the lock without waiting; False when another replica holds it."""
-        try:
-            conn = self._pool.getconn()
-        except psycopg.Error as err:
-            raise store_error("cannot take the retention lock", err) from err
-        try:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
-        except psycopg.Error as err:
-            self._pool.putconn(conn)
-            raise store_error("cannot take the retention lock", err) from err
-        if not (row and row[0]):
-            self._pool.putconn(conn)
-            return False
-        self._conn = conn
-        return True
-
-    def release(self) -> None:
-        """Give the lock back (a lost connection released it already)."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        with contextlib.suppress(Exception):
-            conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
-        self._pool.putconn(conn)

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Collection, Sequence
-from typing import TYPE_CHECKING
 
 import structlog
 
 from watcher.config.discovery import DiscoverConfig
 from watcher.core.models import FineTuneRef
+from watcher.daemon.lifecycle_jobs import LifecycleJobs
+from watcher.daemon.poller import Watcher
+from watcher.daemon.replicas.keeper import LeaseKeeper
 from watcher.errors import StoreError
-from watcher.store.postgres.leases import source_lease_key
-
-if TYPE_CHECKING:
-    from watcher.daemon.lifecycle_jobs import LifecycleJobs
-    from watcher.daemon.poller import Watcher
-    from watcher.daemon.replicas.keeper import LeaseKeeper
+from watcher.store.replicas import ReplicaStore, source_lease_key
 
 log = structlog.get_logger("watcher.replicas")
 Discovered = dict[str, tuple[FineTuneRef, str]]
@@ -67,26 +64,27 @@ def merge(
 
 
 class SourceShare:
-    """Ties the sources' leases of one replica to its lifecycle jobs and its watched set."""
+    """The sources' half of a replica: which source leases it wants, what the sources others read watch now."""
 
     def __init__(
-        self, watcher: Watcher, lifecycle: LifecycleJobs, keeper: LeaseKeeper, *, reschedule: Callable[[], None]
+        self,
+        watcher: Watcher,
+        lifecycle: LifecycleJobs,
+        keeper: LeaseKeeper,
+        *,
+        store: ReplicaStore,
+        reschedule: Callable[[], None],
     ) -> None:
         self.watcher = watcher
         self.lifecycle = lifecycle
         self.keeper = keeper
+        self.store = store
         self.reschedule = reschedule
         self._failing = False
 
     def lease_keys(self) -> list[str]:
         """The leases of the configured sources (the keeper claims its share of them)."""
         return sorted({lease_key(source) for source in self.watcher.config.discover})
-
-    def fence(self, source: DiscoverConfig) -> tuple[str, str, int] | None:
-        """(lease key, replica, epoch) a read of the source commits under; None when another replica reads it."""
-        key = lease_key(source)
-        held = self.keeper.fence_source(key)
-        return None if held is None else (key, *held)
 
     def reads(self, source: DiscoverConfig) -> bool:
         """Whether this replica holds the source's lease (as of its last round)."""
@@ -99,8 +97,7 @@ class SourceShare:
         others = [source.name for source in watcher.config.discover if not self.reads(source)]
         try:
             # not on the store's thread: a queue of poll commits there must not hold the lease rounds up
-            load = watcher.store.load_watching  # type: ignore[attr-defined]
-            stored = await asyncio.to_thread(load, others) if others else {}
+            stored = await asyncio.to_thread(self.store.load_watching, others) if others else {}
         except StoreError as err:
             if not self._failing:
                 log.warning("replica.sources_unread", error=str(err))
@@ -110,12 +107,7 @@ class SourceShare:
             log.info("replica.sources_read")
             self._failing = False
         merged = merge(watcher.config.discover, watcher.discovered, self.reads, stored)
-        if merged == watcher.discovered:
-            return
-        before = set(watcher.fine_tunes)
-        watcher.discovered = merged
-        watcher.set_fine_tunes(watcher.config)  # drops an owned fine-tune its source no longer watches
-        if set(watcher.fine_tunes) != before:
+        if merged != watcher.discovered and watcher.set_discovered(merged):
             self.reschedule()
 
     def changed(self, acquired: Collection[str], lost: Collection[str]) -> None:
@@ -128,17 +120,3 @@ class SourceShare:
             if key in lost:
                 lifecycle.unlist(source)  # their statuses come from single reads (or their owner's) now
         self.reschedule()
-
-
-def attach_sources(
-    watcher: Watcher, lifecycle: LifecycleJobs, keeper: LeaseKeeper, reschedule: Callable[[], None]
-) -> SourceShare:
-    """Wire the sources' leases: the keeper claims them and, before each round, learns what other replicas'
-    sources watch; the lifecycle jobs read (and schedule) only the sources whose lease this replica holds."""
-    share = SourceShare(watcher, lifecycle, keeper, reschedule=reschedule)
-    keeper.source_keys = share.lease_keys
-    keeper.after_round = share.refresh
-    keeper.on_sources = share.changed
-    lifecycle.source_fence = share.fence
-    lifecycle.on_source_fenced = keeper.fenced
-    return share

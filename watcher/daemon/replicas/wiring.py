@@ -1,101 +1,159 @@
-"""Replicas wired into the daemon and into `once`: the lease keeper (replicas.py) decides what this process polls,
-reads and delivers; the sources' half is in source_leases.py."""
+"""Replicas wired into the daemon and into `once`: the lease keeper (keeper.py) decides what this process polls,
+reads and delivers; the sources' half is in sources.py. Everything here is built whole: the keeper (or `once`'s
+claim) is the Ownership the watcher, the lifecycle jobs and the dispatcher get when they are built, and the keeper
+learns of them through one `attach` of its LeaseListener."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection
 
 import structlog
 
-from watcher.daemon.replicas.keeper import AdvisoryGate, LeaseKeeper
-from watcher.daemon.replicas.sources import attach_sources, lease_key, watched_keys
-from watcher.store.postgres.leases import PostgresLeases
-
-if TYPE_CHECKING:
-    from watcher.config.discovery import DiscoverConfig
-    from watcher.daemon.app import App
-    from watcher.daemon.lifecycle_jobs import LifecycleJobs
-    from watcher.daemon.poller import Watcher
-    from watcher.delivery.dispatch import Dispatcher
+from watcher.config.load import Config
+from watcher.daemon.lifecycle_jobs import LifecycleJobs
+from watcher.daemon.poller import Watcher
+from watcher.daemon.replicas.keeper import LeaseKeeper
+from watcher.daemon.replicas.sources import SourceShare, lease_key, watched_keys
+from watcher.observe.metrics import Metrics
+from watcher.store import Store
+from watcher.store.replicas import Fence, Leases, ReplicaStore
 
 log = structlog.get_logger("watcher.replicas")
 
 
-def attach(app: App) -> LeaseKeeper | None:
-    """Wire a lease keeper into the daemon when the store is PostgreSQL (None on SQLite: it owns everything).
-
-    The watcher then holds (and the driver schedules) only owned fine-tunes, polls commit under their lease, the
-    dispatcher delivers only their lanes, and retention runs on one replica at a time.
-    """
-    state = app.config.state
-    if not state.postgresql:
+def build_keeper(store: Store, config: Config, metrics: Metrics) -> LeaseKeeper | None:
+    """The lease keeper of a daemon on a shared store (None on SQLite: the process owns everything)."""
+    if not isinstance(store, ReplicaStore):
         return None
-    watcher, store = app.watcher, app.watcher.store
-    app.metrics.enable_replicas()
-    leases = PostgresLeases(store.pool, replica=state.replica_name(), lease_s=state.lease_s)  # type: ignore[attr-defined]
-    keeper = LeaseKeeper(
-        leases,
-        keys=lambda: watched_keys(watcher),  # the listed fine-tunes and what the sources watch now
+    state = config.state
+    metrics.enable_replicas()
+    return LeaseKeeper(
+        store.leases(replica=state.replica_name(), lease_s=state.lease_s),
         lease_s=state.lease_s,
         renew_s=state.renew_s,
-        metrics=app.metrics,
-        pool_stats=store.pool_stats,  # type: ignore[attr-defined]
+        metrics=metrics,
+        pool_stats=store.pool_stats,
     )
 
-    def lost(keys: Collection[str]) -> None:
-        watcher.set_fine_tunes(watcher.config)  # drops them whole: health, metric series, schedule below
-        for key in keys:
-            store.forget(key)
-        app.reschedule(app.config)
 
-    async def acquired(keys: Collection[str]) -> None:
+class ReplicaRole:
+    """The keeper's LeaseListener: what this replica wants leased, and what changes when its leases move.
+
+    The watcher then holds (and the driver schedules) only owned fine-tunes, polls commit under their lease, the
+    dispatcher delivers only their lanes, and the sources' leases decide which lists this replica reads."""
+
+    def __init__(
+        self,
+        keeper: LeaseKeeper,
+        store: ReplicaStore,
+        watcher: Watcher,
+        lifecycle: LifecycleJobs,
+        *,
+        reschedule: Callable[[], None],
+        wake: Callable[[], None],
+    ) -> None:
+        self.watcher = watcher
+        self.lifecycle = lifecycle
+        self.store = store
+        self.reschedule = reschedule
+        self.wake = wake
+        self.sources = SourceShare(watcher, lifecycle, keeper, store=store, reschedule=reschedule)
+
+    def wanted(self) -> Collection[str]:
+        """The listed fine-tunes and what the sources watch now."""
+        return watched_keys(self.watcher)
+
+    def source_keys(self) -> Collection[str]:
+        """The configured sources' lease keys."""
+        return self.sources.lease_keys()
+
+    def lost(self, keys: Collection[str]) -> None:
+        """Drop them whole: health, metric series, schedule."""
+        self.watcher.set_fine_tunes(self.watcher.config)
         for key in keys:
-            store.forget(key)  # another replica moved the state on meanwhile: read it afresh
+            self.watcher.store.forget(key)
+        self.reschedule()
+
+    async def acquired(self, keys: Collection[str]) -> None:
+        """Watch them, from their state as the database has it now."""
+        watcher = self.watcher
+        for key in keys:
+            watcher.store.forget(key)  # another replica moved the state on meanwhile: read it afresh
         watcher.set_fine_tunes(watcher.config)
         await watcher.load(keys)  # hold-backs and the gauges of the newly owned fine-tunes
-        await app.lifecycle.load_records(list(keys))  # a new run's checkpoints are announced, not baselined
-        app.reschedule(app.config)
-        app.dispatcher.wake()
+        await self.lifecycle.load_records(list(keys))  # a new run's checkpoints are announced, not baselined
+        self.reschedule()
+        self.wake()
 
-    keeper.on_lost = lost
-    keeper.on_change = acquired
-    watcher.owns = keeper.owns
-    watcher.fences = keeper.fence
-    watcher.on_fenced = keeper.fenced
-    watcher.set_fine_tunes(watcher.config)  # nothing owned until the first round
-    app.dispatcher.lanes = keeper.lanes
-    app.retention.gate = AdvisoryGate(store.pool)  # type: ignore[attr-defined]
-    attach_sources(watcher, app.lifecycle, keeper, lambda: app.reschedule(app.config))
-    log.info("replica.joining", replica=keeper.replica, lease_s=state.lease_s, renew_s=state.renew_s)
-    return keeper
+    def sources_changed(self, acquired: Collection[str], lost: Collection[str]) -> None:
+        """Read newly leased sources afresh; stop reading lost ones."""
+        self.sources.changed(acquired, lost)
+
+    async def after_round(self) -> None:
+        """Learn what the sources other replicas read watch now."""
+        await self.sources.refresh()
 
 
-def claim_for_once(watcher: Watcher, dispatcher: Dispatcher, lifecycle: LifecycleJobs | None = None) -> PostgresLeases:
-    """`once` on PostgreSQL: claim only free or expired leases (running replicas keep theirs), of fine-tunes and of
-    sources; poll, read and deliver only those; the caller calls `leave()` on the returned leases when it exits."""
-    state = watcher.config.state
+def join(
+    keeper: LeaseKeeper,
+    store: ReplicaStore,
+    watcher: Watcher,
+    lifecycle: LifecycleJobs,
+    *,
+    reschedule: Callable[[], None],
+    wake: Callable[[], None],
+) -> None:
+    """Attach this daemon's parts to its keeper (before the first round)."""
+    keeper.attach(ReplicaRole(keeper, store, watcher, lifecycle, reschedule=reschedule, wake=wake))
+    log.info("replica.joining", replica=keeper.replica, lease_s=keeper.lease_s, renew_s=keeper.renew_s)
+
+
+class OnceClaim:
+    """`once` on a shared store: the free or expired leases it claimed (running replicas keep theirs), of
+    fine-tunes and of sources; it polls, reads and delivers only those. An Ownership."""
+
+    def __init__(self, leases: Leases, *, owned: dict[str, int], sources: dict[str, int]) -> None:
+        self.leases = leases
+        self._owned = owned
+        self._sources = sources
+
+    def owns(self, key: str) -> bool:
+        """Whether `once` claimed the fine-tune."""
+        return key in self._owned
+
+    def fence(self, key: str) -> Fence | None:
+        """(replica, epoch) of a claimed fine-tune."""
+        epoch = self._owned.get(key)
+        return None if epoch is None else (self.leases.replica, epoch)
+
+    def source_fence(self, key: str) -> Fence | None:
+        """(replica, epoch) of a claimed source."""
+        epoch = self._sources.get(key)
+        return None if epoch is None else (self.leases.replica, epoch)
+
+    def fenced(self, key: str, epoch: int | None = None) -> None:
+        """A refused commit: `once` polls each fine-tune once, so there is nothing to drop."""
+
+    def lanes(self) -> list[str]:
+        """The claimed fine-tunes' lanes."""
+        return sorted(self._owned)
+
+    def leave(self) -> None:
+        """Release every claimed lease: the running replicas take them over at once."""
+        self.leases.leave()
+
+
+def claim_for_once(store: Store, config: Config) -> OnceClaim | None:
+    """`once` on a shared store: claim only free or expired leases (None on SQLite: it owns everything); the
+    caller calls `leave()` on the claim when it exits."""
+    if not isinstance(store, ReplicaStore):
+        return None
+    state = config.state
     # a name of its own: `once` beside a daemon configured with the same replica name must not take its leases
-    leases = PostgresLeases(
-        watcher.store.pool,  # type: ignore[attr-defined]
-        replica=f"{state.replica_name()}.once-{os.getpid()}",
-        lease_s=state.lease_s,
-    )
-    keys = [ft.key for ft in watcher.config.fine_tunes]
-    claim = leases.claim(keys, up_to=len(keys))
-    owned = {lease.key: lease.epoch for lease in claim.acquired}
-    watcher.owns = owned.__contains__
-    watcher.fences = lambda key: (leases.replica, owned[key]) if key in owned else None
-    watcher.set_fine_tunes(watcher.config)
-    dispatcher.lanes = lambda: sorted(owned)
-    if lifecycle is not None:  # a source a running replica reads is left to it
-        sources = sorted({lease_key(source) for source in watcher.config.discover})
-        read = {lease.key: lease.epoch for lease in leases.claim(sources, up_to=len(sources)).acquired}
-
-        def fence(source: DiscoverConfig) -> tuple[str, str, int] | None:
-            key = lease_key(source)
-            return (key, leases.replica, read[key]) if key in read else None
-
-        lifecycle.source_fence = fence
-    return leases
+    leases = store.leases(replica=f"{state.replica_name()}.once-{os.getpid()}", lease_s=state.lease_s)
+    keys = [ft.key for ft in config.fine_tunes]
+    owned = {lease.key: lease.epoch for lease in leases.claim(keys, up_to=len(keys)).acquired}
+    sources = sorted({lease_key(source) for source in config.discover})  # one a running replica reads stays its
+    read = {lease.key: lease.epoch for lease in leases.claim(sources, up_to=len(sources)).acquired}
+    return OnceClaim(leases, owned=owned, sources=read)

@@ -8,10 +8,11 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from watcher.errors import StoreError
+from watcher.errors import LeaseLost, StoreError
 from watcher.store.rows import event_from_row
 
 T = TypeVar("T")
+Conn = psycopg.Connection[Any]
 # the server ends a session left idle inside a transaction this long (SET LOCAL: PgBouncer transaction mode keeps
 # no session settings)
 IDLE_LIMIT_SQL = "SELECT set_config('idle_in_transaction_session_timeout', %s, true)"
@@ -107,3 +108,13 @@ class PgBase:
     def close(self) -> None:
         """Release the database."""
         self._pool.close()
+
+
+def check_fence(conn: Conn, key: str, fence: tuple[str, int], *, what: str) -> None:
+    """Raise LeaseLost unless this replica still holds the lease of `key` at the fence's epoch (in the caller's
+    transaction, so the commit and the check are one)."""
+    # KEY SHARE holds off a takeover (a claim locks the row FOR UPDATE, SKIP LOCKED) until this commits,
+    # yet lets the owner's renewals through
+    row = conn.execute("SELECT owner, epoch FROM leases WHERE fine_tune_key = %s FOR KEY SHARE", (key,)).fetchone()
+    if row is None or (row[0], row[1]) != fence:
+        raise LeaseLost(f"lease of {key} lost: held by another replica or at another epoch; {what} not committed")

@@ -11,98 +11,40 @@ a fine-tune's key "namespace/repo/id" has two, so the two never collide), shared
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
 from watcher.store.postgres.base import idle_limit, store_error
+from watcher.store.replicas import (
+    SOURCE_LEASE_PREFIX,
+    Claim,
+    Lease,
+    Leases,
+    is_source_lease,
+    source_lease_key,
+)
+
+__all__ = [
+    "RETENTION_LOCK",
+    "SOURCE_LEASE_PREFIX",
+    "AdvisoryGate",
+    "Claim",
+    "Lease",
+    "Leases",
+    "PostgresLeases",
+    "fair_share",
+    "is_source_lease",
+    "source_lease_key",
+]
 
 T = TypeVar("T")
+RETENTION_LOCK = 0x6F78_6E77_7265_7401  # pg advisory lock key: one replica prunes at a time
 Conn = psycopg.Connection[Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A lease held by a replica: the fine-tune, its epoch (fencing token) and expiry (Unix seconds, database clock).
-
-    `previous_owner` is the replica it was taken over from (None when it was free or is being renewed).
-    """
-
-    key: str
-    owner: str
-    epoch: int
-    expires_at: float
-    previous_owner: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """What one claim did: the leases acquired, and the shares it was computed from."""
-
-    acquired: tuple[Lease, ...]
-    live: int
-    share: int
-    owned: int
-
-
-class Leases(Protocol):
-    """Sharing fine-tunes out among replicas."""
-
-    replica: str
-
-    def heartbeat(self) -> int:
-        """Mark this replica live; returns how many replicas are live."""
-        ...
-
-    def claim(self, keys: Sequence[str], *, up_to: int | None = None) -> Claim:
-        """Take free or expired leases among `keys`, up to the fair share (or `up_to` in all), never waiting."""
-        ...
-
-    def renew(self) -> list[Lease]:
-        """Extend every lease this replica still holds; returns them (a lease not returned was lost)."""
-        ...
-
-    def release(self, keys: Sequence[str]) -> list[str]:
-        """Give up these leases; returns the keys released."""
-        ...
-
-    def release_excess(self, keys: Sequence[str], *, sources: bool = False) -> list[str]:
-        """Give up leases above the fair share of `keys`, and those not in `keys`, among the fine-tunes' leases (or
-        the sources'); returns the keys released."""
-        ...
-
-    def owned(self) -> list[Lease]:
-        """The unexpired leases this replica holds."""
-        ...
-
-    def live(self) -> int:
-        """How many replicas are live."""
-        ...
-
-    def unowned(self, keys: Sequence[str] | None = None) -> int:
-        """How many fine-tunes (of `keys`, else of every fine-tune's lease) have no live owner."""
-        ...
-
-    def leave(self) -> None:
-        """Release every lease and stop counting as live (on shutdown)."""
-        ...
-
-
-SOURCE_LEASE_PREFIX = "source:"
-
-
-def source_lease_key(namespace: str, repo: str) -> str:
-    """The lease of a [[discover]] source's list: one per repository (sources of one repo are read by one replica)."""
-    return f"{SOURCE_LEASE_PREFIX}{namespace}/{repo}"
-
-
-def is_source_lease(key: str) -> bool:
-    """Whether a lease key is a source's (else a fine-tune's)."""
-    return key.startswith(SOURCE_LEASE_PREFIX) and key.count("/") == 1
 
 
 def fair_share(fine_tunes: int, live: int) -> int:
@@ -293,3 +235,38 @@ class PostgresLeases:
 def _conforms(leases: PostgresLeases) -> Leases:
     """Checked by mypy: PostgresLeases implements the Leases protocol."""
     return leases
+
+
+class AdvisoryGate:
+    """A session advisory lock held on one pool connection: one replica at a time runs what it guards."""
+
+    def __init__(self, pool: Any, key: int = RETENTION_LOCK) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn: Any = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another replica holds it."""
+        try:
+            conn = self._pool.getconn()
+        except psycopg.Error as err:
+            raise store_error("cannot take the retention lock", err) from err
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
+        except psycopg.Error as err:
+            self._pool.putconn(conn)
+            raise store_error("cannot take the retention lock", err) from err
+        if not (row and row[0]):
+            self._pool.putconn(conn)
+            return False
+        self._conn = conn
+        return True
+
+    def release(self) -> None:
+        """Give the lock back (a lost connection released it already)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
+        self._pool.putconn(conn)

@@ -19,6 +19,7 @@ from watcher.core.lifecycle import LifecycleOptions
 from watcher.core.models import Event, EventDraft, FineTuneRef, HubFineTune, KnownCheckpoint, SourceState
 from watcher.errors import StoreError
 from watcher.store.lifecycle_rows import COLUMNS, lifecycle_step, record_of, row_of, upsert_sql
+from watcher.store.postgres.base import check_fence
 from watcher.store.protocols import LifecycleCommitted, LifecycleRecord, Router
 
 Conn = psycopg.Connection[Any]
@@ -32,7 +33,6 @@ class PgLifecycle:
     _tx: Callable[..., Any]
     _read: Callable[..., list[tuple[Any, ...]]]
     _insert_events: Callable[..., None]
-    _check_fence: Callable[[Conn, str, tuple[str, int]], None]
 
     def _stamp(self, draft: EventDraft, key: str, now: float) -> Event:
         return stamp(draft, fine_tune_key=key, now=now, event_id=self._new_id() if self._new_id else None)
@@ -74,7 +74,7 @@ class PgLifecycle:
             if commit:  # serializes with this fine-tune's polls (apply_poll takes the same lock)
                 conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
                 if fence is not None:
-                    self._check_fence(conn, key, fence)
+                    check_fence(conn, key, fence, what="status change")
             row = conn.execute(f"SELECT {COLUMNS} FROM lifecycle WHERE fine_tune_key = %s", (key,)).fetchone()
             committed, changed = lifecycle_step(
                 ref,
@@ -127,7 +127,7 @@ class PgLifecycle:
 
         def work(conn: Conn) -> None:
             if fence is not None:
-                self._check_fence(conn, fence[0], (fence[1], fence[2]))
+                check_fence(conn, fence[0], (fence[1], fence[2]), what="source read")
             conn.execute(
                 "INSERT INTO sources (name, baselined, watching) VALUES (%s, %s, %s) "
                 "ON CONFLICT (name) DO UPDATE SET baselined = excluded.baselined, "

@@ -27,14 +27,16 @@ from watcher.core.models import (
     PollUnchanged,
     outcome_of,
 )
-from watcher.errors import LeaseLost, StoreError
-from watcher.store.postgres.base import open_pool, store_error
+from watcher.errors import StoreError
+from watcher.store.postgres.base import check_fence, open_pool, store_error
+from watcher.store.postgres.leases import AdvisoryGate, PostgresLeases
 from watcher.store.postgres.lifecycle import PgLifecycle
 from watcher.store.postgres.outbox import PgOutbox
 from watcher.store.postgres.prune import PgPrune
 from watcher.store.postgres.reads import PgReports
 from watcher.store.postgres.schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SEQ_SHIFT
 from watcher.store.protocols import Committed, Router, Store
+from watcher.store.replicas import ReplicaStore
 from watcher.store.shared_reads import SharedReads
 from watcher.store.touches import TouchCache
 
@@ -43,9 +45,9 @@ _STATE_COLUMNS = "baselined, not_found, consecutive_failures, failing, best_loss
 
 
 class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, TouchCache):
-    MARK = "%s"
+    """The PostgreSQL store: one transaction per poll, a cache of decoded state per fine-tune; a ReplicaStore."""
 
-    """The PostgreSQL store: one transaction per poll, a cache of decoded state per fine-tune."""
+    MARK = "%s"
 
     def __init__(
         self,
@@ -75,6 +77,14 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
     def pool(self) -> Any:
         """The connection pool (shared with the leases)."""
         return self._pool
+
+    def leases(self, *, replica: str, lease_s: float) -> PostgresLeases:
+        """The lease table as this replica sees it, over this store's pool."""
+        return PostgresLeases(self._pool, replica=replica, lease_s=lease_s)
+
+    def retention_gate(self) -> AdvisoryGate:
+        """The advisory lock one replica at a time holds while it prunes."""
+        return AdvisoryGate(self._pool)
 
     # --- schema ----------------------------------------------------------------------------------
 
@@ -184,7 +194,7 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
                 # serializes polls of one fine-tune, and makes the transaction id (taken after it) grow with them
                 conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
                 if fence is not None:
-                    self._check_fence(conn, key, fence)
+                    check_fence(conn, key, fence, what="poll")
             lock = " FOR UPDATE" if commit else ""
             row = conn.execute(
                 f"SELECT {_STATE_COLUMNS} FROM fine_tunes WHERE fine_tune_key = %s{lock}", (key,)
@@ -229,14 +239,6 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
             return Committed(events, transition.state)  # a dry run: the cache keeps the committed state
         self._cache[key] = (revision + 1 if row is not None else 0, transition.state)
         return Committed(events, transition.state, bool(transition.upserts or transition.deletes))
-
-    @staticmethod
-    def _check_fence(conn: Conn, key: str, fence: tuple[str, int]) -> None:
-        # KEY SHARE holds off a takeover (a claim locks the row FOR UPDATE, SKIP LOCKED) until this commits,
-        # yet lets the owner's renewals through
-        row = conn.execute("SELECT owner, epoch FROM leases WHERE fine_tune_key = %s FOR KEY SHARE", (key,)).fetchone()
-        if row is None or (row[0], row[1]) != fence:
-            raise LeaseLost(f"lease of {key} lost: held by another replica or at another epoch; poll not committed")
 
     def _insert_events(self, conn: Conn, events: Sequence[Event], *, now: float, route: Router | None) -> None:
         if not events:
@@ -307,3 +309,8 @@ def _conforms(store: PostgresStore) -> Store:
 
 
 __all__ = ["PostgresStore", "store_error"]
+
+
+def _replica_store(store: PostgresStore) -> ReplicaStore:
+    """Checked by mypy: PostgresStore implements the ReplicaStore protocol."""
+    return store

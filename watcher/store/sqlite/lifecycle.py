@@ -16,6 +16,7 @@ from watcher.core.models import Event, EventDraft, FineTuneRef, HubFineTune, Kno
 from watcher.errors import StoreError
 from watcher.store.lifecycle_rows import COLUMNS, lifecycle_step, record_of, row_of, upsert_sql
 from watcher.store.protocols import LifecycleCommitted, LifecycleRecord, Router
+from watcher.store.replicas import Fence, SourceFence
 from watcher.store.sqlite.base import SqliteBase
 
 
@@ -59,6 +60,7 @@ class SqliteLifecycle(SqliteBase):
         source: str | None = None,
         commit: bool = True,
         route: Router | None = None,
+        fence: Fence | None = None,
     ) -> LifecycleCommitted:
         """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged)."""
         key = ref.key
@@ -107,6 +109,8 @@ class SqliteLifecycle(SqliteBase):
         sources: Sequence[tuple[FineTuneRef, bool]] = (),
         commit: bool = True,
         route: Router | None = None,
+        fence: SourceFence | None = None,
+        watching: Sequence[FineTuneRef] | None = None,
     ) -> tuple[Event, ...]:
         """Commit a source's new state, its discovered events and outbox rows, in one transaction."""
         stamped = tuple(self._stamp(draft, ref.key, now) for ref, draft in events)

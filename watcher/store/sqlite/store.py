@@ -30,6 +30,7 @@ from watcher.core.models import (
 )
 from watcher.errors import StoreError
 from watcher.store.protocols import Committed, Router
+from watcher.store.replicas import Fence
 from watcher.store.shared_reads import SharedReads
 from watcher.store.sqlite.lifecycle import SqliteLifecycle
 from watcher.store.sqlite.migrate import CONVERT_AT_START_MAX_BYTES, SqliteMigrations
@@ -151,6 +152,7 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
         now: float,
         commit: bool = True,
         route: Router | None = None,
+        fence: Fence | None = None,
     ) -> Committed | None:
         """Diff a poll result against the stored state and commit state, events and outbox in one transaction.
 
