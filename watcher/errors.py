@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 
 class WatcherError(Exception):
     """Base of every error raised by oxen-watcher."""
@@ -27,7 +29,7 @@ class PollError(WatcherError):
     `retry_after_s` is the Hub's Retry-After in seconds when it sent one.
     """
 
-    outcome = "error"
+    outcome: ClassVar[Literal["error", "unauthorized"]] = "error"
     retryable = False
 
     def __init__(self, message: str, *, http_status: int | None = None, retry_after_s: float | None = None) -> None:
@@ -46,7 +48,7 @@ class HubUnavailable(PollError):
 class HubUnauthorized(PollError):
     """The Hub refused the token (401/403)."""
 
-    outcome = "unauthorized"
+    outcome: ClassVar[Literal["error", "unauthorized"]] = "unauthorized"
 
 
 class InvalidResponse(PollError):

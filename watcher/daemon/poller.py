@@ -39,7 +39,7 @@ PARSE_IN_THREAD_BYTES = 512 * 1024
 
 
 def _failure(err: PollError) -> PollFailed:
-    return PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)  # type: ignore[arg-type]
+    return PollFailed(err.message, err.http_status, err.outcome, err.retry_after_s)
 
 
 @dataclass(slots=True, kw_only=True)

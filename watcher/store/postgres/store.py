@@ -244,7 +244,9 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
         if not events:
             return
         # seq follows the transaction id: events_after can stop below every transaction still in progress
-        xid = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]  # type: ignore[index]
+        row = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+        assert row is not None, "SELECT of a function returns one row"
+        xid = row[0]
         batch_id = events[0].id
         rows, deliveries = [], []
         for index, event in enumerate(events):

@@ -62,7 +62,8 @@ class SqliteLifecycle(SqliteBase):
         route: Router | None = None,
         fence: Fence | None = None,
     ) -> LifecycleCommitted:
-        """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged)."""
+        """advance() the stored state and commit state, events and outbox rows together (nothing when unchanged);
+        no lease to check (`fence`): one process owns a SQLite database whole."""
         key = ref.key
 
         def work() -> LifecycleCommitted:
@@ -112,7 +113,8 @@ class SqliteLifecycle(SqliteBase):
         fence: SourceFence | None = None,
         watching: Sequence[FineTuneRef] | None = None,
     ) -> tuple[Event, ...]:
-        """Commit a source's new state, its discovered events and outbox rows, in one transaction."""
+        """Commit a source's new state, its discovered events and outbox rows, in one transaction (`fence` and
+        `watching` are for replicas on a shared store: one process owns a SQLite database whole)."""
         stamped = tuple(self._stamp(draft, ref.key, now) for ref, draft in events)
         if not commit:
             return stamped

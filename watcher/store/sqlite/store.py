@@ -159,7 +159,8 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
         `route` names the notifiers each event goes to; an outbox row is created for each. Returns None when
         `result` is PollUnchanged but another writer has moved the state on since this process last saw it:
         the caller parses the body and applies a PollSuccess instead.
-        With commit=False (a dry run) nothing is written.
+        With commit=False (a dry run) nothing is written. `fence` is for stores that replicas share: one process
+        owns a SQLite database whole, so there is no lease to check.
         """
         key = ref.key
         if commit:
