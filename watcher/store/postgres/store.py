@@ -43,9 +43,9 @@ _STATE_COLUMNS = "baselined, not_found, consecutive_failures, failing, best_loss
 
 
 class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, TouchCache):
-    MARK = "%s"
-
     """The PostgreSQL store: one transaction per poll, a cache of decoded state per fine-tune."""
+
+    MARK = "%s"
 
     def __init__(
         self,
