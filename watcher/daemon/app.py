@@ -27,7 +27,15 @@ from watcher.daemon.poller import EventSink, PollHealth, PollReport, WatchedFine
 from watcher.daemon.reload import apply_reload, plan_reload
 from watcher.daemon.replicas.wiring import attach
 from watcher.daemon.retention import RetentionJob
-from watcher.daemon.runtime import Secrets, build_runtime, make_client, on_poll_retry, public_url, resolve_all
+from watcher.daemon.runtime import (
+    Secrets,
+    build_runtime,
+    make_client,
+    on_poll_retry,
+    open_reports,
+    public_url,
+    resolve_all,
+)
 from watcher.daemon.scheduling import SCHEDULE_GRID_S, PollDriver, PollSchedule
 from watcher.errors import ConfigError
 from watcher.hub.client import HubClient
@@ -54,7 +62,7 @@ __all__ = [
     "resolve_all",
 ]
 
-from watcher.web.site import StatusPages
+from watcher.web.site import LiveSources, StatusPages
 
 log = structlog.get_logger("watcher")
 LOCK_RETRY_S = 1.0  # how often a daemon waiting for the dispatch lock tries again
@@ -102,8 +110,17 @@ class App:
             liveness=self.liveness,
             readiness=self.readiness,
             token=secrets.metrics_token,
-            # on PostgreSQL every replica serves the page from the shared database: every fine-tune, owned or not
-            pages=StatusPages.for_app(self),
+            pages=StatusPages(
+                reports=open_reports(config, self.watcher.store),
+                snapshot=LiveSources(
+                    watched=self.watcher.every_ref,
+                    health=lambda: self.watcher.health,
+                    notifiers=lambda: [entry.name for entry in self.config.notifiers],
+                    disabled=lambda: self.dispatcher.disabled,
+                    liveness=self.liveness,
+                    readiness=self.readiness,
+                ).snapshot,
+            ),
         )
         # housekeeping jobs (hourly and the like); the polls have their own monotonic driver (scheduling.py)
         self.scheduler: AsyncIOScheduler | None = None
