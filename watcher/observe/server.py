@@ -97,11 +97,11 @@ class HttpServer:
 
     @staticmethod
     def _verdict(verdict: Verdict) -> web.Response:
-        payload = {"status": "ok" if verdict.ok else "unavailable"}
+        payload: dict[str, object] = {"status": "ok" if verdict.ok else "unavailable"}
         if verdict.reason:
             payload["reason"] = verdict.reason
         if verdict.detail:
-            payload.update(verdict.detail)  # type: ignore[arg-type]
+            payload.update(verdict.detail)
         return web.Response(
             status=200 if verdict.ok else 503, body=orjson.dumps(payload), content_type="application/json"
         )
