@@ -34,11 +34,12 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from watcher.core.events import rfc3339
+from watcher.core.health import PollHealth, Verdict
 from watcher.core.models import FineTuneRef
-from watcher.observe.server import HttpServer, Verdict
+from watcher.observe.server import HttpServer
 from watcher.store import SqliteReports, SqliteStore
+from watcher.store.reports import Reports
 from watcher.web import views
-from watcher.web.reports import Reports
 from watcher.web.site import StatusPages
 
 YEAR_S = 365 * 86400
@@ -151,7 +152,7 @@ def build(path: Path, refs: list[FineTuneRef], *, checkpoints: int, long_run: in
 
 def snapshot_for(refs: list[FineTuneRef]) -> Any:
     """A live snapshot as the daemon would give it."""
-    health = {ref.key: views.PollView(polls=10, last_outcome="ok", last_poll_at=time.time() - 5) for ref in refs}
+    health = {ref.key: PollHealth(polls=10, last_outcome="ok", last_poll_at=time.time() - 5) for ref in refs}
 
     def snapshot() -> views.LiveSnapshot:
         return views.LiveSnapshot(
@@ -159,8 +160,8 @@ def snapshot_for(refs: list[FineTuneRef]) -> Any:
             health=health,
             notifiers=NOTIFIERS,
             disabled=frozenset(),
-            alive=views.Verdict(True),
-            ready=views.Verdict(True),
+            alive=Verdict(True),
+            ready=Verdict(True),
             now=time.time(),
         )
 

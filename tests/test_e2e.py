@@ -220,8 +220,8 @@ DEMO_WANTED = (
     "checkpoint.created",
     "checkpoint.deployment_changed",
     "fine_tune.discovered",
-    "running -> completed",
-    "running -> errored",
+    "run finished",
+    "run failed",
 )
 
 

@@ -8,7 +8,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from watcher.core.events import describe, duration_text
+from watcher.core.headline import describe, duration_text
 from watcher.core.models import EVENT_TYPES, LIFECYCLE_EVENT_TYPES, Event, FineTuneRef
 from watcher.delivery.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
 from watcher.observe.metrics import Metrics
@@ -57,14 +57,14 @@ def test_duration_text(seconds: float | None, text: str | None) -> None:
 
 def test_describe_completed() -> None:
     line = describe(event("fine_tune.status_changed", **COMPLETED))
-    assert line == "bot <sft>: running -> completed · ran 1h 02m · 12 checkpoints · best loss 0.4321 at step 900"
+    assert line == "bot <sft>: run finished in 1h 02m · 12 checkpoints · best loss 0.4321 at step 900"
 
 
 def test_describe_errored_and_plain_transitions() -> None:
     errored = {**COMPLETED, "status": "errored", "error": "CUDA out of memory", "best_loss": None}
-    assert describe(event("fine_tune.status_changed", **errored)).endswith("· 12 checkpoints · CUDA out of memory")
+    assert describe(event("fine_tune.status_changed", **errored)).endswith(": CUDA out of memory · 12 checkpoints")
     plain = {"previous_status": "enqueued", "status": "running", "duration_s": None}
-    assert describe(event("fine_tune.status_changed", **plain)) == "bot <sft>: enqueued -> running"
+    assert describe(event("fine_tune.status_changed", **plain)) == "bot <sft>: status enqueued -> running"
 
 
 def test_describe_stalled_and_discovered() -> None:
@@ -78,9 +78,9 @@ def test_describe_stalled_and_discovered() -> None:
         base_model="Qwen/Qwen3-0.6B",
         created_by="alice",
     )
-    assert describe(found) == "bot <sft>: new fine-tune on Qwen/Qwen3-0.6B by alice in support (enqueued)"
+    assert describe(found) == "bot <sft>: new fine-tune in support on Qwen/Qwen3-0.6B by alice (status enqueued)"
     bare = event("fine_tune.discovered", source="s", status=None, created_at=None, base_model=None, created_by=None)
-    assert describe(bare) == "bot <sft>: new fine-tune in s (unknown status)"
+    assert describe(bare) == "bot <sft>: new fine-tune in s (status unknown)"
 
 
 # --- Slack -----------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_slack_run_finished() -> None:
         "*Latest step*\n1200",
         "*Best loss*\n0.4321 at step 900",
     ]
-    assert "running -&gt; completed · ran 1h 02m" in payload["text"]
+    assert payload["text"] == "bot &lt;sft&gt;: run finished in 1h 02m · 12 checkpoints · best loss 0.4321 at step 900"
 
 
 def test_slack_run_failed_clips_the_error_text() -> None:

@@ -26,21 +26,21 @@ from structlog.testing import capture_logs
 from watcher.config.load import parse_config
 from watcher.core.diff import DiffOptions
 from watcher.core.events import rfc3339
+from watcher.core.health import PollHealth, Verdict
 from watcher.core.lifecycle import LifecycleOptions
 from watcher.core.models import FineTuneRef, HubFineTune, PollFailed, PollSuccess
 from watcher.daemon.app import App, resolve_all
 from watcher.observe.server import HttpServer
-from watcher.observe.server import Verdict as ServerVerdict
 from watcher.store import SqliteReports, SqliteStore, Store
 from watcher.store.postgres.base import open_pool
 from watcher.store.postgres.leases import PostgresLeases
 from watcher.store.postgres.reports import PostgresReports
 from watcher.store.postgres.store import PostgresStore
+from watcher.store.reports import Reports, RunSummary
 from watcher.web.charts import ema, fmt, loss_chart, robust_range
-from watcher.web.reports import Reports, RunSummary
 from watcher.web.security import CSP
 from watcher.web.site import StatusPages
-from watcher.web.views import LiveSnapshot, PollView, Row, Verdict, build_rows, parse_page, parse_sort
+from watcher.web.views import LiveSnapshot, Row, build_rows, parse_page, parse_sort
 
 XSS = "<script>alert(1)</script>"
 HUB_ERROR = 'HTTP 502: <img src=x onerror="alert(2)">'
@@ -149,7 +149,7 @@ def snapshot_of(**overrides: Any) -> Callable[[], LiveSnapshot]:
         values: dict[str, Any] = {
             "refs": (GOOD, EVIL, BROKEN),
             "health": {
-                BROKEN.key: PollView(polls=2, last_outcome="error", last_error=HUB_ERROR, last_poll_at=NOW - 30)
+                BROKEN.key: PollHealth(polls=2, last_outcome="error", last_error=HUB_ERROR, last_poll_at=NOW - 30)
             },
             "notifiers": ("hook",),
             "disabled": frozenset(),
@@ -193,8 +193,8 @@ async def serve(
         host="127.0.0.1",
         port=0,
         registry=CollectorRegistry(),
-        liveness=lambda: ServerVerdict(True),
-        readiness=lambda: ServerVerdict(True),
+        liveness=lambda: Verdict(True),
+        readiness=lambda: Verdict(True),
         token=token,
         pages=StatusPages(reports=reports, snapshot=snapshot or snapshot_of()),
     )
@@ -463,6 +463,10 @@ async def test_token_as_bearer_or_basic_password(tmp_path: Path) -> None:
             server.set_token("rotated")  # a reload changes it for the pages too
             assert (await client.get("/", auth=("u", "s3cret-token"))).status_code == 401
             assert (await client.get("/", auth=("u", "rotated"))).status_code == 200
+            # /metrics checks the same token the same way, but as a bearer token only (what a scraper sends)
+            assert (await client.get("/metrics", headers={"Authorization": "Bearer rotated"})).status_code == 200
+            scrape = await client.get("/metrics", auth=("u", "rotated"))
+            assert (scrape.status_code, scrape.headers["WWW-Authenticate"]) == (401, "Bearer")
     finally:
         await server.stop()
 
@@ -539,7 +543,7 @@ async def test_the_daemon_serves_its_state_and_no_secret(backend: Backend) -> No
 
 
 def test_stalled_and_failing_badges_from_state_and_live_health() -> None:
-    def row_of(summary: RunSummary, poll: PollView | None = None) -> Row:
+    def row_of(summary: RunSummary, poll: PollHealth | None = None) -> Row:
         live = snapshot_of(refs=(GOOD,), health={GOOD.key: poll} if poll else {})()
         (row,) = build_rows(live, {GOOD.key: summary})
         return row
@@ -554,7 +558,7 @@ def test_stalled_and_failing_badges_from_state_and_live_health() -> None:
     # this process's last poll failed: failing, whatever the database said when it was last written
     live_failure = row_of(
         RunSummary(GOOD.key, last_outcome="ok", latest_created_at=three_hours_ago),
-        PollView(polls=1, last_outcome="error", last_error="timeout", last_poll_at=NOW, failing_since=NOW),
+        PollHealth(polls=1, last_outcome="error", last_error="timeout", last_poll_at=NOW, failing_since=NOW),
     )
     assert live_failure.failing and not live_failure.stalled and live_failure.last_error == "timeout"
     assert row_of(RunSummary(GOOD.key, failing=True, last_outcome="error")).failing
@@ -622,8 +626,8 @@ async def test_a_lost_database_answers_503_and_names_no_part_of_its_url(pg_clust
         host="127.0.0.1",
         port=0,
         registry=CollectorRegistry(),
-        liveness=lambda: ServerVerdict(True),
-        readiness=lambda: ServerVerdict(True),
+        liveness=lambda: Verdict(True),
+        readiness=lambda: Verdict(True),
         pages=StatusPages(reports=reports, snapshot=snapshot_of()),
     )
     await server.start()

@@ -8,6 +8,7 @@ import orjson
 import pytest
 from test_delivery import OTHER, REF, Rig
 
+from watcher.core.headline import describe
 from watcher.core.models import Event
 from watcher.delivery.notifiers.slack import MAX_PAYLOAD_BYTES, digest, message
 from watcher.testing.receiver import Answer, Receiver
@@ -94,6 +95,17 @@ def test_deployment_change_snapshot():
 )
 def test_other_event_kinds(kind, extra, needle):
     assert needle in message(_event(kind, **extra))["blocks"][0]["text"]["text"]
+
+
+def test_the_log_line_and_the_slack_message_show_one_headline():
+    event = _event("fine_tune.poll_failing", error="Hub answered <503> " + "x" * 5000, consecutive_failures=3)
+    line = describe(event)
+    assert line.startswith("bot <sft>: polls failing, 3 in a row: Hub answered <503> xxx") and line.endswith("…")
+    assert len(line) < 350  # the value is clipped in every rendering, not only in Slack's
+    payload = message(event)
+    assert payload["text"] == line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    rich = payload["blocks"][0]["text"]["text"]
+    assert rich.startswith(":warning: *bot &lt;sft&gt;*: polls failing, 3 in a row: Hub answered &lt;503&gt; xxx")
 
 
 def test_size_bound_with_huge_metrics_and_samples():

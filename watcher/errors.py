@@ -62,7 +62,3 @@ class StoreError(WatcherError):
 class LeaseLost(StoreError):
     """A poll's commit was fenced: this replica no longer holds the fine-tune's lease at the epoch it polled
     under (another replica took it over); nothing was committed."""
-
-
-class NotifierError(WatcherError):
-    """A notifier failed to deliver one event."""

@@ -8,7 +8,8 @@ import click
 
 from watcher.cli.common import config_option, fail, json_line, load, open_readonly
 from watcher.config.load import Config
-from watcher.core.events import describe, rfc3339
+from watcher.core.events import rfc3339
+from watcher.core.headline import describe
 from watcher.core.models import FineTuneStatus
 from watcher.errors import StoreError
 

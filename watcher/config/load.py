@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,16 @@ def _problem_of(error: Mapping[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
+def _unique(names: Iterable[str], *, what: str, section: str, field: str, source: str) -> None:
+    """Raise ConfigError at the first entry of a section whose name (`field`; "": the whole entry) repeats one."""
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in first:
+            key = f"{section}[{index}]" + (f".{field}" if field else "")
+            raise ConfigError(f"duplicate {what.format(name)} (also {section}[{first[name]}])", path=source, key=key)
+        first[name] = index
+
+
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>", directory: Path | None = None) -> Config:
     """Validate a parsed TOML document; raise ConfigError naming the file, the key and the problem."""
     try:
@@ -118,33 +128,14 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>", directory
             if not (union and any(other.startswith(key + "[") for other in deeper))
         ]
         raise ConfigError("; ".join(problems), path=source) from None
-    seen: dict[str, int] = {}
-    for index, fine_tune in enumerate(model.fine_tunes):
-        if fine_tune.key in seen:
-            raise ConfigError(
-                f"duplicate fine-tune {fine_tune.key} (also fine_tunes[{seen[fine_tune.key]}])",
-                path=source,
-                key=f"fine_tunes[{index}]",
-            )
-        seen[fine_tune.key] = index
-    names: dict[str, int] = {}
-    for index, notifier in enumerate(model.notifiers):
-        if notifier.name in names:
-            raise ConfigError(
-                f"duplicate notifier name {notifier.name!r} (also notifiers[{names[notifier.name]}])",
-                path=source,
-                key=f"notifiers[{index}].name",
-            )
-        names[notifier.name] = index
-    sources: dict[str, int] = {}
-    for index, discover in enumerate(model.discover):
-        if discover.name in sources:
-            raise ConfigError(
-                f"duplicate discover name {discover.name!r} (also discover[{sources[discover.name]}])",
-                path=source,
-                key=f"discover[{index}].name",
-            )
-        sources[discover.name] = index
+    # a fine-tune is named by its key (namespace/repo/id), notifiers and sources by their `name`
+    _unique((ft.key for ft in model.fine_tunes), what="fine-tune {}", section="fine_tunes", field="", source=source)
+    _unique(
+        (n.name for n in model.notifiers), what="notifier name {!r}", section="notifiers", field="name", source=source
+    )
+    _unique(
+        (d.name for d in model.discover), what="discover name {!r}", section="discover", field="name", source=source
+    )
     return Config(model=model, source=source, directory=directory or Path.cwd())
 
 

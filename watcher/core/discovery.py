@@ -8,7 +8,7 @@ never taken as removed (only a 404 of the fine-tune says that). A failed read ra
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -179,9 +179,3 @@ def _discovered(source: DiscoverConfig, fine_tune: HubFineTune) -> EventDraft:
             "created_by": fine_tune.created_by,
         },
     )
-
-
-def unseen(watched_ids: Collection[str], read: ListRead) -> Sequence[str]:
-    """Watched ids this read did not list (shifted off, past the pages read, or deleted): read them one by one."""
-    listed = {fine_tune.id for fine_tune in read.fine_tunes}
-    return sorted(fine_tune_id for fine_tune_id in watched_ids if fine_tune_id not in listed)

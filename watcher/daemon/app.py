@@ -32,6 +32,7 @@ from watcher.daemon.runtime import (
     build_runtime,
     make_client,
     on_poll_retry,
+    open_reports,
     open_state,
     public_url,
     resolve_all,
@@ -63,7 +64,7 @@ __all__ = [
     "resolve_all",
 ]
 
-from watcher.web.site import StatusPages
+from watcher.web.site import LiveSources, StatusPages
 
 log = structlog.get_logger("watcher")
 LOCK_RETRY_S = 1.0  # how often a daemon waiting for the dispatch lock tries again
@@ -138,8 +139,17 @@ class App:
             liveness=self.liveness,
             readiness=self.readiness,
             token=secrets.metrics_token,
-            # on PostgreSQL every replica serves the page from the shared database: every fine-tune, owned or not
-            pages=StatusPages.for_app(self),
+            pages=StatusPages(
+                reports=open_reports(config, self.watcher.store),
+                snapshot=LiveSources(
+                    watched=self.watcher.every_ref,
+                    health=lambda: self.watcher.health,
+                    notifiers=lambda: [entry.name for entry in self.config.notifiers],
+                    disabled=lambda: self.dispatcher.disabled,
+                    liveness=self.liveness,
+                    readiness=self.readiness,
+                ).snapshot,
+            ),
         )
         # the wall-clock jobs (retention hourly); the polls have their own monotonic driver (scheduling.py)
         self.scheduler: AsyncIOScheduler | None = None

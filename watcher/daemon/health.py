@@ -8,8 +8,7 @@ from typing import Any
 
 import structlog
 
-from watcher.daemon.poller import PollHealth
-from watcher.observe.server import Verdict
+from watcher.core.health import PollHealth, Verdict
 
 log = structlog.get_logger("watcher")
 LOOP_SILENT_S = 10.0

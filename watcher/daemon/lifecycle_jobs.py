@@ -20,7 +20,7 @@ import structlog
 from watcher.config.discovery import DiscoverConfig
 from watcher.config.load import Config
 from watcher.core.discovery import ListRead, SourceReader, discover, ref_of
-from watcher.core.lifecycle import LifecycleOptions, checkpoint_interval, wants_final_poll
+from watcher.core.lifecycle import LifecycleOptions, checkpoint_interval, status_due, wants_final_poll
 from watcher.core.models import FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess, SourceState
 from watcher.daemon.poller import PollReport, WatchedFineTune, Watcher
 from watcher.errors import LeaseLost, PollError, StoreError
@@ -291,7 +291,7 @@ class LifecycleJobs:
             # a list read refreshes it: a GET only when that read is late (failing); else just in time
             late = max(2 * step, config.lifecycle.status_interval_s / 2)
             slack = config.watch.jitter_s + late if key in self._listed else -step
-            if record.status_at is None or now - record.status_at >= config.lifecycle.status_interval_s + slack:
+            if status_due(record.status_at, now=now, status_interval_s=config.lifecycle.status_interval_s + slack):
                 due.append(watched)
             elif (
                 config.lifecycle.stall_after_s > 0

@@ -25,7 +25,8 @@ from watcher.errors import PollError
 from watcher.hub.client import HubClient
 from watcher.observe.logs import REDACTOR, database_url_secrets
 from watcher.observe.metrics import Metrics
-from watcher.store import SqliteStore, Store, open_store
+from watcher.store import SqliteReports, SqliteStore, Store, open_store
+from watcher.store.reports import Reports
 from watcher.store.thread import StoreThread
 
 log = structlog.get_logger("watcher")
@@ -70,6 +71,18 @@ def open_state(config: Config, state_url: str | None, *, readonly: bool = False)
         # off the takeover of its fine-tunes
         return PostgresStore(state_url, readonly=readonly, pool_max=6, idle_limit_s=config.state.lease_s)
     return open_store(config.state_path(), readonly=True) if readonly else SqliteStore(config.state_path())
+
+
+def open_reports(config: Config, store: Store) -> Reports:
+    """The status page's reads of a config's state: SQLite: a read-only connection of its own; PostgreSQL: the
+    store's pool, shared by every replica (each page shows every fine-tune, owned or not)."""
+    if config.state.postgresql:
+        from watcher.store.postgres.reports import PostgresReports
+        from watcher.store.postgres.store import PostgresStore
+
+        assert isinstance(store, PostgresStore), "open_state opens a PostgresStore for a PostgreSQL config"
+        return PostgresReports(store.pool)
+    return SqliteReports(config.state_path())
 
 
 def build_runtime(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from watcher.config.load import FineTuneConfig
+from watcher.core.health import PollHealth
 from watcher.core.models import (
     Event,
     FineTuneRef,
@@ -26,20 +27,6 @@ log = structlog.get_logger("watcher")
 def ref_of(fine_tune: FineTuneConfig) -> FineTuneRef:
     """The FineTuneRef of a configured fine-tune."""
     return FineTuneRef(fine_tune.namespace, fine_tune.repo, fine_tune.id, fine_tune.display_name)
-
-
-@dataclass(slots=True)
-class PollHealth:
-    """What this process knows about one fine-tune's polls (health and metrics read it)."""
-
-    polls: int = 0
-    last_outcome: str | None = None
-    last_error: str | None = None
-    last_poll_at: float | None = None
-    failing_since: float | None = None
-    store_failing: bool = False
-    crashed: int = 0
-    deferred: bool = False
 
 
 @dataclass(slots=True, eq=False)

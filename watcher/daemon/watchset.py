@@ -36,6 +36,19 @@ class WatchSet:
         """The poll health of every watched fine-tune by key."""
         return {key: ft.health for key, ft in self.fine_tunes.items()}
 
+    def every_ref(self) -> dict[str, FineTuneRef]:
+        """Every fine-tune the config watches, listed or discovered, whichever process polls it: a replica on
+        PostgreSQL holds only the ones it owns, and its status page shows them all (their state is in the shared
+        database)."""
+        refs = self.refs
+        for fine_tune in self.config.fine_tunes:
+            refs.setdefault(fine_tune.key, ref_of(fine_tune))
+        sources = {source.name for source in self.config.discover}
+        for key, (ref, source) in dict(self.discovered).items():
+            if source in sources:
+                refs.setdefault(key, ref)
+        return refs
+
     def set_fine_tunes(self, config: Config) -> None:
         """Adopt the fine-tunes (and options) of a config, plus those its [[discover]] sources found: new ones
         start, removed ones are dropped whole. One both listed and discovered is watched with the listed settings.

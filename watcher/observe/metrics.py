@@ -62,14 +62,6 @@ class StateCollector(Collector):
             self._fine_tunes.pop(key, None)
             self._last_success.pop(key, None)
 
-    def retain_fine_tunes(self, keys: Iterable[str]) -> None:
-        """Forget every fine-tune not in keys (removed from the config by a reload)."""
-        wanted = set(keys)
-        with self._lock:
-            for key in [k for k in self._fine_tunes if k not in wanted]:
-                del self._fine_tunes[key]
-                self._last_success.pop(key, None)
-
     def pending_total(self) -> int:
         """Deliveries pending across notifiers, as last reported."""
         with self._lock:
@@ -265,7 +257,6 @@ class Metrics:
             "Scheduled polls skipped because the fine-tune's previous poll was still running.",
             registry=registry,
         )
-        self._poll_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.state = StateCollector(clock)
         registry.register(self.state)
         self.hub_requests = Counter(
@@ -309,13 +300,11 @@ class Metrics:
             outcome: (self.polls.labels(ref.namespace, ref.repo, ref.id, outcome), self.poll_duration.labels(outcome))
             for outcome in POLL_OUTCOMES
         }
-        self._poll_children.update({(ref.key, outcome): pair for outcome, pair in children.items()})
         return children
 
     def drop_fine_tune(self, ref: FineTuneRef) -> None:
         """Remove every series of a fine-tune no longer watched."""
         for outcome in POLL_OUTCOMES:
-            self._poll_children.pop((ref.key, outcome), None)
             with contextlib.suppress(KeyError):
                 self.polls.remove(ref.namespace, ref.repo, ref.id, outcome)
         self.state.forget_fine_tune(ref.key)
@@ -332,18 +321,6 @@ class Metrics:
                 self.deliveries.labels(name, outcome)
         self._notifiers = wanted
 
-    def observe_poll(self, ref: FineTuneRef, outcome: str, duration_s: float) -> None:
-        """Count one poll."""
-        # labels() takes a lock and builds a key per call; at hundreds of polls a second, keep the children
-        children = self._poll_children.get((ref.key, outcome))
-        if children is None:
-            children = self._poll_children[(ref.key, outcome)] = (
-                self.polls.labels(ref.namespace, ref.repo, ref.id, outcome),
-                self.poll_duration.labels(outcome),
-            )
-        children[0].inc()
-        children[1].observe(duration_s)
-
     def observe_hub_request(self, endpoint: str, outcome: str) -> None:
         """Count one HTTP request to the Hub (HubClient.on_request)."""
         self.hub_requests.labels(endpoint, outcome).inc()
@@ -355,11 +332,3 @@ class Metrics:
     def observe_delivery(self, notifier: str, outcome: str) -> None:
         """Count one delivery outcome (delivered, retried, dead)."""
         self.deliveries.labels(notifier, outcome).inc()
-
-    def forget_fine_tunes(self, keep: Iterable[FineTuneRef]) -> None:
-        """Drop the poll counters of fine-tunes no longer configured (after a reload)."""
-        wanted = {(ref.namespace, ref.repo, ref.id) for ref in keep}
-        self._poll_children.clear()
-        for labels in list(self.polls._metrics):  # prometheus_client offers no public listing of children
-            if tuple(labels[:3]) not in wanted:
-                self.polls.remove(*labels)

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-if TYPE_CHECKING:
-    from watcher.web.site import StatusPages
+from watcher.core.health import Verdict
+from watcher.observe.auth import authorized
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """An answer of a health check: ok, and why not."""
+class Pages(Protocol):
+    """What the listener serves besides its own endpoints (the status page, web/site.py: handed in by the daemon)."""
 
-    ok: bool
-    reason: str = ""
-    detail: dict[str, object] | None = None
+    def guard(self, *, listen_host: str, listen_port: Callable[[], int], token: Callable[[], str | None]) -> Middleware:
+        """A middleware for the pages' paths (the listener's own endpoints pass through it untouched)."""
+        ...
+
+    def install(self, app: web.Application) -> None:
+        """Add the pages' routes."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the pages hold (their database, their worker thread)."""
+        ...
 
 
 class HttpServer:
@@ -38,7 +44,7 @@ class HttpServer:
         liveness: Callable[[], Verdict],
         readiness: Callable[[], Verdict],
         token: str | None = None,
-        pages: StatusPages | None = None,
+        pages: Pages | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -84,20 +90,18 @@ class HttpServer:
             await self._pages.close()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        if self._token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
-                return web.Response(status=401, text="unauthorized\n", headers={"WWW-Authenticate": "Bearer"})
+        if not authorized(request.headers.get("Authorization"), self._token):
+            return web.Response(status=401, text="unauthorized\n", headers={"WWW-Authenticate": "Bearer"})
         body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @staticmethod
     def _verdict(verdict: Verdict) -> web.Response:
-        payload = {"status": "ok" if verdict.ok else "unavailable"}
+        payload: dict[str, object] = {"status": "ok" if verdict.ok else "unavailable"}
         if verdict.reason:
             payload["reason"] = verdict.reason
         if verdict.detail:
-            payload.update(verdict.detail)  # type: ignore[arg-type]
+            payload.update(verdict.detail)
         return web.Response(
             status=200 if verdict.ok else 503, body=orjson.dumps(payload), content_type="application/json"
         )

@@ -1,6 +1,7 @@
-"""The status page's reads, shared by SQLite and PostgreSQL: one set of queries (placeholders aside) and one way of
-condensing rows into the page's values. Each backend supplies a read snapshot, how to test membership in a list
-of keys, and how to pull three fields out of a checkpoint's JSON in the database.
+"""The status page's reads: the values they return, the `Reports` protocol, and its SQL implementation shared by
+SQLite and PostgreSQL: one set of queries (placeholders aside) and one way of condensing rows into those values.
+Each backend supplies a read snapshot, how to test membership in a list of keys, and how to pull three fields out
+of a checkpoint's JSON in the database.
 
 The checkpoint summaries (latest, best, sparkline) are cached per fine-tune by the row's `revision`, which every
 commit of a fine-tune's state moves on (whichever process or replica made it): a request re-reads only the
@@ -10,13 +11,13 @@ fine-tunes whose revision moved since, in batches.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import orjson
 
 from watcher.core.models import Delivery, Event
-from watcher.web.reports import CheckpointRow, EventRow, NotifierHealth, RunSummary
 
 T = TypeVar("T")
 SPARK_POINTS = 40
@@ -29,6 +30,83 @@ _DELIVERY_COLUMNS = (
     "event_seq, event_id, notifier, fine_tune_key, batch_id, state, attempts, next_attempt_at, queued_at, "
     "last_error, last_status"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """One fine-tune's persisted state, condensed for the overview table."""
+
+    key: str
+    last_poll_at: float | None = None
+    last_outcome: str | None = None
+    last_error: str | None = None
+    last_http_status: int | None = None
+    last_success_at: float | None = None
+    consecutive_failures: int = 0
+    failing: bool = False
+    not_found: bool = False
+    checkpoints: int = 0
+    latest_step: int | None = None
+    latest_loss: float | None = None
+    latest_created_at: str | None = None
+    latest_deployment: str | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    hub_status: str | None = None
+    replica: str | None = None  # the replica holding its lease (PostgreSQL); None on SQLite or while unowned
+    spark: tuple[tuple[int, float], ...] = ()  # (step, loss), at most SPARK_POINTS of them
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRow:
+    """A checkpoint as last committed (the Hub's dict, verbatim)."""
+
+    step: int
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """A committed event with its outbox rows."""
+
+    seq: int
+    event: Event
+    created_at: float
+    deliveries: tuple[Delivery, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NotifierHealth:
+    """Delivery health of one notifier: pending rows, the oldest one's queue time, dead rows."""
+
+    notifier: str
+    pending: int
+    oldest_pending_at: float | None
+    dead: int
+
+
+class Reports(Protocol):
+    """Read-only queries behind the status page; called from a worker thread, never on the event loop."""
+
+    def summaries(self, keys: Sequence[str]) -> dict[str, RunSummary]:
+        """The condensed state of these fine-tunes (those never polled are absent)."""
+        ...
+
+    def checkpoints(self, key: str) -> list[CheckpointRow]:
+        """Every known checkpoint of a fine-tune, by step."""
+        ...
+
+    def events(self, *, limit: int = 100, type: str | None = None, fine_tune: str | None = None) -> list[EventRow]:
+        """Recent events, newest first, optionally only of one type and of one fine-tune."""
+        ...
+
+    def delivery_health(self, notifiers: Sequence[str]) -> list[NotifierHealth]:
+        """Pending and dead rows per configured notifier."""
+        ...
+
+    def close(self) -> None:
+        """Release the database."""
+        ...
 
 
 class Reader(Protocol):

@@ -1,4 +1,5 @@
 """The status page: server-rendered HTML pages, inline SVG charts and a JSON API over the watcher's state.
 
-Nothing is imported here, so `watcher.store` can use `watcher.web.reports` without loading the templates.
+It reads durable state through `watcher.store.reports.Reports` and the daemon's live state through the callables
+the daemon hands it (`site.LiveSources`); it imports nothing of the daemon.
 """

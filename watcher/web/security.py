@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+
+from watcher.observe.auth import authorized
 
 CSP = "default-src 'none'; style-src 'self'; img-src 'self'; frame-ancestors 'none'"
 HEADERS = {
@@ -69,26 +68,6 @@ def host_allowed(value: str | None, *, listen_host: str, listen_port: int) -> in
     return 421
 
 
-def authorized(header: str | None, token: str | None) -> bool:
-    """Whether an Authorization header carries the token: as a bearer token, or as a Basic password."""
-    if token is None:
-        return True
-    if not header:
-        return False
-    scheme, _, credentials = header.strip().partition(" ")
-    expected = token.encode()
-    if scheme.lower() == "bearer":
-        return hmac.compare_digest(credentials.strip().encode(), expected)
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(credentials.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        _user, sep, password = decoded.partition(b":")
-        return bool(sep) and hmac.compare_digest(password, expected)
-    return False
-
-
 def guard(*, listen_host: str, listen_port: Callable[[], int], token: Callable[[], str | None]) -> Middleware:
     """An aiohttp middleware applying the guards and headers to the status page's paths only."""
 
@@ -112,7 +91,7 @@ async def _guarded(
         return web.Response(status=refused, text=f"{reason}\n")
     if request.method not in ("GET", "HEAD"):
         return web.Response(status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"})
-    if not authorized(request.headers.get("Authorization"), token):
+    if not authorized(request.headers.get("Authorization"), token, basic=True):
         return web.Response(
             status=401,
             text="unauthorized: give the [http] token as a bearer token, or as the password (any user name)\n",

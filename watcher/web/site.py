@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from importlib.resources import files
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from watcher.core.health import PollHealth, Verdict
 from watcher.core.models import EVENT_TYPES, FineTuneRef
-from watcher.daemon.watched import ref_of
 from watcher.errors import StoreError
+from watcher.store.reports import Reports
 from watcher.web import pages
-from watcher.web.reports import Reports
 from watcher.web.security import guard
-from watcher.web.views import PAGE_SIZE, LiveSnapshot, PollView, Verdict, parse_page, parse_sort
+from watcher.web.views import PAGE_SIZE, LiveSnapshot, parse_page, parse_sort
 
 log = structlog.get_logger("watcher.web")
 T = TypeVar("T")
@@ -28,60 +29,30 @@ MAX_PER_PAGE = 2000
 MAX_EVENTS = 1000
 
 
-class AppLike(Protocol):
-    """What the status page reads of the daemon (duck-typed, so the daemon's modules stay free to move)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveSources:
+    """Where the page reads the daemon's in-memory state: each is called on the event loop at every request, so
+    a reload that replaces what they return shows at once."""
 
-    watcher: Any
-    dispatcher: Any
-    config: Any
+    watched: Callable[[], Mapping[str, FineTuneRef]]  # every fine-tune the config watches, by key, whoever polls it
+    health: Callable[[], Mapping[str, PollHealth]]  # this process's records (updated in place: copied here)
+    notifiers: Callable[[], Iterable[str]]  # the configured notifiers' names
+    disabled: Callable[[], Iterable[str]]  # notifiers turned off by a permanent failure
+    liveness: Callable[[], Verdict]
+    readiness: Callable[[], Verdict]
+    clock: Callable[[], float] = time.time
 
-    def liveness(self) -> Any:
-        """Alive verdict."""
-        ...
-
-    def readiness(self) -> Any:
-        """Ready verdict."""
-        ...
-
-
-def watched_refs(app: AppLike) -> dict[str, FineTuneRef]:
-    """Every fine-tune the config watches, listed or discovered, whichever process polls it: a replica on
-    PostgreSQL holds only the ones it owns, and its page shows them all (their state is in the shared database)."""
-    refs: dict[str, FineTuneRef] = dict(app.watcher.refs)
-    config = app.watcher.config
-    for fine_tune in config.fine_tunes:
-        refs.setdefault(fine_tune.key, ref_of(fine_tune))
-    sources = {source.name for source in config.discover}
-    for key, (ref, source) in dict(app.watcher.discovered).items():
-        if source in sources:
-            refs.setdefault(key, ref)
-    return refs
-
-
-def app_snapshot(app: AppLike, clock: Callable[[], float] = time.time) -> LiveSnapshot:
-    """The daemon's in-memory state now: copies, safe to hand to a worker thread."""
-    refs = watched_refs(app)
-    health = {
-        key: PollView(
-            polls=entry.polls,
-            last_outcome=entry.last_outcome,
-            last_error=entry.last_error,
-            last_poll_at=entry.last_poll_at,
-            failing_since=entry.failing_since,
-            store_failing=entry.store_failing,
+    def snapshot(self) -> LiveSnapshot:
+        """The daemon's in-memory state now: copies, safe to hand to a worker thread."""
+        return LiveSnapshot(
+            refs=tuple(self.watched().values()),
+            health={key: replace(entry) for key, entry in dict(self.health()).items()},
+            notifiers=tuple(self.notifiers()),
+            disabled=frozenset(self.disabled()),
+            alive=self.liveness(),
+            ready=self.readiness(),
+            now=self.clock(),
         )
-        for key, entry in dict(app.watcher.health).items()
-    }
-    alive, ready = app.liveness(), app.readiness()
-    return LiveSnapshot(
-        refs=tuple(refs.values()),
-        health=health,
-        notifiers=tuple(entry.name for entry in app.config.notifiers),
-        disabled=frozenset(app.dispatcher.disabled),
-        alive=Verdict(alive.ok, alive.reason),
-        ready=Verdict(ready.ok, ready.reason),
-        now=clock(),
-    )
 
 
 class StatusPages:
@@ -97,21 +68,6 @@ class StatusPages:
             "status.css": (static.joinpath("status.css").read_bytes(), "text/css"),
             "favicon.svg": (static.joinpath("favicon.svg").read_bytes(), "image/svg+xml"),
         }
-
-    @classmethod
-    def for_app(cls, app: AppLike) -> StatusPages:
-        """The status page of a daemon: its state database (SQLite: read-only; PostgreSQL: the store's pool,
-        shared by every replica) and its in-memory state."""
-        reports: Reports
-        if app.config.state.postgresql:
-            from watcher.store.postgres.reports import PostgresReports
-
-            reports = PostgresReports(app.watcher.store.pool)
-        else:
-            from watcher.store import SqliteReports
-
-            reports = SqliteReports(app.config.state_path())
-        return cls(reports=reports, snapshot=lambda: app_snapshot(app))
 
     def guard(self, *, listen_host: str, listen_port: Callable[[], int], token: Callable[[], str | None]) -> Middleware:
         """The middleware the listener installs: Host check, GET only, token, security headers."""

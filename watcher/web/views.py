@@ -10,8 +10,9 @@ from typing import Any
 from urllib.parse import quote
 
 from watcher.core.events import rfc3339
+from watcher.core.health import PollHealth, Verdict
 from watcher.core.models import FineTuneRef
-from watcher.web.reports import NotifierHealth, RunSummary
+from watcher.store.reports import NotifierHealth, RunSummary
 
 PAGE_SIZE = 100
 STALL_AFTER_S = 2 * 3600  # as the OxenFineTuneTrainingStalled alert: no new checkpoint for 2 h ...
@@ -20,31 +21,11 @@ SORTS = ("failing", "name", "status", "step", "loss", "best", "deployment", "pol
 
 
 @dataclass(frozen=True, slots=True)
-class PollView:
-    """This process's view of one fine-tune's polls (a copy, safe to read from a worker thread)."""
-
-    polls: int = 0
-    last_outcome: str | None = None
-    last_error: str | None = None
-    last_poll_at: float | None = None
-    failing_since: float | None = None
-    store_failing: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A health verdict as shown in the header."""
-
-    ok: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class LiveSnapshot:
     """The daemon's in-memory state at one moment: watched fine-tunes, poll health, notifiers, own health."""
 
     refs: tuple[FineTuneRef, ...]
-    health: Mapping[str, PollView]
+    health: Mapping[str, PollHealth]  # copies, safe to read on a worker thread
     notifiers: tuple[str, ...]
     disabled: frozenset[str]
     alive: Verdict

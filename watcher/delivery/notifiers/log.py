@@ -9,7 +9,7 @@ from typing import Literal, TextIO
 
 import orjson
 
-from watcher.core.events import describe
+from watcher.core.headline import describe
 from watcher.core.models import Event
 from watcher.delivery.notifiers.base import DeliveryResult
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from watcher.core.events import describe, duration_text
+from watcher.core.headline import Part, clip, describe, duration_text, headline
 from watcher.core.models import Event, metric_of
 from watcher.delivery.notifiers.base import DeliveryResult, new_http_client, post
 
@@ -53,74 +53,26 @@ def _escape(text: Any) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
-
-
 def _number(value: float) -> str:
     return f"{value:.6g}"
 
 
-def _headline(event: Event) -> str:
-    data = event.data
-    fine_tune = data.get("fine_tune")
-    name = _escape(fine_tune.get("name", "?") if isinstance(fine_tune, dict) else "?")
-    raw_checkpoint = data.get("checkpoint")
-    checkpoint: dict[str, Any] = raw_checkpoint if isinstance(raw_checkpoint, dict) else {}
-    step = _escape(checkpoint.get("step"))
-    if event.type == "checkpoint.created":
-        best = " :trophy: best loss so far" if data.get("is_best_loss") else ""
-        return f"*{name}*: new checkpoint at step *{step}*{best}"
-    if event.type == "checkpoint.deployment_changed":
-        before = _escape(data.get("previous_deployment_status") or "none")
-        after = _escape(data.get("deployment_status") or "none")
-        return f"*{name}*: step *{step}* deployment `{_clip(before, 40)}` → `{_clip(after, 40)}`"
-    if event.type == "checkpoint.updated":
-        changed = ", ".join(_escape(c) for c in (data.get("changed") or [])[:10])
-        return f"*{name}*: step *{step}* updated ({_clip(changed, 300)})"
-    if event.type == "checkpoint.removed":
-        return f"*{name}*: step *{step}* removed"
-    if event.type == "fine_tune.not_found":
-        return f":grey_question: *{name}*: fine-tune not found on the Hub (404)"
-    if event.type == "fine_tune.poll_failing":
-        error = _clip(_escape(data.get("error") or "unknown error"), 300)
-        return f":warning: *{name}*: polls failing, {data.get('consecutive_failures')} in a row: {error}"
-    if event.type == "fine_tune.poll_recovered":
-        return f":white_check_mark: *{name}*: polls recovered after {data.get('consecutive_failures')} failures"
-    if event.type == "watcher.test":
-        return f":wave: Test message from oxen-watcher for notifier *{_escape(data.get('notifier'))}*"
-    lifecycle = _lifecycle_headline(event.type, name, data)
-    return lifecycle if lifecycle is not None else f"*{name}*: {_escape(event.type)}"
+def _mrkdwn(part: Part) -> str:
+    text = clip(_escape(part.text), part.limit)
+    if part.style == "strong":
+        return f"*{text}*"
+    if part.style == "code":
+        return f"`{text}`"
+    return "→" if part.style == "arrow" else text
 
 
-def _lifecycle_headline(kind: str, name: str, data: dict[str, Any]) -> str | None:
-    if kind == "fine_tune.discovered":
-        shown = _clip(_escape(data.get("status") or "unknown"), 40)
-        parts = [f":new: *{name}*: new fine-tune in *{_clip(_escape(data.get('source') or '?'), 100)}*"]
-        parts += [
-            f"{label} {_clip(_escape(data[key]), 100)}"
-            for key, label in (("base_model", "on"), ("created_by", "by"))
-            if data.get(key)
-        ]
-        return " ".join([*parts, f"(status `{shown}`)"])
-    if kind == "fine_tune.stalled":
-        stalled = duration_text(data.get("stalled_for_s")) or "a while"
-        return f":hourglass: *{name}*: no new checkpoint for *{stalled}* while `{_escape(data.get('status'))}`"
-    if kind != "fine_tune.status_changed":
-        return None
-    status = data.get("status")
-    duration = duration_text(data.get("duration_s"))
-    ran = f" after {duration}" if duration else ""
-    if status == "completed":
-        return f":checkered_flag: *{name}*: run finished" + (f" in *{duration}*" if duration else "")
-    if status == "errored":
-        error = _clip(_escape(data.get("error") or "no error text from the Hub"), 500)
-        return f":x: *{name}*: run failed{ran}: {error}"
-    if status == "stopped":
-        return f":octagonal_sign: *{name}*: run stopped{ran}"
-    before = _clip(_escape(data.get("previous_status") or "none"), 40)
-    after = _clip(_escape(status or "none"), 40)
-    return f"*{name}*: status `{before}` → `{after}`"
+def _headline(event: Event, *, subject: bool = True) -> str:
+    """The event's headline (core/headline.py) in mrkdwn; without the fine-tune's name in a digest's list."""
+    line = headline(event)
+    icon = f":{line.icon}: " if line.icon else ""
+    name = f"*{_escape(line.subject)}*: " if subject and line.subject is not None else ""
+    badges = "".join(f" :{fact.badge}: {_escape(fact.text)}" for fact in line.facts if fact.badge)
+    return icon + name + "".join(_mrkdwn(part) for part in line.sentence) + badges
 
 
 def _lifecycle_fields(event: Event) -> list[dict[str, str]]:
@@ -161,7 +113,7 @@ def _context(event: Event) -> dict[str, Any]:
     where = "/".join(_escape(fine_tune.get(k, "?")) for k in ("namespace", "repo", "id"))
     return {
         "type": "context",
-        "elements": [{"type": "mrkdwn", "text": _clip(f"`{where}` · {_escape(event.type)} · {event.id}", 600)}],
+        "elements": [{"type": "mrkdwn", "text": clip(f"`{where}` · {_escape(event.type)} · {event.id}", 600)}],
     }
 
 
@@ -170,12 +122,12 @@ def _fit(payload: dict[str, Any]) -> dict[str, Any]:
         return payload
     # Shrink every text until it fits: the fallback, then each block's texts.
     for limit in (1500, 600, 200, 80):
-        payload["text"] = _clip(payload["text"], limit)
+        payload["text"] = clip(payload["text"], limit)
         for block in payload["blocks"]:
             if "text" in block:
-                block["text"]["text"] = _clip(block["text"]["text"], limit)
+                block["text"]["text"] = clip(block["text"]["text"], limit)
             for item in block.get("fields", []) + block.get("elements", []):
-                item["text"] = _clip(item["text"], limit // 4)
+                item["text"] = clip(item["text"], limit // 4)
         if len(orjson.dumps(payload)) <= MAX_PAYLOAD_BYTES:
             return payload
     return {"text": payload["text"][:500]}
@@ -183,11 +135,11 @@ def _fit(payload: dict[str, Any]) -> dict[str, Any]:
 
 def message(event: Event) -> dict[str, Any]:
     """The Slack payload of one event: Block Kit blocks plus a plain `text` fallback, under 4,000 bytes."""
-    section: dict[str, Any] = {"type": "section", "text": {"type": "mrkdwn", "text": _clip(_headline(event), 2900)}}
+    section: dict[str, Any] = {"type": "section", "text": {"type": "mrkdwn", "text": clip(_headline(event), 2900)}}
     fields = _fields(event)
     if fields:
         section["fields"] = fields[:10]
-    payload = {"text": _clip(_escape(describe(event)), 1000), "blocks": [section, _context(event)]}
+    payload = {"text": clip(_escape(describe(event)), 1000), "blocks": [section, _context(event)]}
     return _fit(payload)
 
 
@@ -199,7 +151,7 @@ def digest(events: Sequence[Event]) -> dict[str, Any]:
     lines: list[str] = []
     budget = 2400
     for index, event in enumerate(events):
-        line = "• " + _clip(_headline(event).replace(f"*{name}*: ", "", 1), 200)
+        line = "• " + clip(_headline(event, subject=False), 200)
         if sum(len(item) + 1 for item in lines) + len(line) > budget:
             lines.append(f"…and {len(events) - index} more")
             break
@@ -207,13 +159,13 @@ def digest(events: Sequence[Event]) -> dict[str, Any]:
     first, last = events[0], events[-1]
     where = "/".join(_escape(fine_tune.get(k, "?")) for k in ("namespace", "repo", "id"))
     payload = {
-        "text": _clip(f"{name}: {len(events)} changes in one poll", 300),
+        "text": clip(f"{name}: {len(events)} changes in one poll", 300),
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": title}},
             {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
             {
                 "type": "context",
-                "elements": [{"type": "mrkdwn", "text": _clip(f"`{where}` · digest · {first.id} … {last.id}", 600)}],
+                "elements": [{"type": "mrkdwn", "text": clip(f"`{where}` · digest · {first.id} … {last.id}", 600)}],
             },
         ],
     }

@@ -46,9 +46,9 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, SqliteLifecycle, SharedReads, TouchCache):
-    MARK = "?"
-
     """The SQLite store: WAL mode, one writer transaction per poll, a cache of decoded state per fine-tune."""
+
+    MARK = "?"
 
     def __init__(
         self,

@@ -41,7 +41,6 @@ class SimHub(Serving):
         self._fine_tunes: dict[str, FineTuneRecord] = {}
         self._global_faults: deque[Fault] = deque()
         self._requests: list[RequestRecord] = []
-        self._record_requests = True
         self.gzip = False  # answer with Content-Encoding: gzip when the client accepts it
         self._server = BackgroundServer(self.make_app, host=host, port=port, name="simhub")
 
@@ -253,10 +252,6 @@ class SimHub(Serving):
             if endpoint == "":
                 endpoint = "checkpoints" if key.count("/") == 2 else None
             return [r for r in self._requests if r.key == key and (endpoint is None or r.endpoint == endpoint)]
-
-    def set_request_log(self, enabled: bool) -> None:
-        """Turn request recording off for long benchmark runs."""
-        self._record_requests = enabled
 
 
 def keys_of(fine_tunes: Iterable[tuple[str, str, str]]) -> list[str]:

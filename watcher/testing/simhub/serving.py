@@ -34,7 +34,6 @@ class Serving:
     _global_faults: deque[Fault]
     _repo_faults: dict[str, deque[Fault]]
     _requests: list[RequestRecord]
-    _record_requests: bool
 
     def make_app(self) -> web.Application:
         """The aiohttp application (also usable on its own, e.g. in another process)."""
@@ -159,9 +158,8 @@ class Serving:
             status = 400
         else:
             status = 404 if body is None else 200
-        if self._record_requests:
-            with self._lock:
-                self._requests.append(RequestRecord(time.time(), key, status, authorized, endpoint))
+        with self._lock:
+            self._requests.append(RequestRecord(time.time(), key, status, authorized, endpoint))
         if fault is not None:
             return await answer_fault(request, fault)
         if status == 401:
