@@ -18,13 +18,11 @@ from typing import Any, TypeVar
 import structlog
 
 from watcher.config.load import Config
-from watcher.core.discovery import SourceReader
 from watcher.core.lifecycle import LifecycleOptions, checkpoint_interval, wants_final_poll
-from watcher.core.models import FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess
+from watcher.core.models import FetchedNotFound, FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess
 from watcher.daemon.poller import PollReport, WatchedFineTune, Watcher
-from watcher.daemon.sources import SourceReads, _Source
+from watcher.daemon.sources import SourceReader, SourceReads, _Source
 from watcher.errors import LeaseLost, PollError, StoreError
-from watcher.hub.client import FetchedNotFound
 from watcher.store import LifecycleRecord
 
 log = structlog.get_logger("watcher.lifecycle")

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 import stamina
 
-from watcher.core.models import FineTuneRef, HubFineTune
+from watcher.core.models import FetchedNotFound, FineTuneRef, HubFineTune
 from watcher.errors import HubUnauthorized, HubUnavailable, PollError
 from watcher.hub.gate import HubGate
 from watcher.hub.schema import parse_fine_tune, parse_fine_tune_list
@@ -24,6 +24,7 @@ RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 MAX_RETRY_AFTER_S = 86_400.0
 MAX_BODY_BYTES = 256 * 1024 * 1024
 USER_AGENT = "oxen-watcher"
+__all__ = ["FetchedBody", "FetchedDeferred", "FetchedNotFound", "HubClient", "checkpoints_path", "parse_retry_after"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +32,6 @@ class FetchedBody:
     """A 200 answer: the raw body, parsed later only if it differs from the last one."""
 
     body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class FetchedNotFound:
-    """A 404 answer: the fine-tune does not exist."""
 
 
 @dataclass(frozen=True, slots=True)
