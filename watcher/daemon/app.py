@@ -107,7 +107,6 @@ class App:
         )
         # housekeeping jobs (hourly and the like); the polls have their own monotonic driver (scheduling.py)
         self.scheduler: AsyncIOScheduler | None = None
-        self.watcher.client.on_request = self.metrics.observe_hub_request
         # checkpoint polls, source reads and the status sweep: one monotonic schedule (lifecycle_poller.py)
         self.lifecycle = LifecycleJobs(self.watcher, on_change=lambda: self.reschedule(self.config))
         self.driver = PollDriver(PollSchedule(grid_s=SCHEDULE_GRID_S), self.lifecycle.run, on_skip=self._skipped)
@@ -138,9 +137,7 @@ class App:
 
     def make_client(self, config: Config, token: str) -> HubClient:
         """A Hub client for a (re)loaded config."""
-        client = make_client(config, token, transport=self.hub_transport)
-        client.on_request = self.metrics.observe_hub_request
-        return client
+        return make_client(config, token, transport=self.hub_transport, on_request=self.metrics.observe_hub_request)
 
     def retire(self, closable: Any) -> None:
         """Close a replaced Hub client once the polls running now (which may still use it) have ended."""
