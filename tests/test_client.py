@@ -23,6 +23,8 @@ from watcher.hub.client import (
     parse_retry_after,
 )
 from watcher.hub.gate import HubGate
+from watcher.hub.transport import AiohttpTransport
+from watcher.testing.simhub import SimHub
 
 BASE_URL = "https://hub.test"
 TOKEN = "secret-token"
@@ -192,6 +194,21 @@ async def test_declared_body_over_the_limit_is_refused() -> None:
     err = await fetch_error(hub)
     assert type(err) is PollError
     assert hub.count == 1
+
+
+async def test_the_own_transport_bounds_the_body_it_reads_and_hands_it_over_whole() -> None:
+    with SimHub(token=TOKEN) as sim:
+        key = sim.add_fine_tune("ox", "models", "ft_123")
+        sim.add_checkpoint(key, 1, loss=0.5)
+        async with HubClient(base_url=sim.url, token=TOKEN) as client:
+            fetched = await client.fetch(REF)
+        assert isinstance(fetched, FetchedBody) and b'"checkpoints"' in fetched.body
+        size = len(fetched.body)
+        small = HubClient(base_url=sim.url, token=TOKEN, transport=AiohttpTransport(max_body_bytes=size - 1))
+        async with small:
+            with pytest.raises(PollError, match=f"over the {size - 1} byte limit") as info:
+                await small.fetch(REF)
+    assert info.value.http_status == 200 and not isinstance(info.value, HubUnavailable)
 
 
 # --- retries ----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from watcher.core.models import FetchedNotFound, FineTuneRef, HubFineTune
 from watcher.errors import HubUnauthorized, HubUnavailable, PollError
 from watcher.hub.gate import HubGate
 from watcher.hub.schema import parse_fine_tune, parse_fine_tune_list
-from watcher.hub.transport import AiohttpTransport, BodyTooLarge
+from watcher.hub.transport import AiohttpTransport, BodyTooLarge, ReadBody
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -323,10 +323,13 @@ class HubClient:
 
     @staticmethod
     async def _read_capped(response: httpx.Response) -> bytes:
+        stream = response.stream
+        if isinstance(stream, ReadBody):  # read whole (and bounded) by the own transport
+            return stream.body
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise PollError(f"body of {declared} bytes is over the {MAX_BODY_BYTES} byte limit", http_status=200)
-        if isinstance(response.stream, httpx.ByteStream):  # already read (and bounded) by the transport
+        if isinstance(stream, httpx.ByteStream):  # already read (a MockTransport's content=)
             return response.content
         chunks: list[bytes] = []
         size = 0
