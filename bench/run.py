@@ -422,6 +422,9 @@ def latency(args: argparse.Namespace) -> dict:
     return result
 
 
+SECTIONS = ("scale", "yardsticks", "transports", "big", "latency", "pages", "jitter", "aged", "lifecycle", "replicas")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fine-tunes", type=int, default=2000)
@@ -432,14 +435,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument(
         "--only",
-        choices=["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged", "lifecycle", "replicas"],
+        choices=SECTIONS,
         action="append",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    only = set(
-        args.only or ["scale", "yardsticks", "big", "latency", "pages", "jitter", "aged", "lifecycle", "replicas"]
-    )
+    only = set(args.only or SECTIONS)
     print(
         f"oxen-watcher bench on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
@@ -449,6 +450,14 @@ def main() -> None:
         figures["scale"] = scale(args)
     if "yardsticks" in only:
         figures["yardsticks"] = yardsticks(args, figures["scale"]["cpu_s_per_poll"])
+    if "transports" in only:  # the Hub client's transport: CPU per fetch with each candidate (bench/transports.py)
+        import transports
+
+        hub = Hub(fine_tunes=transports.KEYS, checkpoints=10)
+        try:
+            figures["transports"] = transports.run(hub.url, requests=args.requests // 2)
+        finally:
+            hub.stop()
     if "big" in only:
         figures["big"] = big_responses(args)
     if "latency" in only:

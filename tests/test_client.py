@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import stamina
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,8 @@ from watcher.hub.client import (
     parse_retry_after,
 )
 from watcher.hub.gate import HubGate
+from watcher.hub.transport import AiohttpTransport
+from watcher.testing.simhub import SimHub
 
 BASE_URL = "https://hub.test"
 TOKEN = "secret-token"
@@ -192,6 +195,21 @@ async def test_declared_body_over_the_limit_is_refused() -> None:
     err = await fetch_error(hub)
     assert type(err) is PollError
     assert hub.count == 1
+
+
+async def test_the_own_transport_bounds_the_body_it_reads_and_hands_it_over_whole() -> None:
+    with SimHub(token=TOKEN) as sim:
+        key = sim.add_fine_tune("ox", "models", "ft_123")
+        sim.add_checkpoint(key, 1, loss=0.5)
+        async with HubClient(base_url=sim.url, token=TOKEN) as client:
+            fetched = await client.fetch(REF)
+        assert isinstance(fetched, FetchedBody) and b'"checkpoints"' in fetched.body
+        size = len(fetched.body)
+        small = HubClient(base_url=sim.url, token=TOKEN, transport=AiohttpTransport(max_body_bytes=size - 1))
+        async with small:
+            with pytest.raises(PollError, match=f"over the {size - 1} byte limit") as info:
+                await small.fetch(REF)
+    assert info.value.http_status == 200 and not isinstance(info.value, HubUnavailable)
 
 
 # --- retries ----------------------------------------------------------------------------------------
@@ -472,3 +490,34 @@ async def test_a_503_storm_retries_draw_on_the_shared_budget() -> None:
             with pytest.raises(HubUnavailable):
                 await client.fetch(ref)
     assert hub.count == 3 + 2  # one request per poll, plus the two retries the Hub-wide budget allowed
+
+
+# --- one request path ---------------------------------------------------------------------------------
+
+
+async def test_an_action_post_takes_the_same_path_with_its_json_body() -> None:
+    # the path the Hub actions (deploy a checkpoint, stop a run) will take: retries, counting, error mapping
+    hub = ScriptedHub([httpx.Response(503), httpx.Response(200, content=b'{"status": "success"}')])
+    counted: list[tuple[str, str]] = []
+    path = "/api/repos/ox/models/fine_tunes/ft_123/actions/stop"
+    async with make_client(hub, on_request=lambda endpoint, outcome: counted.append((endpoint, outcome))) as client:
+        body = await client._request("POST", path, json={"deployment_type": "fast"}, endpoint="stop", ref=REF)
+    assert body == b'{"status": "success"}'
+    assert [(r.method, r.url.path, r.content) for r in hub.requests] == [
+        ("POST", path, b'{"deployment_type":"fast"}'),
+        ("POST", path, b'{"deployment_type":"fast"}'),
+    ]
+    assert hub.requests[0].headers["Authorization"] == f"Bearer {TOKEN}"
+    assert counted == [("stop", "error"), ("stop", "ok")]
+
+
+async def test_building_and_using_a_client_leaves_staminas_process_wide_hooks_alone() -> None:
+    told: list[object] = []
+    stamina.instrumentation.set_on_retry_hooks([told.append])
+    try:
+        hub = ScriptedHub([httpx.Response(503), httpx.Response(200, content=BODY)])
+        assert await fetch(hub) == FetchedBody(BODY)
+        assert stamina.instrumentation.get_on_retry_hooks() == (told.append,)
+        assert len(told) == 1  # the retry ran through stamina, which told the process's own hook
+    finally:
+        stamina.instrumentation.set_on_retry_hooks(None)

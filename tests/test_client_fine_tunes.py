@@ -228,8 +228,7 @@ async def test_on_request_counts_every_attempt_by_endpoint_and_outcome() -> None
         httpx.Response(404),
         httpx.Response(401),
     )
-    async with client_for(hub) as client:
-        client.on_request = lambda endpoint, outcome: seen.append((endpoint, outcome))
+    async with client_for(hub, on_request=lambda endpoint, outcome: seen.append((endpoint, outcome))) as client:
         await client.get_fine_tune("acme", "bot", "ft_1")
         await client.list_fine_tunes("acme", "bot", page=1, page_size=100)
         with pytest.raises(HubUnauthorized):
@@ -332,8 +331,8 @@ async def test_a_429_on_the_list_closes_the_gate_for_every_endpoint_and_every_re
         httpx.Response(200, content=body({"fine_tunes": []})),
     )
     counted: list[tuple[str, str]] = []
-    async with client_for(hub, retry_budget_s=1) as client:
-        client.on_request = lambda endpoint, outcome: counted.append((endpoint, outcome))
+    on_request = lambda endpoint, outcome: counted.append((endpoint, outcome))
+    async with client_for(hub, retry_budget_s=1, on_request=on_request) as client:
         with pytest.raises(HubUnavailable):
             await client.list_fine_tunes("acme", "bot", page=1, page_size=100)
         assert client.gate.throttled
@@ -348,8 +347,7 @@ async def test_a_429_on_the_list_closes_the_gate_for_every_endpoint_and_every_re
 async def test_checkpoint_polls_are_counted_by_outcome() -> None:
     hub = Recorder(httpx.Response(200, content=b'{"checkpoints": []}'), httpx.Response(404))
     counted: list[tuple[str, str]] = []
-    async with client_for(hub) as client:
-        client.on_request = lambda endpoint, outcome: counted.append((endpoint, outcome))
+    async with client_for(hub, on_request=lambda endpoint, outcome: counted.append((endpoint, outcome))) as client:
         ref = FineTuneRef("acme", "bot", "ft_1", "ft_1")
         await client.fetch(ref)
         await client.fetch(ref)

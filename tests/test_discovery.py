@@ -11,8 +11,9 @@ import pytest
 import structlog
 
 from watcher.config.discovery import DiscoverConfig
-from watcher.core.discovery import ListRead, SourceReader, discover, finished_at, matches, ref_of
+from watcher.core.discovery import ListRead, discover, finished_at, matches, ref_of
 from watcher.core.models import FINE_TUNE_DISCOVERED, HubFineTune, SourceState
+from watcher.daemon.source_reader import SourceReader
 from watcher.errors import HubUnavailable, PollError
 from watcher.hub.client import FetchedNotFound, HubClient
 from watcher.testing.simhub import Fault, SimHub

@@ -1,20 +1,17 @@
-"""Discovery: reading a source's fine-tune list correctly, and deciding what is new against its baseline.
+"""Discovery's pure rules: which fine-tunes of a read of a source's list it watches, and which are new.
 
 Lists are newest first, have no total, and shift while being read: a fine-tune created during a read pushes
-entries down (de-duplicated by id here) and is found at the top of the next read; one that disappears is
-never taken as removed (only a 404 of the fine-tune says that). A failed read raises and changes nothing.
+entries down (de-duplicated by id by the reader, daemon/source_reader.py) and is found at the top of the next read; one
+that disappears is never taken as removed (only a 404 of the fine-tune says that). A failed read changes nothing.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import structlog
-
-from watcher.config.discovery import DiscoverConfig
 from watcher.core.models import (
     FINE_TUNE_DISCOVERED,
     TERMINAL_STATUSES,
@@ -22,31 +19,48 @@ from watcher.core.models import (
     FineTuneRef,
     HubFineTune,
     SourceState,
+    parse_time,
 )
-from watcher.hub.client import FetchedNotFound
-from watcher.hub.schema import parse_time
 
-log = structlog.get_logger("watcher.discovery")
-
-PAGE_SIZE = 100
-MAX_PAGES = 10
 DAY_S = 86_400.0
 
 
-class FineTuneLister(Protocol):
-    """What discovery needs of the Hub client (HubClient.list_fine_tunes)."""
+class Source(Protocol):
+    """What the rules read of a [[discover]] source (the daemon passes its config.discovery.DiscoverConfig)."""
 
-    async def list_fine_tunes(
-        self,
-        namespace: str,
-        repo: str,
-        *,
-        page: int,
-        page_size: int,
-        created_by: str | None = None,
-        status: str | None = None,
-    ) -> tuple[HubFineTune, ...] | FetchedNotFound:
-        """One page of a repository's fine-tunes, newest first."""
+    @property
+    def name(self) -> str:
+        """The source's name, in events."""
+        ...
+
+    @property
+    def namespace(self) -> str:
+        """The repository's namespace."""
+        ...
+
+    @property
+    def repo(self) -> str:
+        """The repository."""
+        ...
+
+    @property
+    def include(self) -> Sequence[str]:
+        """Globs of names or ids to watch."""
+        ...
+
+    @property
+    def exclude(self) -> Sequence[str]:
+        """Globs of names or ids never to watch (exclude wins)."""
+        ...
+
+    @property
+    def created_by(self) -> str:
+        """Only fine-tunes of this username ("" for anyone's)."""
+        ...
+
+    @property
+    def max_age_days(self) -> float:
+        """Fine-tunes finished longer ago than this are not watched."""
         ...
 
 
@@ -68,50 +82,6 @@ class ListRead:
         return {fine_tune.id: fine_tune for fine_tune in self.fine_tunes}
 
 
-class SourceReader:
-    """Reads sources' lists page by page; logs once per source when max_pages cuts a read short."""
-
-    def __init__(self, client: FineTuneLister, *, page_size: int = PAGE_SIZE, max_pages: int = MAX_PAGES) -> None:
-        self._client = client
-        self._page_size = page_size
-        self._max_pages = max_pages
-        self._truncated: set[str] = set()
-
-    async def read(self, source: DiscoverConfig, *, watched_ids: Collection[str] = ()) -> ListRead | FetchedNotFound:
-        """Pages until a short page, every id in watched_ids was seen, or max_pages; PollError when a page fails."""
-        seen: dict[str, HubFineTune] = {}
-        missing = set(watched_ids)
-        pages = 0
-        complete = False
-        while pages < self._max_pages:
-            page = await self._client.list_fine_tunes(
-                source.namespace,
-                source.repo,
-                page=pages + 1,
-                page_size=self._page_size,
-                created_by=source.created_by or None,
-            )
-            if isinstance(page, FetchedNotFound):
-                return page
-            pages += 1
-            for fine_tune in page:
-                seen.setdefault(fine_tune.id, fine_tune)  # a shifted list repeats entries: the first is newest
-                missing.discard(fine_tune.id)
-            if len(page) < self._page_size:
-                complete = True
-                break
-            if watched_ids and not missing:
-                break  # newest first: nothing new can be further down
-        truncated = not complete and pages >= self._max_pages and (not watched_ids or bool(missing))
-        if truncated and source.name not in self._truncated:
-            self._truncated.add(source.name)
-            log.warning("discover.list_truncated", source=source.name, pages=pages, fine_tunes=len(seen))
-        elif not truncated and source.name in self._truncated:
-            self._truncated.discard(source.name)
-            log.info("discover.list_complete", source=source.name, pages=pages, fine_tunes=len(seen))
-        return ListRead(tuple(seen.values()), pages, complete, truncated)
-
-
 def _matches_any(fine_tune: HubFineTune, globs: Iterable[str]) -> bool:
     names = [fine_tune.id] if fine_tune.name is None else [fine_tune.name, fine_tune.id]
     return any(fnmatch.fnmatchcase(name, glob) for glob in globs for name in names)
@@ -125,7 +95,7 @@ def finished_at(fine_tune: HubFineTune) -> float | None:
     return finished
 
 
-def matches(source: DiscoverConfig, fine_tune: HubFineTune, *, now: float) -> bool:
+def matches(source: Source, fine_tune: HubFineTune, *, now: float) -> bool:
     """Whether a source watches this fine-tune: include/exclude globs (exclude wins), creator, max_age_days."""
     if not _matches_any(fine_tune, source.include) or _matches_any(fine_tune, source.exclude):
         return False
@@ -135,7 +105,7 @@ def matches(source: DiscoverConfig, fine_tune: HubFineTune, *, now: float) -> bo
     return finished is None or now - finished <= source.max_age_days * DAY_S
 
 
-def ref_of(source: DiscoverConfig, fine_tune: HubFineTune) -> FineTuneRef:
+def ref_of(source: Source, fine_tune: HubFineTune) -> FineTuneRef:
     """The reference of a discovered fine-tune: named by the Hub's name, else its id."""
     return FineTuneRef(source.namespace, source.repo, fine_tune.id, fine_tune.name or fine_tune.id)
 
@@ -150,9 +120,7 @@ class Discovery:
     new: tuple[HubFineTune, ...]  # the ones first seen in this read (announced unless it was the baseline)
 
 
-def discover(
-    source: DiscoverConfig, old: SourceState, read: ListRead, *, now: float, baseline: bool = True
-) -> Discovery:
+def discover(source: Source, old: SourceState, read: ListRead, *, now: float, baseline: bool = True) -> Discovery:
     """The pure decision: fine-tunes of this read not in the source's known ids are new.
 
     The first read of a source records what it finds silently when `baseline` ([watch] baseline) is on; every
@@ -167,7 +135,7 @@ def discover(
     return Discovery(events, SourceState(baselined=True, known_ids=frozenset(known)), watch, new)
 
 
-def _discovered(source: DiscoverConfig, fine_tune: HubFineTune) -> EventDraft:
+def _discovered(source: Source, fine_tune: HubFineTune) -> EventDraft:
     return EventDraft(
         FINE_TUNE_DISCOVERED,
         {

@@ -19,8 +19,8 @@ from watcher.core.models import (
     KnownCheckpoint,
     LifecycleState,
     metric_of,
+    parse_time,
 )
-from watcher.hub.schema import parse_time
 
 RUNNING = "running"
 DEPLOYED = "deployed"

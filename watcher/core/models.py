@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 JSON = dict[str, Any]
@@ -281,6 +282,24 @@ class HubFineTune:
     started_at: str | None = None
     finished_at: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_time(value: str | None) -> float | None:
+    """Unix seconds of an ISO 8601 time from the Hub (a time without a zone is UTC), or None when unparsable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:  # Phoenix serializes NaiveDateTime without a zone; the Hub's times are UTC
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedNotFound:
+    """A 404 answer: the fine-tune (or the repository of a list) does not exist."""
 
 
 @dataclass(frozen=True, slots=True)

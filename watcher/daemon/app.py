@@ -109,7 +109,6 @@ class App:
             hub_transport=hub_transport,
             notifier_transport=notifier_transport,
         )
-        self.watcher.client.on_request = self.metrics.observe_hub_request
         # checkpoint polls, source reads and the status sweep: one monotonic schedule (lifecycle_jobs.py)
         schedule = PollSchedule(grid_s=SCHEDULE_GRID_S)
         self.lifecycle = LifecycleJobs(
@@ -188,9 +187,7 @@ class App:
 
     def make_client(self, config: Config, token: str) -> HubClient:
         """A Hub client for a (re)loaded config."""
-        client = make_client(config, token, transport=self.hub_transport)
-        client.on_request = self.metrics.observe_hub_request
-        return client
+        return make_client(config, token, transport=self.hub_transport, on_request=self.metrics.observe_hub_request)
 
     def retire(self, closable: Any) -> None:
         """Close a replaced Hub client once the polls running now (which may still use it) have ended."""

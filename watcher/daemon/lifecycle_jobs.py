@@ -19,12 +19,20 @@ import structlog
 
 from watcher.config.discovery import DiscoverConfig
 from watcher.config.load import Config
-from watcher.core.discovery import ListRead, SourceReader, discover, ref_of
+from watcher.core.discovery import ListRead, discover, ref_of
 from watcher.core.lifecycle import LifecycleOptions, checkpoint_interval, status_due, wants_final_poll
-from watcher.core.models import FineTuneRef, HubFineTune, LifecycleState, PollNotFound, PollSuccess, SourceState
+from watcher.core.models import (
+    FetchedNotFound,
+    FineTuneRef,
+    HubFineTune,
+    LifecycleState,
+    PollNotFound,
+    PollSuccess,
+    SourceState,
+)
 from watcher.daemon.poller import PollReport, WatchedFineTune, Watcher
+from watcher.daemon.source_reader import SourceReader
 from watcher.errors import LeaseLost, PollError, StoreError
-from watcher.hub.client import FetchedNotFound
 from watcher.store import LifecycleRecord
 from watcher.store.replicas import ReplicaStore, SourceFence, source_lease_key
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -49,14 +49,21 @@ def on_poll_retry(ref: FineTuneRef, err: PollError, wait_s: float) -> None:
     )
 
 
-def make_client(config: Config, token: str, *, transport: httpx.AsyncBaseTransport | None = None) -> HubClient:
-    """The Hub client of a config (with its own Hub-wide back-off gate)."""
+def make_client(
+    config: Config,
+    token: str,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    on_request: Callable[[str, str], None] | None = None,
+) -> HubClient:
+    """The Hub client of a config (with its own Hub-wide back-off gate); on_request counts its requests."""
     return HubClient(
         base_url=config.hub.url,
         token=token,
         timeout_s=config.hub.timeout_s,
         max_concurrency=config.hub.max_concurrency,
         on_retry=on_poll_retry,
+        on_request=on_request,
         transport=transport,
     )
 
@@ -118,7 +125,12 @@ def build_runtime(
     watcher = Watcher(
         config=config,
         store=store,
-        client=make_client(config, token, transport=hub_transport),
+        client=make_client(
+            config,
+            token,
+            transport=hub_transport,
+            on_request=metrics.observe_hub_request if metrics is not None else None,
+        ),
         sinks=[*sinks, lambda _event: dispatcher.wake()],
         route=dispatcher.route,
         commit=not readonly,

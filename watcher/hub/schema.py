@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
@@ -19,6 +18,7 @@ from pydantic import (
 )
 
 from watcher.core.models import JSON, HubFineTune
+from watcher.core.models import parse_time as parse_time  # moved to core; kept importable here
 from watcher.errors import InvalidResponse
 
 Number = StrictInt | StrictFloat
@@ -214,16 +214,3 @@ def parse_fine_tune(body: bytes) -> HubFineTune:
     document = _document(body)
     _validate(_one_validator, document, "fine-tune")
     return _hub_fine_tune(document["fine_tune"])
-
-
-def parse_time(value: str | None) -> float | None:
-    """Unix seconds of an ISO 8601 time from the Hub (a time without a zone is UTC), or None when unparsable."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:  # Phoenix serializes NaiveDateTime without a zone; the Hub's times are UTC
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()

@@ -101,3 +101,6 @@ def configure_logging(
     root.setLevel(numeric)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, numeric))
+    # stamina's own instrumentation logs a warning per Hub retry; the watcher logs its retries itself
+    # (poll.retry_scheduled), and its Hub client leaves stamina's process-wide hooks as they are
+    logging.getLogger("stamina").setLevel(logging.ERROR)
