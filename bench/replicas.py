@@ -46,7 +46,7 @@ def _tree_cpu_s(pid: int) -> float:
 def cpu_per_poll(*, fine_tunes: int = 200, rounds: int = 15) -> dict[str, Any]:
     """CPU per poll of the same workload on SQLite and on PostgreSQL (watcher + database server)."""
     sys.path.insert(0, str(ROOT))
-    from run import Hub  # bench/run.py
+    from common import Hub
 
     from watcher.config.load import parse_config
     from watcher.daemon.poller import Watcher
@@ -161,7 +161,7 @@ def _spawn(config: Path, name: str, env: dict[str, str]) -> subprocess.Popen[byt
 def takeover(*, fine_tunes: int = 30, kills: int = 5, lease_s: float = 3.0, renew_s: float = 1.0) -> dict[str, Any]:
     """Kill -9 one of three replicas, several times: seconds until its fine-tunes are owned by another replica."""
     sys.path.insert(0, str(ROOT))
-    from run import Hub, wait_until
+    from common import Hub, wait_until
 
     from watcher.testing.pgcluster import throwaway_cluster
 
