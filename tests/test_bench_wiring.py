@@ -12,7 +12,14 @@ def _choices(tree: ast.Module) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and any(k.arg == "choices" for k in node.keywords):
             [choices] = [k.value for k in node.keywords if k.arg == "choices"]
-            assert isinstance(choices, ast.List)
+            if isinstance(choices, ast.Name):  # a module-level constant: its list
+                [choices] = [
+                    assign.value
+                    for assign in tree.body
+                    if isinstance(assign, ast.Assign)
+                    and any(isinstance(target, ast.Name) and target.id == choices.id for target in assign.targets)
+                ]
+            assert isinstance(choices, ast.List | ast.Tuple)
             return [c.value for c in choices.elts if isinstance(c, ast.Constant) and isinstance(c.value, str)]
     raise AssertionError("no --only choices in bench/run.py")
 
