@@ -190,9 +190,10 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
 # names whose use means "starts another process"
 _PROCESS_NAMES = frozenset({"cli", "Daemon", "subprocess"})
 
-# in-process tests too long for the quick unit selection (5 s and more on a loaded 2-core machine): soak loops
-# of the whole app, long property searches, rate limits and back-off storms waited out in real time
+# in-process tests too long for the quick unit selection (5 s and more on a loaded 2-core machine): the daemon's
+# app end to end, soak loops of it, long property searches, rate limits and back-off storms waited out in real time
 _LONG_IN_PROCESS = (
+    "tests/test_lifecycle_daemon.py",
     "tests/reliability/test_properties.py",
     "tests/test_reload_notifiers.py::test_500_reloads_",
     "tests/test_reload_notifiers.py::test_300_reloads_",
@@ -202,7 +203,7 @@ _LONG_IN_PROCESS = (
     "tests/test_schema.py::test_documents_valid_under_the_spec_",
     "tests/test_watcher.py::test_a_429_storm_",
     "tests/test_slack.py::test_waiting_for_the_rate_limit_",
-    "tests/test_lifecycle_daemon.py::test_every_status_transition_",
+    "tests/test_slack.py::test_one_message_per_second_",
 )
 
 # the known-long tests among those that start processes or PostgreSQL: crash loops, fault runs, the config
