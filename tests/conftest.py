@@ -1,4 +1,5 @@
-"""Shared fixtures: the simulated Hub on 127.0.0.1, config files, the real daemon process, deadline waits."""
+"""Shared fixtures: the simulated Hub on 127.0.0.1, config files, the real daemon process, deadline waits; and the
+markers (unit, e2e, postgres, browser, slow) that every test gets here, from what it uses."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -173,3 +175,129 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(10)
+
+
+# --- markers ----------------------------------------------------------------------------------------------
+#
+# Every test gets at least one of unit / e2e / postgres / browser here, from what it uses, so that a new test is
+# classified without anyone remembering to: `browser` for tests/browser; `postgres` for a test that needs the
+# throwaway cluster (the `pg_cluster` fixture, or a parameter naming PostgreSQL); `e2e` for a test that starts
+# processes (the `daemons` fixture, or `cli`, `Daemon` or `subprocess` named in its code, its fixtures or the
+# test helpers they call) and for the long in-process runs below; `unit` for the rest: quick, in this process
+# (a unit test that starts a process fails, see `_unit_tests_stay_in_process`). `slow` marks the long ones,
+# which also get a longer timeout than pyproject's.
+
+# names whose use means "starts another process"
+_PROCESS_NAMES = frozenset({"cli", "Daemon", "subprocess"})
+
+# in-process tests too long for the quick unit selection (5 s and more on a loaded 2-core machine): the daemon's
+# app end to end, soak loops of it, long property searches, rate limits and back-off storms waited out in real time
+_LONG_IN_PROCESS = (
+    "tests/test_lifecycle_daemon.py",
+    "tests/reliability/test_properties.py",
+    "tests/test_reload_notifiers.py::test_500_reloads_",
+    "tests/test_reload_notifiers.py::test_300_reloads_",
+    "tests/test_reload_notifiers.py::test_unchanged_slack_notifier_keeps_its_rate_limit_",
+    "tests/test_schema.py::test_document_shaped_junk_",
+    "tests/test_schema.py::test_arbitrary_json_values_",
+    "tests/test_schema.py::test_documents_valid_under_the_spec_",
+    "tests/test_watcher.py::test_a_429_storm_",
+    "tests/test_slack.py::test_waiting_for_the_rate_limit_",
+    "tests/test_slack.py::test_one_message_per_second_",
+)
+
+# the known-long tests among those that start processes or PostgreSQL: crash loops, fault runs, the config
+# matrix, replica pairs
+_LONG_OUT_OF_PROCESS = (
+    "tests/reliability/",
+    "tests/test_replicas.py",
+    "tests/test_replicas_sources.py",
+    "tests/test_pages_replicas.py",
+)
+SLOW_TIMEOUT_S = 1800  # pyproject's is 600 s
+
+
+def _starts_processes(code: types.CodeType, scope: dict[str, Any], seen: set[int]) -> bool:
+    """True when `code` (or a test helper it names, followed through functions and classes) names a process API."""
+    if id(code) in seen:
+        return False
+    seen.add(id(code))
+    if _PROCESS_NAMES.intersection(code.co_names):
+        return True
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType) and _starts_processes(const, scope, seen):
+            return True
+    for name in code.co_names:
+        target = scope.get(name)
+        if not _is_test_helper(target):
+            continue
+        functions = vars(target).values() if isinstance(target, type) else [target]
+        for function in functions:
+            inner = getattr(function, "__code__", None) or getattr(getattr(function, "fget", None), "__code__", None)
+            module = sys.modules.get(getattr(target, "__module__", ""))
+            if inner is not None and _starts_processes(inner, vars(module) if module else scope, seen):
+                return True
+    return False
+
+
+def _is_test_helper(target: Any) -> bool:
+    """A function or class defined in a file under tests/ (never one of the library's)."""
+    if not isinstance(target, type | types.FunctionType):
+        return False
+    module = sys.modules.get(getattr(target, "__module__", ""))
+    source = getattr(module, "__file__", None) or ""
+    return source.startswith(str(ROOT / "tests"))
+
+
+def _uses_processes(item: pytest.Item) -> bool:
+    """The test function or one of its fixtures from tests/ starts processes."""
+    functions = [getattr(item, "function", None)]
+    fixtures = getattr(item, "_fixtureinfo", None)
+    for name, definitions in getattr(fixtures, "name2fixturedefs", {}).items():
+        if name != "_unit_tests_stay_in_process":  # the guard below names subprocess to refuse it
+            functions += [definition.func for definition in definitions]
+    seen: set[int] = set()
+    for function in functions:
+        if not _is_test_helper(function):
+            continue
+        module = sys.modules[function.__module__]
+        if _starts_processes(function.__code__, vars(module), seen):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test its markers (see above)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        kinds = {marker.name for marker in item.iter_markers() if marker.name in {"unit", "e2e", "postgres", "browser"}}
+        if item.nodeid.startswith("tests/browser/"):
+            kinds.add("browser")
+        if "pg_cluster" in names or any(str(value).startswith("postgresql") for value in params.values()):
+            kinds.add("postgres")
+        long_in_process = item.nodeid.startswith(_LONG_IN_PROCESS)
+        if long_in_process or "daemons" in names or _uses_processes(item):
+            kinds.add("e2e")
+        if not kinds:
+            kinds.add("unit")
+        for kind in sorted(kinds):
+            item.add_marker(kind)
+        if long_in_process or (kinds != {"unit"} and item.nodeid.startswith(_LONG_OUT_OF_PROCESS)):
+            item.add_marker("slow")
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_in_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked unit (only) that starts a process fails and says so: the marker hook above missed it."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(
+            f"{request.node.nodeid} is marked unit but starts a process: mark it e2e (tests/conftest.py)"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

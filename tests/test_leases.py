@@ -230,10 +230,12 @@ def test_a_replica_stalled_inside_a_poll_transaction_holds_off_no_takeover_past_
         started = time.monotonic()
         other_leases.heartbeat()
         # the server ends the stalled transaction once it has been idle for the lease: the row is free to take
-        [taken] = wait_for(lambda: other_leases.claim([REF.key]).acquired, timeout=10, what="the takeover")
+        [taken] = wait_for(lambda: other_leases.claim([REF.key]).acquired, timeout=25, what="the takeover")
         took = time.monotonic() - started
         assert (taken.owner, taken.epoch, taken.previous_owner) == ("other", 2, "paused")
-        assert took < lease_s + 3, took
+        # freed by the server after the 1 s lease, not when the stalled poll resumes (30 s, or never): the bound
+        # sits between, with room for a loaded machine
+        assert took < 15, took
         resume.set()
         thread.join(30)
         assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome  # nothing committed

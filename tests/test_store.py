@@ -1,70 +1,23 @@
-"""SqliteStore on real files: versioned schema and migrations, WAL, auto_vacuum, one transaction per poll, no
-needless writes, two writers, the pending-only indexes, and retention shrinking the file. (What every store
-implementation must do is in tests/store_contract.)"""
+"""SqliteStore on real files: versioned schema and migrations, WAL, auto_vacuum, read-only use of a missing file,
+the pending-only indexes, and retention shrinking the file. (What every store implementation must do, one
+transaction per poll, no needless writes and two writers among it, is in tests/store_contract.)"""
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from store_contract.databases import SqliteFile
 from store_contract.support import DAY, OPTIONS, OTHER, REF, T0, apply, counter_ids, cp, failed, success, types
 
 from watcher.core.diff import fingerprint
-from watcher.core.models import (
-    CHECKPOINT_CREATED,
-    CHECKPOINT_DEPLOYMENT_CHANGED,
-    CHECKPOINT_REMOVED,
-    FINE_TUNE_NOT_FOUND,
-    PollNotFound,
-    PollSuccess,
-    PollUnchanged,
-)
+from watcher.core.models import CHECKPOINT_CREATED, PollUnchanged
 from watcher.errors import StoreError
-from watcher.store import MIGRATIONS, SCHEMA_VERSION, Committed, SqliteStore, open_store
-
-
-def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the store's tables (with rowids), read through a separate connection."""
-    with sqlite3.connect(path) as db:
-        return {
-            "fine_tunes": db.execute("SELECT rowid, * FROM fine_tunes ORDER BY fine_tune_key").fetchall(),
-            "checkpoints": db.execute("SELECT rowid, * FROM checkpoints ORDER BY fine_tune_key, step").fetchall(),
-            "events": db.execute("SELECT * FROM events ORDER BY seq").fetchall(),
-        }
-
-
-def event_rows(path: Path) -> list[tuple[str, str, str]]:
-    with sqlite3.connect(path) as db:
-        return db.execute("SELECT id, type, fine_tune_key FROM events ORDER BY seq").fetchall()
-
-
-def install_write_counter(path: Path) -> Callable[[], dict[str, int]]:
-    """Triggers that log every INSERT, UPDATE and DELETE on checkpoint rows; returns a reader of the counts."""
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            """
-            CREATE TABLE checkpoint_writes (op TEXT NOT NULL);
-            CREATE TRIGGER count_cp_insert AFTER INSERT ON checkpoints BEGIN
-                INSERT INTO checkpoint_writes VALUES ('insert'); END;
-            CREATE TRIGGER count_cp_update AFTER UPDATE ON checkpoints BEGIN
-                INSERT INTO checkpoint_writes VALUES ('update'); END;
-            CREATE TRIGGER count_cp_delete AFTER DELETE ON checkpoints BEGIN
-                INSERT INTO checkpoint_writes VALUES ('delete'); END;
-            """
-        )
-
-    def read() -> dict[str, int]:
-        with sqlite3.connect(path) as db:
-            rows = db.execute("SELECT op, COUNT(*) FROM checkpoint_writes GROUP BY op").fetchall()
-            db.execute("DELETE FROM checkpoint_writes")
-        return dict(rows)
-
-    return read
+from watcher.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore, open_store
 
 
 @pytest.fixture
@@ -104,18 +57,6 @@ def test_new_database_has_current_schema_version_and_wal(db_path: Path, store: S
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental, from the first table on
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"schema_version", "fine_tunes", "checkpoints", "events"} <= tables
-
-
-def test_reopening_keeps_version_and_data(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
-    first = stores(db_path)
-    apply(first, success(cp(1)))
-    first.close()
-    before = snapshot(db_path)
-    again = stores(db_path)
-    assert again.schema_version == SCHEMA_VERSION
-    with sqlite3.connect(db_path) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
-    assert snapshot(db_path) == before
 
 
 @pytest.mark.parametrize("setup", ["empty file", "empty database", "version 0"])
@@ -166,22 +107,6 @@ def test_every_released_version_is_migrated_keeping_the_baseline(
 
 
 @pytest.mark.parametrize("readonly", [False, True])
-def test_database_from_a_newer_version_is_refused(
-    db_path: Path, stores: Callable[..., SqliteStore], readonly: bool
-) -> None:
-    stores(db_path).close()
-    with sqlite3.connect(db_path) as db:
-        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
-    with pytest.raises(StoreError, match="newer"):
-        if readonly:
-            open_store(db_path, readonly=True)
-        else:
-            SqliteStore(db_path)
-    with sqlite3.connect(db_path) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION + 1,)]
-
-
-@pytest.mark.parametrize("readonly", [False, True])
 def test_a_file_that_is_not_a_database_is_a_store_error(db_path: Path, readonly: bool) -> None:
     db_path.parent.mkdir(parents=True)
     db_path.write_bytes(b"this is not an SQLite database, just text " * 100)
@@ -209,147 +134,7 @@ def test_readonly_missing_file_is_an_empty_store_and_creates_nothing(tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
-def test_readonly_store_reads_but_never_writes(db_path: Path, store: SqliteStore) -> None:
-    apply(store, success(cp(1)))
-    created = apply(store, success(cp(1), cp(2)), now=T0 + 1)
-    before = snapshot(db_path)
-    reader = open_store(db_path, readonly=True)
-    try:
-        assert reader.recent_events() == list(created.events)
-        assert [s.latest_step for s in reader.statuses()] == [2]
-        dry = reader.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2, commit=False)
-        assert dry is not None and types(dry) == [CHECKPOINT_CREATED]
-        with pytest.raises(StoreError):
-            reader.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2)
-    finally:
-        reader.close()
-    assert snapshot(db_path) == before
-
-
 # --- apply_poll ---------------------------------------------------------------------------------------
-
-
-def test_state_and_events_commit_in_one_transaction(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
-    ids = iter(["evt_a", "evt_b", "evt_dup", "evt_dup", "evt_c", "evt_d"])
-    store = stores(db_path, new_id=lambda: next(ids))
-    apply(store, success(cp(1)))
-    apply(store, success(cp(1), cp(2)), now=T0 + 1)  # evt_a
-    assert [row[0] for row in event_rows(db_path)] == ["evt_a"]
-    apply(store, success(cp(1), cp(2), cp(3)), now=T0 + 2)  # evt_b
-    before = snapshot(db_path)
-
-    # two new checkpoints, two events with the same id: the second event insert fails
-    poll = success(cp(1), cp(2), cp(3), cp(4), cp(5))
-    with pytest.raises(StoreError):
-        store.apply_poll(REF, poll, options=OPTIONS, now=T0 + 3)
-    assert snapshot(db_path) == before  # no state, no checkpoint row, no event of that poll
-
-    # the state did not move on: the same poll announces both checkpoints (in memory and on disk)
-    retried = apply(store, poll, now=T0 + 4)
-    assert [(e.id, e.type, e.data["checkpoint"]["step"]) for e in retried.events] == [
-        ("evt_c", CHECKPOINT_CREATED, 4),
-        ("evt_d", CHECKPOINT_CREATED, 5),
-    ]
-    assert [row[0] for row in event_rows(db_path)] == ["evt_a", "evt_b", "evt_c", "evt_d"]
-
-
-def test_event_id_clash_with_a_committed_event_rolls_back_the_state(
-    db_path: Path, stores: Callable[..., SqliteStore]
-) -> None:
-    ids = iter(["evt_same", "evt_same"])
-    store = stores(db_path, new_id=lambda: next(ids))
-    apply(store, success(cp(1)))
-    apply(store, success(cp(1), cp(2)), now=T0 + 1)
-    apply(store, failed(), now=T0 + 2)
-    before = snapshot(db_path)
-    with pytest.raises(StoreError):
-        store.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 3)
-    assert snapshot(db_path) == before
-    fresh = stores(db_path, new_id=counter_ids("evt_new"))
-    assert sorted(fresh.load_state(REF.key).checkpoints) == [1, 2]
-    assert fresh.load_state(REF.key).consecutive_failures == 1
-    again = apply(fresh, success(cp(1), cp(2), cp(3)), now=T0 + 4)
-    assert types(again) == [CHECKPOINT_CREATED]
-
-
-def test_poll_unchanged_with_another_hash_returns_none_and_writes_nothing(db_path: Path, store: SqliteStore) -> None:
-    apply(store, success(cp(1)))
-    before = snapshot(db_path)
-    assert store.apply_poll(REF, PollUnchanged("not-the-stored-hash"), options=OPTIONS, now=T0 + 1) is None
-    assert store.apply_poll(OTHER, PollUnchanged("never-seen"), options=OPTIONS, now=T0 + 1) is None
-    assert snapshot(db_path) == before
-
-
-def test_commit_false_writes_nothing(db_path: Path, store: SqliteStore) -> None:
-    apply(store, success(cp(1)))
-    before = snapshot(db_path)
-    dry = store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1, commit=False)
-    assert dry is not None and types(dry) == [CHECKPOINT_CREATED]
-    dry_new = store.apply_poll(OTHER, PollNotFound(), options=OPTIONS, now=T0 + 1, commit=False)
-    assert dry_new is not None and types(dry_new) == [FINE_TUNE_NOT_FOUND]
-    assert store.apply_poll(REF, failed(retry_after_s=60), options=OPTIONS, now=T0 + 1, commit=False) is not None
-    assert snapshot(db_path) == before
-    assert store.not_before(REF.key) is None
-    # nothing moved on: the real poll still announces the checkpoint
-    assert types(apply(store, success(cp(1), cp(2)), now=T0 + 2)) == [CHECKPOINT_CREATED]
-
-
-def test_a_poll_without_change_writes_no_checkpoint_rows(db_path: Path, store: SqliteStore) -> None:
-    checkpoints = [cp(1), cp(2, status="ACTIVE"), cp(3, inference_samples=[{"text": "x" * 500}])]
-    first = success(*checkpoints)
-    apply(store, first)
-    apply(store, success(*checkpoints[:2]), now=T0 + 1)
-    apply(store, first, now=T0 + 2)
-    writes = install_write_counter(db_path)
-    rows_before = snapshot(db_path)["checkpoints"]
-
-    # same checkpoints in a different body (another hash, another order), unchanged, failed, 404-free
-    assert apply(store, success(*reversed(checkpoints), salt="other body"), now=T0 + 3).events == ()
-    assert apply(store, PollUnchanged(store.load_state(REF.key).body_hash or ""), now=T0 + 4).events == ()
-    assert apply(store, failed(), now=T0 + 5).events == ()
-    assert apply(store, success(*checkpoints), now=T0 + 6).events == ()
-    assert writes() == {}
-    assert snapshot(db_path)["checkpoints"] == rows_before
-
-    # a real change writes only the rows that changed
-    changed = success(cp(1), cp(2, status="INACTIVE"), cp(4))  # 2 updated, 3 deleted, 4 inserted
-    assert sorted(types(apply(store, changed, now=T0 + 7))) == sorted(
-        [CHECKPOINT_DEPLOYMENT_CHANGED, CHECKPOINT_REMOVED, CHECKPOINT_CREATED]
-    )
-    assert writes() == {"insert": 1, "update": 1, "delete": 1}
-
-
-def test_two_stores_on_one_file_announce_a_change_once(db_path: Path, stores: Callable[..., SqliteStore]) -> None:
-    a = stores(db_path, new_id=counter_ids("evt_a"))
-    b = stores(db_path, new_id=counter_ids("evt_b"))
-    apply(a, success(cp(1)))
-    apply(b, PollNotFound(), ref=OTHER)
-    checkpoints = [cp(1)]
-    for round_number in range(2, 22):
-        checkpoints.append(cp(round_number))
-        poll = success(*checkpoints)
-        barrier = threading.Barrier(2)
-        results: dict[str, Committed | BaseException | None] = {}
-
-        def run(name: str, store: SqliteStore, poll: PollSuccess = poll) -> None:
-            barrier.wait()
-            try:
-                results[name] = store.apply_poll(REF, poll, options=OPTIONS, now=T0 + round_number)
-            except BaseException as err:
-                results[name] = err
-
-        threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        assert all(isinstance(r, Committed) for r in results.values()), results
-        announced = [e for r in results.values() if isinstance(r, Committed) for e in r.events]
-        assert [(e.type, e.data["checkpoint"]["step"]) for e in announced] == [(CHECKPOINT_CREATED, round_number)]
-    rows = event_rows(db_path)
-    created = [row for row in rows if row[1] == CHECKPOINT_CREATED]
-    assert len(created) == 20
-    assert len({row[0] for row in rows}) == len(rows)
 
 
 def test_readonly_sqlite_store_on_a_missing_file_fails_without_creating_it(tmp_path: Path) -> None:
@@ -471,10 +256,13 @@ def test_prune_dry_run_writes_nothing_and_estimates_close_to_the_real_pass(db_pa
     apply(store, success(cp(0)), now=T0, route=everywhere)
     ids = many_events(store, polls=20, per_poll=50, start=T0 + 1, step_s=1)
     deliver_all(store, ids, T0 + 100)
-    before = snapshot(db_path), sqlite3.connect(db_path).execute("SELECT * FROM deliveries").fetchall()
+    before = SqliteFile(db_path).snapshot(), sqlite3.connect(db_path).execute("SELECT * FROM deliveries").fetchall()
     dry = store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY, dry_run=True)
     assert (dry.events, dry.deliveries) == (len(ids), 2 * len(ids)) and len(ids) > 1000
-    assert (snapshot(db_path), sqlite3.connect(db_path).execute("SELECT * FROM deliveries").fetchall()) == before
+    assert (
+        SqliteFile(db_path).snapshot(),
+        sqlite3.connect(db_path).execute("SELECT * FROM deliveries").fetchall(),
+    ) == before
     real = store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY)
     assert (real.events, real.deliveries, real.done) == (len(ids), 2 * len(ids), True)
     assert 0.5 < dry.bytes_freed / real.bytes_freed < 1.5, (dry.bytes_freed, real.bytes_freed)

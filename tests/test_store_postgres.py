@@ -1,7 +1,7 @@
 """PostgresStore on a throwaway PostgreSQL cluster, beyond the shared contract (tests/store_contract runs on it
-too): schema and migrations, read-only use, errors without the URL, one transaction per poll, concurrent
-writers, events committed out of sequence order never missed, the outbox per owned fine-tune, the real
-dispatcher, and a database outage."""
+too): replicas migrating at once, errors without the URL, a fine-tune taken back with a stale cache, events
+committed out of sequence order never missed, the outbox per owned fine-tune, the pool, the real dispatcher, and
+a database outage."""
 
 from __future__ import annotations
 
@@ -20,59 +20,18 @@ from store_contract.support import (
     apply,
     counter_ids,
     cp,
-    failed,
     success,
     types,
 )
 
 from watcher.core.models import (
     CHECKPOINT_CREATED,
-    CHECKPOINT_DEPLOYMENT_CHANGED,
     CHECKPOINT_REMOVED,
     PollNotFound,
-    PollSuccess,
-    PollUnchanged,
 )
 from watcher.errors import StoreError
 from watcher.store.postgres.schema import SCHEMA_VERSION
 from watcher.store.postgres.store import PostgresStore
-from watcher.store.protocols import Committed
-
-
-def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the store's tables, read through a separate connection."""
-    with psycopg.connect(url) as db:
-        return {
-            "fine_tunes": db.execute("SELECT * FROM fine_tunes ORDER BY fine_tune_key").fetchall(),
-            "checkpoints": db.execute("SELECT ctid, * FROM checkpoints ORDER BY fine_tune_key, step").fetchall(),
-            "events": db.execute("SELECT * FROM events ORDER BY seq").fetchall(),
-            "deliveries": db.execute("SELECT * FROM deliveries ORDER BY event_seq, notifier").fetchall(),
-        }
-
-
-def event_rows(url: str) -> list[tuple[str, str, str]]:
-    with psycopg.connect(url) as db:
-        return db.execute("SELECT id, type, fine_tune_key FROM events ORDER BY seq").fetchall()
-
-
-def install_write_counter(url: str) -> Callable[[], dict[str, int]]:
-    """A trigger that logs every INSERT, UPDATE and DELETE on checkpoint rows; returns a reader of the counts."""
-    with psycopg.connect(url, autocommit=True) as db:
-        db.execute("CREATE TABLE checkpoint_writes (op TEXT NOT NULL)")
-        db.execute(
-            "CREATE FUNCTION count_cp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "INSERT INTO checkpoint_writes VALUES (lower(TG_OP)); RETURN NULL; END $$"
-        )
-        db.execute("CREATE TRIGGER count_cp AFTER INSERT OR UPDATE OR DELETE ON checkpoints FOR EACH ROW "
-                   "EXECUTE FUNCTION count_cp()")  # fmt: skip
-
-    def read() -> dict[str, int]:
-        with psycopg.connect(url, autocommit=True) as db:
-            rows = db.execute("SELECT op, COUNT(*) FROM checkpoint_writes GROUP BY op").fetchall()
-            db.execute("DELETE FROM checkpoint_writes")
-        return dict(rows)
-
-    return read
 
 
 @pytest.fixture
@@ -98,21 +57,6 @@ def store(stores: Callable[..., PostgresStore]) -> PostgresStore:
 # --- schema ---------------------------------------------------------------------------------------
 
 
-def test_new_database_has_the_current_schema_and_reopening_keeps_it(
-    pg_url: str, stores: Callable[..., PostgresStore]
-) -> None:
-    first = stores()
-    assert first.schema_version == SCHEMA_VERSION
-    apply(first, success(cp(1)))
-    first.close()
-    before = snapshot(pg_url)
-    again = stores()
-    assert again.schema_version == SCHEMA_VERSION
-    assert snapshot(pg_url) == before
-    with psycopg.connect(pg_url) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
-
-
 def test_replicas_starting_together_migrate_once(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
     barrier = threading.Barrier(4)
     errors: list[BaseException] = []
@@ -132,34 +76,6 @@ def test_replicas_starting_together_migrate_once(pg_url: str, stores: Callable[.
     assert errors == []
     with psycopg.connect(pg_url) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
-
-
-@pytest.mark.parametrize("readonly", [False, True])
-def test_database_from_a_newer_version_is_refused(
-    pg_url: str, stores: Callable[..., PostgresStore], readonly: bool
-) -> None:
-    stores().close()
-    with psycopg.connect(pg_url) as db:
-        db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
-    with pytest.raises(StoreError, match="newer"):
-        PostgresStore(pg_url, readonly=readonly)
-
-
-def test_readonly_store_reads_but_never_writes(pg_url: str, store: PostgresStore) -> None:
-    apply(store, success(cp(1)))
-    created = apply(store, success(cp(1), cp(2)), now=T0 + 1)
-    before = snapshot(pg_url)
-    reader = PostgresStore(pg_url, readonly=True)
-    try:
-        assert reader.recent_events() == list(created.events)
-        assert [s.latest_step for s in reader.statuses()] == [2]
-        dry = reader.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2, commit=False)
-        assert dry is not None and types(dry) == [CHECKPOINT_CREATED]
-        with pytest.raises(StoreError):
-            reader.apply_poll(REF, success(cp(1), cp(2), cp(3)), options=OPTIONS, now=T0 + 2)
-    finally:
-        reader.close()
-    assert snapshot(pg_url) == before
 
 
 def test_an_unreachable_database_is_a_store_error_without_the_url(tmp_path: Any) -> None:
@@ -182,68 +98,6 @@ def test_a_server_error_is_wrapped_with_a_safe_message(pg_url: str, stores: Call
 
 
 # --- apply_poll -------------------------------------------------------------------------------------
-
-
-def test_state_and_events_commit_in_one_transaction(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
-    ids = iter(["evt_a", "evt_b", "evt_dup", "evt_dup", "evt_c", "evt_d"])
-    store = stores(new_id=lambda: next(ids))
-    apply(store, success(cp(1)))
-    apply(store, success(cp(1), cp(2)), now=T0 + 1)
-    apply(store, success(cp(1), cp(2), cp(3)), now=T0 + 2)
-    before = snapshot(pg_url)
-    poll = success(cp(1), cp(2), cp(3), cp(4), cp(5))
-    with pytest.raises(StoreError):
-        store.apply_poll(REF, poll, options=OPTIONS, now=T0 + 3)
-    assert snapshot(pg_url) == before
-    retried = apply(store, poll, now=T0 + 4)
-    assert [(e.id, e.data["checkpoint"]["step"]) for e in retried.events] == [("evt_c", 4), ("evt_d", 5)]
-    assert [row[0] for row in event_rows(pg_url)] == ["evt_a", "evt_b", "evt_c", "evt_d"]
-
-
-def test_a_poll_without_change_writes_no_checkpoint_rows(pg_url: str, store: PostgresStore) -> None:
-    checkpoints = [cp(1), cp(2, status="ACTIVE"), cp(3, inference_samples=[{"text": "x" * 500}])]
-    apply(store, success(*checkpoints))
-    writes = install_write_counter(pg_url)
-    rows_before = snapshot(pg_url)["checkpoints"]
-    assert apply(store, success(*reversed(checkpoints), salt="other body"), now=T0 + 3).events == ()
-    assert apply(store, PollUnchanged(store.load_state(REF.key).body_hash or ""), now=T0 + 4).events == ()
-    assert apply(store, failed(), now=T0 + 5).events == ()
-    assert apply(store, success(*checkpoints), now=T0 + 6).events == ()
-    assert writes() == {}
-    assert snapshot(pg_url)["checkpoints"] == rows_before
-    changed = success(cp(1), cp(2, status="INACTIVE"), cp(4))
-    assert sorted(types(apply(store, changed, now=T0 + 7))) == sorted(
-        [CHECKPOINT_DEPLOYMENT_CHANGED, CHECKPOINT_REMOVED, CHECKPOINT_CREATED]
-    )
-    assert writes() == {"insert": 1, "update": 1, "delete": 1}
-
-
-def test_two_stores_on_one_database_announce_a_change_once(pg_url: str, stores: Callable[..., PostgresStore]) -> None:
-    a, b = stores(new_id=counter_ids("evt_a")), stores(new_id=counter_ids("evt_b"))
-    apply(a, success(cp(1)))
-    checkpoints = [cp(1)]
-    for round_number in range(2, 12):
-        checkpoints.append(cp(round_number))
-        poll = success(*checkpoints)
-        barrier = threading.Barrier(2)
-        results: dict[str, Committed | BaseException | None] = {}
-
-        def run(name: str, store: PostgresStore, poll: PollSuccess = poll) -> None:
-            barrier.wait()
-            try:
-                results[name] = store.apply_poll(REF, poll, options=OPTIONS, now=T0 + round_number)
-            except BaseException as err:
-                results[name] = err
-
-        threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        assert all(isinstance(r, Committed) for r in results.values()), results
-        announced = [e for r in results.values() if isinstance(r, Committed) for e in r.events]
-        assert [(e.type, e.data["checkpoint"]["step"]) for e in announced] == [(CHECKPOINT_CREATED, round_number)]
-    assert len([row for row in event_rows(pg_url) if row[1] == CHECKPOINT_CREATED]) == 10
 
 
 def test_a_store_that_takes_a_fine_tune_back_with_a_stale_cache_announces_each_change_once(

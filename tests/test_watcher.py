@@ -187,14 +187,17 @@ async def test_a_gzip_answer_is_decoded_once(hub, tmp_path, clock):
 
 async def test_a_body_that_trickles_in_times_out(hub, tmp_path, clock):
     hub.add_fine_tune("acme", "bot", "ft_1")
-    hub.inject(KEY, Fault(status=200, body=b'{"checkpoints": []}', trickle_s=5.0, times=10))
+    # a byte every 0.25 s (each read well inside the 1 s timeout), the whole body only after 60 s
+    body = b'{"checkpoints": []}'.ljust(240)
+    hub.inject(KEY, Fault(status=200, body=body, trickle_s=60.0, times=10))
     watcher = make_watcher(hub, tmp_path, clock)  # timeout_s = 1.0, retry budget 2 s
     try:
         started = time.monotonic()
         report = await watcher.poll(KEY)
         assert report is not None and not report.answered_200
         assert report.result.error.startswith("timed out")  # type: ignore[union-attr]
-        assert time.monotonic() - started < 6
+        # about the timeout plus the budget (2 to 3 s); reading (or draining) the body would take 60 s
+        assert time.monotonic() - started < 30
     finally:
         await watcher.aclose()
 

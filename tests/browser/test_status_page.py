@@ -249,9 +249,14 @@ def test_browser_without_the_token_gets_a_basic_challenge(served: str, browser: 
         page = context.new_page()
         answers: list[Response] = []
         page.on("response", lambda answer: answers.append(answer))
-        # the browser asks for credentials; headless, with none to give, it gives up
-        with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
-            page.goto(f"{served}/")
+        # what the server answers decides, not how the browser shows it: headless, with no credentials to give,
+        # Debian's Chromium gives up with its own ERR_INVALID_AUTH_CREDENTIALS, other builds show the 401 page
+        # (a page that never got an answer has none in `answers`, and fails below)
+        try:
+            shown = page.goto(f"{served}/")
+        except PlaywrightError:
+            shown = None
+        assert shown is None or shown.status == 401
         assert [a.status for a in answers] == [401]
         assert answers[0].headers["www-authenticate"].startswith("Basic ")
         assert "llama-sft" not in answers[0].text()

@@ -8,25 +8,28 @@ from watcher.store import Store
 from .support import DAY, OTHER, REF, T0, apply, cp, success
 
 WINDOW = 30 * DAY
+PAD = "".join(f"{n:05d}" for n in range(2000))  # 10 kB that compresses little
 
 
 def everywhere(event: Event) -> list[str]:
     return ["hook"]
 
 
-def grow(store: Store, *, start: float, polls: int, step_s: float, first_step: int = 2) -> list[Event]:
-    """One new checkpoint per poll (one event, one outbox row each), `step_s` apart."""
+def grow(store: Store, *, start: float, polls: int, step_s: float, first_step: int = 2, note: str = "") -> list[Event]:
+    """One new checkpoint per poll (one event, one outbox row each), `step_s` apart; `note` pads each one."""
     events: list[Event] = []
     for i in range(polls):
         steps = range(1, first_step + i + 1)
-        events += apply(store, success(*(cp(s) for s in steps)), now=start + i * step_s, route=everywhere).events
+        poll = success(*(cp(s, note=note) if note else cp(s) for s in steps))
+        events += apply(store, poll, now=start + i * step_s, route=everywhere).events
     return events
 
 
 def test_prune_removes_old_finished_events_and_keeps_pending_state_and_the_window(store: Store) -> None:
     apply(store, success(cp(1)), now=T0)
-    old = grow(store, start=T0 + 1, polls=6, step_s=1)
-    recent = grow(store, start=T0 + 40 * DAY, polls=2, step_s=1, first_step=8)
+    # padded: the old events fill pages of their own, which SQLite hands back (it counts pages, PostgreSQL rows)
+    old = grow(store, start=T0 + 1, polls=6, step_s=1, note=PAD)
+    recent = grow(store, start=T0 + 40 * DAY, polls=2, step_s=1, first_step=8, note=PAD)
     store.record_delivery("hook", [e.id for e in old[:4]], state="delivered", now=T0 + 10)
     store.record_delivery("hook", [old[4].id], state="dead", now=T0 + 10, error="x")
     # old[5] stays pending: its event must survive however old
@@ -34,7 +37,8 @@ def test_prune_removes_old_finished_events_and_keeps_pending_state_and_the_windo
 
     report = store.prune(now=T0 + 45 * DAY, retain_s=WINDOW, batch=2)
     assert (report.events, report.deliveries, report.done) == (5, 5, True)
-    assert report.bytes_freed >= 0
+    # the five padded events: the pages they held (SQLite) or their rows, compressed (PostgreSQL): 4 kB each at least
+    assert report.bytes_freed >= 5 * 4096, report
     left = store.events_after(0)
     assert [e.id for _, e in left] == [old[5].id, *(e.id for e in recent)]
     assert store.deliveries_of([e.id for e in old[:5]]) == {e.id: [] for e in old[:5]}

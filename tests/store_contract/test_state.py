@@ -18,6 +18,7 @@ from watcher.core.models import (
 )
 from watcher.store import Store
 
+from .databases import Database
 from .support import OPTIONS, OTHER, REF, T0, apply, counter_ids, cp, failed, success, types
 
 Opener = Callable[..., Store]
@@ -60,12 +61,14 @@ def test_updates_deployments_and_removals(store: Store) -> None:
     assert sorted(changed.state.checkpoints) == [1, 2]
 
 
-def test_poll_unchanged_with_another_hash_returns_none_and_changes_nothing(store: Store) -> None:
+def test_poll_unchanged_with_another_hash_returns_none_and_changes_nothing(store: Store, database: Database) -> None:
     apply(store, success(cp(1)))
     before = (store.statuses(), store.recent_events())
+    rows = database.snapshot()
     assert store.apply_poll(REF, PollUnchanged("not-the-stored-hash"), options=OPTIONS, now=T0 + 1) is None
     assert store.apply_poll(OTHER, PollUnchanged("never-seen"), options=OPTIONS, now=T0 + 1) is None
     assert (store.statuses(), store.recent_events()) == before
+    assert database.snapshot() == rows  # nothing written either
 
 
 def test_poll_unchanged_with_the_stored_hash_commits_a_quiet_poll(store: Store) -> None:
@@ -78,15 +81,17 @@ def test_poll_unchanged_with_the_stored_hash_commits_a_quiet_poll(store: Store) 
     assert (status.last_poll_at, status.last_outcome, status.last_success_at) == (T0 + 5, "ok", T0 + 5)
 
 
-def test_commit_false_changes_nothing(store: Store) -> None:
+def test_commit_false_changes_nothing(store: Store, database: Database) -> None:
     apply(store, success(cp(1)))
     before = (store.statuses(), store.recent_events())
+    rows = database.snapshot()
     dry = store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1, commit=False)
     assert dry is not None and types(dry) == [CHECKPOINT_CREATED]
     dry_new = store.apply_poll(OTHER, PollNotFound(), options=OPTIONS, now=T0 + 1, commit=False)
     assert dry_new is not None and types(dry_new) == [FINE_TUNE_NOT_FOUND]
     assert store.apply_poll(REF, failed(retry_after_s=60), options=OPTIONS, now=T0 + 1, commit=False) is not None
     assert (store.statuses(), store.recent_events()) == before
+    assert database.snapshot() == rows  # nothing written either
     assert store.not_before(REF.key) is None
     # nothing moved on: the real poll still announces the checkpoint
     assert types(apply(store, success(cp(1), cp(2)), now=T0 + 2)) == [CHECKPOINT_CREATED]
