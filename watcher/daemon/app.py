@@ -299,7 +299,7 @@ class App:
             log.info("watcher.stopping")
             self.sd.send(stopping="1", status="stopping: finishing in-flight work")
             # no new polls; in-flight ones get the grace period to finish and commit
-            self.driver.paused = True
+            self.driver.pause()
             self._driver_task.cancel()
             self.scheduler.shutdown(wait=False)
             self.retention.stop()  # no new prune batches while in-flight work drains
@@ -349,7 +349,6 @@ class App:
         if waiting:
             log.info("dispatch.lock_acquired")
         self.delivering = True
-        self.dispatcher.last_beat = time.monotonic()
         await self.dispatcher.run(stop)
 
     async def _tick(self) -> None:

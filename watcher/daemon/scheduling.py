@@ -158,6 +158,10 @@ class PollDriver:
         """The polls in flight, by fine-tune."""
         return self._running
 
+    def pause(self) -> None:
+        """Start no more polls (shutdown: those in flight drain)."""
+        self.paused = True
+
     def reschedule(self, wanted: Mapping[str, float], *, jitter_s: float) -> None:
         """Adopt a new set of fine-tunes and intervals (a reload); wakes the loop."""
         self.schedule.set(wanted, jitter_s=jitter_s)
