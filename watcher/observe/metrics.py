@@ -24,8 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from watcher.core.models import EVENT_TYPES, FineTuneRef, FineTuneStatus, OutboxStats
-from watcher.hub.schema import parse_time
+from watcher.core.models import EVENT_TYPES, FineTuneRef, FineTuneStatus, OutboxStats, parse_time
 
 POLL_OUTCOMES = ("ok", "not_found", "unauthorized", "error")
 DELIVERY_OUTCOMES = ("delivered", "retried", "dead")
