@@ -234,3 +234,34 @@ def test_events_type_is_filtered_in_sql_with_glob_rules(tmp_path: Path) -> None:
     result = cli("events", "-c", str(config), "--type", "checkpoint.[!r]*", "--json")
     assert result.returncode == 0, result.stderr
     assert [line.count('"checkpoint.created"') for line in result.stdout.splitlines()] == [1]
+
+
+def test_a_rewrite_of_the_file_is_announced_as_a_planned_long_operation_while_it_runs(tmp_path: Path) -> None:
+    """The daemon's bounded prune rewrites the file (VACUUM) after freeing most of it: `long_operation` says so
+    for exactly that long (health reads it from the event loop), with an expected end from the live bytes."""
+    path = tmp_path / "watcher.db"
+    store = SqliteStore(path)
+    row = 64 * 1024
+    for prefix, count, at in (("old-", 320, NOW - 400 * DAY), ("live-", 64, NOW)):  # 20 MiB old, 4 MiB live
+        store._db.execute(
+            "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < ?) "
+            "INSERT INTO events (id, type, fine_tune_key, created_at, envelope) "
+            "SELECT ? || i, 'checkpoint.created', 'a/b/c', ?, hex(zeroblob(?)) FROM k",
+            (count, prefix, at, row // 2),
+        )
+    seen: list[Any] = []
+    store._db.set_progress_handler(lambda: seen.append(store.long_operation), 1000)  # called inside each statement
+    assert store.long_operation is None
+    with structlog.testing.capture_logs() as logs:
+        while not store.prune(now=NOW, retain_s=30 * DAY, max_batches=1).done:
+            pass
+    store._db.set_progress_handler(None, 0)
+    assert store.long_operation is None
+    (started,) = [entry for entry in logs if entry["event"] == "store.long_operation"]
+    (ended,) = [entry for entry in logs if entry["event"] == "store.long_operation_ended"]
+    assert started["what"] == ended["what"] == "compacting the state database, 4 MiB"
+    assert started["expected_s"] == 61  # a minute plus 4 MiB at 4 MiB/s
+    during = {operation.what for operation in seen if operation is not None}
+    assert during == {"compacting the state database, 4 MiB"}, "not set while the VACUUM ran"
+    assert path.stat().st_size < 8 * 1024 * 1024
+    store.close()

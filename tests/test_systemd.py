@@ -11,15 +11,23 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import orjson
 import pytest
 from conftest import ROOT, TOKEN, base_config, wait_for, write_config
 
 from watcher.cli.main import EX_CONFIG
+from watcher.core.health import LongOperation, Verdict
+from watcher.daemon.health import liveness, status_line
+from watcher.store import SqliteStore
 
 UNIT = ROOT / "systemd" / "oxen-watcher.service"
 SHIPPED_EXEC = "/usr/local/bin/oxen-watcher"
@@ -131,6 +139,7 @@ class NotifySocket:
         self.sock.bind(str(path))
         self.sock.setblocking(False)
         self.messages: list[dict[str, str]] = []
+        self.received_at: list[float] = []  # time.monotonic() when each message was read
 
     def _drain(self) -> None:
         while True:
@@ -140,6 +149,7 @@ class NotifySocket:
                 return
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.messages.append(fields)
+            self.received_at.append(time.monotonic())
 
     def find(self, key: str, value: str | None = None, *, prefix: str | None = None, after: int = 0) -> int | None:
         """The index of the first message from `after` on with key (equal to value / starting with prefix)."""
@@ -220,3 +230,121 @@ def test_daemon_notifies_systemd_under_the_units_layout(hub, tmp_path, daemons, 
     mark = len(notify_socket.messages)
     assert daemon.terminate() == 0, daemon.output()
     notify_socket.wait("STOPPING", "1", after=mark, timeout=5)
+
+
+# --- a planned long store operation (a rewrite of the SQLite file) against the watchdog ------------------------
+
+MIB = 1024 * 1024
+
+
+def _aged_database(path: Path, *, old_mib: int, live_mib: int) -> None:
+    """A database of old_mib of events past retention and live_mib of recent ones, in large rows and two
+    statements (a few seconds for 500 MiB)."""
+    SqliteStore(str(path)).close()
+    row = 256 * 1024
+    now = time.time()
+    with sqlite3.connect(path) as db:
+        for prefix, mib, at in (("old-", old_mib, now - 400 * 86400), ("live-", live_mib, now)):
+            db.execute(
+                "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < ?) "
+                "INSERT INTO events (id, type, fine_tune_key, created_at, envelope) "
+                "SELECT ? || i, 'checkpoint.created', ?, ?, '\"' || hex(zeroblob(?)) || '\"' FROM k",
+                (mib * MIB // row, prefix, KEY, at, row // 2),
+            )
+    db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_long_rewrite_of_the_database_keeps_healthz_and_the_watchdog(hub, tmp_path, daemons, notify_socket):
+    """Retention at start rewrites 360 MiB of a 560 MiB file (VACUUM: 17 s on a busy 2-core machine), holding the
+    store's thread: the daemon stays alive for /healthz and systemd (every answer 200, the watchdog petted every
+    WATCHDOG_USEC / 2 throughout), and STATUS= and /healthz say what runs and until when."""
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    hub.add_checkpoint(KEY, 100, loss=2.0)
+    database = tmp_path / "watcher.db"
+    _aged_database(database, old_mib=200, live_mib=360)
+    assert database.stat().st_size >= 500 * MIB
+    config = write_config(tmp_path / "config.toml", base_config(hub, tmp_path, fine_tunes=[FT]))
+    watchdog_s = 2.0
+    daemon = daemons(
+        config, env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": str(int(watchdog_s * 1e6))}
+    )
+
+    def logged(event: str) -> list[dict[str, object]]:
+        return [entry for entry in daemon.logs() if entry.get("event") == event]
+
+    started = wait_for(lambda: logged("watcher.started"), timeout=60, what="start")
+    port = int(str(started[-1]["listen"]).rsplit(":", 1)[1])
+    wait_for(lambda: logged("store.long_operation"), timeout=120, what="the rewrite starting")
+    answers: list[tuple[int, dict[str, object]]] = []
+    sampling_from = time.monotonic()
+    with httpx.Client(timeout=5) as client:
+        while not logged("store.long_operation_ended"):
+            assert daemon.proc is not None and daemon.proc.poll() is None, daemon.output()
+            response = client.get(f"http://127.0.0.1:{port}/healthz")
+            answers.append((response.status_code, orjson.loads(response.content)))
+            notify_socket.find("WATCHDOG")  # reads what arrived, with its time
+            time.sleep(0.2)  # the sampling rate of /healthz, not a wait for something
+    (ended,) = logged("store.long_operation_ended")
+    assert float(str(ended["seconds"])) > 2 * watchdog_s, "the rewrite was too short to show anything"
+    assert answers and all(code == 200 for code, _ in answers), [a for a in answers if a[0] != 200][:3]
+    assert any("compacting the state database" in str(body.get("store", "")) for _, body in answers), answers[:3]
+    # petted all along: no gap between two WATCHDOG=1 as long as the interval systemd allows
+    received = zip(notify_socket.received_at, notify_socket.messages, strict=True)
+    pets = [at for at, message in received if "WATCHDOG" in message and at >= sampling_from]
+    gaps = [later - earlier for earlier, later in zip(pets, pets[1:], strict=False)]
+    assert len(pets) >= 3 and max(gaps) < watchdog_s, gaps
+    said = [i for i, message in enumerate(notify_socket.messages) if "planned long store" in message.get("STATUS", "")]
+    assert said, notify_socket.messages
+    assert "(compacting the state database, " in notify_socket.messages[said[0]]["STATUS"]
+    # and once it ended, the line says so at once
+
+    def cleared() -> bool:
+        notify_socket.find("STATUS")
+        lines = [message["STATUS"] for message in notify_socket.messages if "STATUS" in message]
+        return "planned" not in lines[-1]
+
+    wait_for(cleared, timeout=5, what="STATUS= without the operation")
+    wait_for(lambda: logged("retention.pruned"), what="the pass ending")
+    assert database.stat().st_size < 400 * MIB
+    assert daemon.terminate() == 0, daemon.output()
+
+
+def _operation(*, started_at: float, expected_s: float) -> LongOperation:
+    return LongOperation("compacting the state database, 360 MiB", started_at, started_at + expected_s, 1_800_000_000.0)
+
+
+def _live(now: float, **kwargs: Any) -> Verdict:
+    return liveness(now=now, beat=kwargs.pop("beat", now), tasks={}, **kwargs)
+
+
+def test_a_planned_long_operation_excuses_a_silent_dispatcher_and_store_until_its_expected_end():
+    operation = _operation(started_at=1000.0, expected_s=150.0)
+    during = _live(1140.0, dispatcher_beat=1001.0, store_call_since=1001.0, long_operation=operation)
+    assert during.ok, during.reason
+    assert during.detail == {"store": operation.describe()}
+    assert operation.describe() == (
+        "a planned long store operation in progress (compacting the state database, 360 MiB) since "
+        "2027-01-15T08:00:00Z, expected to end by 2027-01-15T08:02:30Z"
+    )
+    line = status_line(health=[], pending=0, long_operation=operation)
+    assert line == f"watching 0 fine-tunes, 0 failing, 0 deliveries pending; {operation.describe()}"
+    assert status_line(health=[], pending=0) == "watching 0 fine-tunes, 0 failing, 0 deliveries pending"
+
+
+def test_a_wedged_loop_or_store_is_still_reported_with_or_without_a_planned_operation():
+    operation = _operation(started_at=1000.0, expected_s=150.0)
+    # the main loop silent: never excused
+    wedged = _live(1140.0, beat=1120.0, dispatcher_beat=1001.0, long_operation=operation)
+    assert not wedged.ok and wedged.reason == "main loop silent for 20s"
+    # past the expected end: the dispatcher and the store count again, and the reason says what overran
+    overran = _live(1160.0, dispatcher_beat=1001.0, store_call_since=1001.0, long_operation=operation)
+    assert not overran.ok
+    assert overran.reason.startswith("dispatcher silent for 159s (a planned long store operation in progress")
+    assert "; store unanswered for 159s (" in overran.reason and overran.reason.endswith(", overrun)")
+    # no operation: a store call unanswered for over 30 s is a stuck store, and a silent dispatcher is reported
+    stuck = _live(1040.0, dispatcher_beat=1039.0, store_call_since=1005.0)
+    assert not stuck.ok and stuck.reason == "store unanswered for 35s"
+    assert _live(1040.0, dispatcher_beat=1005.0).reason == "dispatcher silent for 35s"
+    assert _live(1040.0, dispatcher_beat=1039.0, store_call_since=1015.0).ok

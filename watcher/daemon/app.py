@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from watcher import __version__
 from watcher.config.load import Config, load_config
+from watcher.core.health import LongOperation
 from watcher.daemon.health import liveness, readiness, status_line, watch_task
 from watcher.daemon.lifecycle_jobs import LifecycleJobs
 from watcher.daemon.poller import EventSink, PollHealth, PollReport, WatchedFineTune, Watcher, ref_of
@@ -159,6 +160,10 @@ class App:
         self._driver_task: asyncio.Task[None] | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
         self._ticker_task: asyncio.Task[None] | None = None
+        # the ticker's store call (batched poll times), run beside it so a long store operation never stops the
+        # beat nor the watchdog; when it was made, for liveness
+        self._touching: asyncio.Task[None] | None = None
+        self._touching_since: float | None = None
         self._retired: list[Any] = []  # replaced Hub clients not closed yet (polls may still hold them)
         self._closing: set[asyncio.Task[None]] = set()
         self._reloading = asyncio.Lock()
@@ -233,11 +238,17 @@ class App:
             stopped=["housekeeping"]
             if self.started and self.scheduler is not None and not self.scheduler.running
             else [],
+            store_call_since=self._touching_since,
+            long_operation=self.long_operation(),
         )
         problem = self.keeper.problem() if self.keeper is not None else None
         if problem is None:
             return verdict
-        return Verdict(False, "; ".join(part for part in (verdict.reason, problem) if part))
+        return Verdict(False, "; ".join(part for part in (verdict.reason, problem) if part), verdict.detail)
+
+    def long_operation(self) -> LongOperation | None:
+        """The planned long store operation under way (a rewrite of the SQLite file by retention), if any."""
+        return self.retention.store.long_operation
 
     def readiness(self) -> Verdict:
         """Ready once the store is open and every fine-tune has been polled once."""
@@ -249,6 +260,7 @@ class App:
             health=self.watcher.health.values(),
             pending=self.metrics.state.pending_total(),
             throttled=self.watcher.client.gate.throttled,
+            long_operation=self.long_operation(),
         )
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -312,6 +324,8 @@ class App:
             if self.keeper is not None:  # the other replicas take this one's fine-tunes over at once
                 await self.keeper.leave()
             self._ticker_task.cancel()
+            if self._touching is not None:
+                await asyncio.wait([self._touching], timeout=grace)
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -319,7 +333,7 @@ class App:
             if self.scheduler is not None and self.scheduler.running:
                 self.scheduler.shutdown(wait=False)
             self.retention.stop()
-            tasks = (self._driver_task, self._dispatch_task, self._ticker_task, self._leases_task)
+            tasks = (self._driver_task, self._dispatch_task, self._ticker_task, self._leases_task, self._touching)
             for running in tasks:
                 if running is not None and not running.done():
                     running.cancel()
@@ -353,6 +367,7 @@ class App:
 
     async def _tick(self) -> None:
         last_watchdog = last_status = 0.0
+        operation = None
         while True:
             now = time.monotonic()
             self._beat = now
@@ -361,11 +376,28 @@ class App:
             if watchdog and now - last_watchdog >= watchdog / 2 and self.liveness().ok:
                 self.sd.send(watchdog="1")
                 last_watchdog = now
-            await self.watcher.flush_touches()
-            if now - last_status >= 10:
+            self._touch()
+            if now - last_status >= 10 or self.long_operation() is not operation:
+                operation = self.long_operation()  # a long operation's start and end are said at once
                 self.sd.send(status=self.status_line())
                 last_status = now
             await asyncio.sleep(1)
+
+    def _touch(self) -> None:
+        """Write the batched poll times beside the ticker, one call at a time: behind a long store operation the
+        call waits, the beat goes on (a failure the call did not handle ends the ticker, as when it was inline)."""
+        if self._touching is not None:
+            if not self._touching.done():
+                return
+            self._touching.result()
+        self._touching_since = time.monotonic()
+        self._touching = asyncio.create_task(self._flush_touches(), name="touches")
+
+    async def _flush_touches(self) -> None:
+        try:
+            await self.watcher.flush_touches()
+        finally:
+            self._touching_since = None
 
     # --- reload -------------------------------------------------------------------------------------
 

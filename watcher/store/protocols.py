@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from watcher.core.diff import DiffOptions
+from watcher.core.health import LongOperation
 from watcher.core.lifecycle import LifecycleOptions
 from watcher.core.models import (
     Delivery,
@@ -179,6 +180,11 @@ class Outbox(Protocol):
 
 class Retention(Protocol):
     """Bounded history: old events leave with their finished outbox rows."""
+
+    @property
+    def long_operation(self) -> LongOperation | None:
+        """The planned long operation holding the store's thread now (a rewrite of the file), if any."""
+        ...
 
     def prune(
         self,

@@ -6,6 +6,7 @@ from typing import Any
 
 import psycopg
 
+from watcher.core.health import LongOperation
 from watcher.store.postgres.base import PgBase
 from watcher.store.protocols import PruneReport
 
@@ -23,6 +24,9 @@ class PgPrune(PgBase):
     `bytes_freed` is the size of the deleted rows (pg_column_size): PostgreSQL keeps the pages and reuses them
     after autovacuum, so the files do not shrink.
     """
+
+    # no rewrite here (autovacuum works beside the polls): never a long operation on the store's thread
+    long_operation: LongOperation | None = None
 
     def prune(
         self,

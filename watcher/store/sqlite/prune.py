@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import structlog
 
+from watcher.core.health import LongOperation
 from watcher.errors import StoreError
 from watcher.store.protocols import PruneReport
 from watcher.store.sqlite.base import REWRITE_MAX_BYTES, SqliteBase
@@ -20,6 +22,11 @@ VACUUM_STEP_PAGES = 1024
 FULL_REWRITE_SHARE = 0.25
 FULL_REWRITE_MIN_PAGES = 2048
 
+# How long a rewrite is expected to take at most, from the live bytes it copies: measured at about 20 MiB/s on a
+# busy 2-core machine (360 MiB in 17 s); health allows five times that and a minute more before calling it stuck.
+REWRITE_BYTES_PER_S = 4 * 1024 * 1024
+REWRITE_FLOOR_S = 60.0
+
 # The events a pass may delete: older than the cutoff, and with no delivery still pending (that event must
 # stay until it is delivered or dead, whatever its age).
 _OLD = (
@@ -32,6 +39,8 @@ class SqlitePrune(SqliteBase):
     """The retention half of the SQLite store (a mixin of SqliteStore)."""
 
     _rewrite_deferred = False
+    # set on the store's thread for the length of a rewrite; the daemon's health reads it from the event loop
+    long_operation: LongOperation | None = None
 
     def prune(
         self,
@@ -87,7 +96,7 @@ class SqlitePrune(SqliteBase):
                     )
                 self._rewrite_deferred = True
                 return True
-            self._run("VACUUM")
+            self._rewrite(live_bytes)
             return True
         while self._pragma("freelist_count") > 0:
             if budget is not None and budget <= 0:
@@ -96,6 +105,20 @@ class SqlitePrune(SqliteBase):
             self._run(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})")
             budget = None if budget is None else budget - 1
         return True
+
+    def _rewrite(self, live_bytes: int) -> None:
+        """VACUUM, announced as a planned long operation: it holds the store's thread (and every writer) for
+        seconds to minutes, which health must tell from a wedged loop."""
+        expected_s = REWRITE_FLOOR_S + live_bytes / REWRITE_BYTES_PER_S
+        operation = LongOperation.begin(f"compacting the state database, {live_bytes >> 20} MiB", expected_s=expected_s)
+        log.info("store.long_operation", what=operation.what, expected_s=round(expected_s))
+        self.long_operation = operation
+        try:
+            self._run("VACUUM")
+        finally:
+            self.long_operation = None
+            seconds = round(time.monotonic() - operation.started_at, 1)
+            log.info("store.long_operation_ended", what=operation.what, seconds=seconds)
 
     def _delete_batch(self, cutoff: float, batch: int) -> tuple[int, int]:
         rows = self._db.execute(f"SELECT e.seq, e.id {_OLD} ORDER BY e.created_at LIMIT ?", (cutoff, batch)).fetchall()
