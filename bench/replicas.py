@@ -11,6 +11,10 @@ Called from bench/run.py (`--only replicas`). Starts its own throwaway PostgreSQ
 2. Takeover: three real `oxen-watcher run` replicas share F fine-tunes; one is killed with SIGKILL; the time from
    the kill until every fine-tune it owned is owned by another replica (read from the leases table), compared with
    the bound lease_s + renew_s (+ the claim period).
+3. Discovery (issue 15): two real replicas share one [[discover]] source of 200 fine-tunes (bench/lifecycle.py's
+   mix and its x20 time scale); one of them reads the list, the other takes its owned fine-tunes' statuses from
+   that read (stored with the source's findings). Hub requests in a steady window of 10 simulated minutes, against
+   polling all 200 every interval_s (issue 9's goal: at most 25 %).
 """
 
 from __future__ import annotations
@@ -248,6 +252,107 @@ def takeover(*, fine_tunes: int = 30, kills: int = 5, lease_s: float = 3.0, rene
     return result
 
 
+def discovery(*, window_sim_s: float = 600.0) -> dict[str, Any]:
+    """Two replicas with discovery: Hub requests per endpoint in a steady window, against polling everything."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from collections import Counter
+
+    import lifecycle
+    from common import wait_until
+
+    from watcher.testing.pgcluster import throwaway_cluster
+    from watcher.testing.simhub import SimHub
+
+    scale, fine_tunes = lifecycle.SCALE, lifecycle.FINE_TUNES
+    interval = lifecycle.INTERVAL_S / scale
+    print(
+        f"\n== 7c. Discovery on 2 replicas: {fine_tunes} fine-tunes in one source ({lifecycle.RUNNING} running), "
+        f"time x{scale:g}, a steady window of {window_sim_s / 60:g} simulated minutes (goal: <= 25 % of polling all) =="
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with (
+            tempfile.TemporaryDirectory() as folder,
+            throwaway_cluster() as cluster,
+            SimHub(token="simhub-token") as hub,
+        ):
+            lifecycle.seed(hub)
+            url = cluster.create_database("discovery")
+            lines = [
+                "[hub]",
+                f'url = "{hub.url}"',
+                'token = "simhub-token"',
+                "timeout_s = 15",
+                "[watch]",
+                f"interval_s = {interval}",
+                "jitter_s = 0",
+                "[state]",
+                'url_env = "OXEN_WATCHER_DB_URL"',
+                "lease_s = 3",
+                "renew_s = 1",
+                "[http]",
+                'listen = "127.0.0.1:0"',
+                "[log]",
+                'level = "warning"',
+                'format = "json"',
+                "[lifecycle]",
+                f"status_interval_s = {interval}",
+                f"idle_interval_s = {600 / scale}",
+                "[[discover]]",
+                'name = "bench"',
+                'namespace = "bench"',
+                'repo = "repo"',
+                f"interval_s = {interval}",
+            ]
+            config = Path(folder) / "discovery.toml"
+            config.write_text("\n".join(lines) + "\n")
+            env = {**os.environ, "OXEN_WATCHER_DB_URL": url}
+            procs = [_spawn(config, name, env) for name in ("d1", "d2")]
+            half = fine_tunes // 2
+            wait_until(
+                lambda: (
+                    sorted(Counter(v for k, v in _owners(url).items() if not k.startswith("source:")).values())
+                    == [half, half]
+                ),
+                timeout=120,
+                what="100 fine-tunes owned by each replica",
+            )
+            # past the start: every fine-tune's first poll after the last lease move, one idle interval
+            settle = time.monotonic() + 600 / scale
+            wait_until(lambda: time.monotonic() > settle, timeout=120, what="one idle interval")
+            mark = len(hub.requests())
+            started = time.monotonic()
+            wait_until(lambda: time.monotonic() - started >= window_sim_s / scale, timeout=600, what="the window")
+            window = hub.requests()[mark:]
+            elapsed = time.monotonic() - started
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                proc.wait(60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    by_endpoint = dict(Counter(record.endpoint for record in window))
+    sim_hours = elapsed * scale / 3600
+    yardstick = fine_tunes * 3600 / lifecycle.INTERVAL_S
+    result = {
+        "requests": len(window),
+        "by_endpoint": by_endpoint,
+        "requests_per_hour": round(len(window) / sim_hours),
+        "yardstick_per_hour": round(yardstick),
+        "share": round(len(window) / sim_hours / yardstick, 4),
+    }
+    print(
+        f"discovery on 2 replicas: {result['requests_per_hour']} Hub requests per simulated hour "
+        f"({result['share']:.1%} of polling all {fine_tunes} every {lifecycle.INTERVAL_S:.0f} s = "
+        f"{result['yardstick_per_hour']}/h; by endpoint {by_endpoint} in {elapsed * scale / 60:.1f} simulated "
+        f"minutes) ({'met' if result['share'] <= 0.25 else 'MISSED'})"
+    )
+    return result
+
+
 def run(*, fine_tunes: int = 200) -> dict[str, Any]:
-    """Both figures."""
-    return {"cpu_per_poll": cpu_per_poll(fine_tunes=fine_tunes), "takeover": takeover()}
+    """The three figures."""
+    return {"cpu_per_poll": cpu_per_poll(fine_tunes=fine_tunes), "takeover": takeover(), "discovery": discovery()}

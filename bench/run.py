@@ -404,7 +404,7 @@ def main() -> None:
         import lifecycle
 
         figures["lifecycle"] = lifecycle.run()
-    if "replicas" in only:  # PostgreSQL against SQLite, and takeover after kill -9 (a throwaway cluster)
+    if "replicas" in only:  # PostgreSQL vs SQLite, takeover (kill -9), 2 replicas with discovery (a new cluster)
         import replicas
 
         figures["replicas"] = replicas.run()

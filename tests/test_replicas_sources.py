@@ -229,3 +229,51 @@ async def test_a_reload_adds_and_removes_a_source_on_a_replica(hub: SimHub, tmp_
         assert other in app.watcher.fine_tunes
         assert app.watcher.store.load_source("lab").baselined  # its state is kept
     assert not [event for event in events if event.type == "fine_tune.discovered"]
+
+
+def test_two_replicas_with_discovery_poll_at_most_a_quarter_of_polling_everything(hub, tmp_path, daemons, pg_url):
+    """Issue 9's goal for two replicas sharing a source (bench/lifecycle.py's mix: a tenth running, the rest
+    finished): over a steady window, the simulated Hub sees at most 25 % of the requests of polling every
+    fine-tune every interval_s. Only one replica reads the list; the other takes its owned fine-tunes' statuses
+    from that read (stored with the source's findings) instead of one GET each per status_interval_s."""
+    fine_tunes, interval_s = 60, 2.0
+    now = time.time()
+    for index in range(fine_tunes):
+        running_ = index % 10 == 0
+        key = hub.add_fine_tune(
+            "acme",
+            "lab",
+            f"ft_{index}",
+            status="running" if running_ else "completed",
+            finished_at=None if running_ else now - 3600,
+        )
+        hub.add_checkpoint(key, 100, loss=1.0)
+    replicas = []
+    for name in ("a", "b"):
+        data = base_config(
+            hub,
+            tmp_path,
+            watch={"interval_s": interval_s, "jitter_s": 0, "baseline": True},
+            discover=[{"name": "lab", "namespace": "acme", "repo": "lab", "interval_s": interval_s}],
+            lifecycle={"status_interval_s": 2 * interval_s, "idle_interval_s": 10 * interval_s},
+        )
+        data["state"] = {"url": pg_url, "lease_s": LEASE_S, "renew_s": RENEW_S, "replica": name}
+        replicas.append(Replica(daemons(write_config(tmp_path / f"{name}.toml", data))))
+    half = fine_tunes // 2
+    wait_for(lambda: _leases(pg_url)[1] == Counter({"a": half, "b": half}), timeout=60, what="30 fine-tunes each")
+    wait_for(lambda: all(replica.ready() for replica in replicas), timeout=60, what="both ready")
+    # a steady window of 15 list reads (30 s), begun one list read after the last first poll
+    start = len(hub.requests("acme/lab")) + 1
+    wait_for(lambda: len(hub.requests("acme/lab")) >= start + 15, timeout=120, what="15 list reads")
+    lists = hub.requests("acme/lab")
+    begin, end = lists[start - 1].at, lists[start + 14].at
+    window = [record for record in hub.requests() if begin <= record.at < end]
+    by_endpoint = Counter(record.endpoint for record in window)
+    yardstick = fine_tunes * (end - begin) / interval_s  # every fine-tune's checkpoints every interval_s
+    share = len(window) / yardstick
+    print(f"2 replicas: {len(window)} requests in {end - begin:.1f} s, {share:.1%} of polling all; {dict(by_endpoint)}")
+    assert share <= 0.25, (share, dict(by_endpoint), round(end - begin, 1))
+    # the statuses came from the list: no replica GETs them one by one (at most a late read now and then)
+    assert by_endpoint["fine_tune"] <= 0.02 * yardstick, dict(by_endpoint)
+    for replica in replicas:
+        assert replica.daemon.terminate() == 0, replica.daemon.output()

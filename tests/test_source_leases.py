@@ -18,6 +18,7 @@ from watcher.daemon.replicas.sources import lease_key, merge
 from watcher.errors import LeaseLost
 from watcher.store.postgres.leases import PostgresLeases, is_source_lease, source_lease_key
 from watcher.store.postgres.store import PostgresStore
+from watcher.store.replicas import ListedStatuses
 
 FINE_TUNES = [f"acme/lab/ft_{i}" for i in range(4)]
 SOURCES = [source_lease_key("acme", "lab"), source_lease_key("acme", "bot")]
@@ -93,6 +94,33 @@ def test_a_source_read_commits_only_under_its_lease_at_its_epoch(store: Postgres
     # unfenced (SQLite's way, and a source read before any replica wrote it): no watch set is written
     store.apply_discovery("solo", state, [], now=T0)
     assert store.load_watching(["solo"]) == {}
+
+
+def test_a_source_read_stores_the_statuses_it_listed_for_the_other_owners(store: PostgresStore, pg_url: str) -> None:
+    a = PostgresLeases(store.pool, replica="a", lease_s=LONG)
+    (lease,) = a.claim(SOURCES[:1]).acquired
+    fence = (lease.key, "a", lease.epoch)
+    state = SourceState(baselined=True, known_ids=frozenset({"ft_0", "ft_1"}))
+    listed = ListedStatuses(
+        read_at=T0 + 5,
+        fine_tunes=(
+            HubFineTune("ft_0", name="run-ft_0", status="running", started_at="2026-12-01T00:00:00Z"),
+            HubFineTune("ft_1", status="error", error="OOM", finished_at="2026-12-01T01:00:00Z", created_by="amy"),
+        ),
+    )
+    store.apply_discovery("lab", state, [], now=T0 + 5, fence=fence, watching=[_ref("ft_0")], listed=listed)
+    assert store.load_listed(["lab", "other"]) == {"lab": listed}
+    # a commit without statuses (an earlier release's reader) keeps the last ones; a stale reader writes none
+    store.apply_discovery("lab", state, [], now=T0 + 6, fence=fence, watching=[_ref("ft_0")])
+    assert store.load_listed(["lab"]) == {"lab": listed}
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("UPDATE leases SET owner = 'b', epoch = epoch + 1 WHERE fine_tune_key = %s", (lease.key,))
+    newer = ListedStatuses(read_at=T0 + 9, fine_tunes=(HubFineTune("ft_0", status="completed"),))
+    with pytest.raises(LeaseLost):
+        store.apply_discovery("lab", state, [], now=T0 + 9, fence=fence, watching=[_ref("ft_0")], listed=newer)
+    assert store.load_listed(["lab"]) == {"lab": listed}
+    store.apply_discovery("solo", state, [], now=T0)  # unfenced (SQLite's way): nothing is listed
+    assert store.load_listed(["solo"]) == {}
 
 
 def _source(name: str, repo: str = "lab") -> DiscoverConfig:

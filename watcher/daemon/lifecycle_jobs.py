@@ -34,7 +34,7 @@ from watcher.daemon.poller import PollReport, WatchedFineTune, Watcher
 from watcher.daemon.source_reader import SourceReader
 from watcher.errors import LeaseLost, PollError, StoreError
 from watcher.store import LifecycleRecord
-from watcher.store.replicas import ReplicaStore, SourceFence, source_lease_key
+from watcher.store.replicas import ListedStatuses, ReplicaStore, SourceFence, source_lease_key
 
 log = structlog.get_logger("watcher.lifecycle")
 T = TypeVar("T")
@@ -188,8 +188,11 @@ class LifecycleJobs:
             if watched is not None and watched.lifecycle is None:
                 watched.lifecycle = records.get(key, LifecycleRecord(LifecycleState(), watched.source))
 
-    async def advance(self, watched: WatchedFineTune, fine_tune: HubFineTune | None) -> None:
-        """Commit what a status read (or the committed checkpoints alone) changes, and publish its events."""
+    async def advance(
+        self, watched: WatchedFineTune, fine_tune: HubFineTune | None, *, at: float | None = None
+    ) -> None:
+        """Commit what a status read (or the committed checkpoints alone) changes, and publish its events; `at`:
+        when the status was read (now when None)."""
         watcher = self.watcher
         committed = await self._commit(
             watched.ref.key,
@@ -197,7 +200,7 @@ class LifecycleJobs:
             watched.ref,
             fine_tune,
             options=self.options,
-            now=self.clock(),
+            now=self.clock() if at is None else at,
             source=watched.source,
             commit=watcher.commit,
             route=watcher.route,
@@ -231,8 +234,11 @@ class LifecycleJobs:
             watcher.fenced(key, fence)
             return None
 
-    async def observe_status(self, watched: WatchedFineTune, fine_tune: HubFineTune) -> None:
-        """A fresh status: on the way to a terminal one, the final checkpoints are committed first."""
+    async def observe_status(
+        self, watched: WatchedFineTune, fine_tune: HubFineTune, *, at: float | None = None
+    ) -> None:
+        """A fresh status: on the way to a terminal one, the final checkpoints are committed first; `at`: when it
+        was read (now when None; replicas: another replica's list read, its time)."""
         record = watched.lifecycle
         if record is None:
             await self.load_records([watched.ref.key])
@@ -245,13 +251,13 @@ class LifecycleJobs:
             and (fine_tune.error, fine_tune.started_at or old.started_at, fine_tune.finished_at or old.finished_at)
             == (old.error, old.started_at, old.finished_at)
         ):
-            watched.lifecycle = replace(record, status_at=self.clock())  # fresh, nothing to write
+            watched.lifecycle = replace(record, status_at=self.clock() if at is None else at)  # nothing to write
             return
         if wants_final_poll(old, fine_tune):
             report = await self.watcher.poll(watched.ref.key)  # committed before the status_changed event
             if report is None or not report.answered_200:
                 log.warning("lifecycle.final_poll_failed", fine_tune=watched.ref.key, status=fine_tune.status)
-        await self.advance(watched, fine_tune)
+        await self.advance(watched, fine_tune, at=at)
 
     async def refresh_status(self, watched: WatchedFineTune) -> None:
         """GET .../fine_tunes/{id}: a 404 is the existing fine_tune.not_found."""
@@ -366,6 +372,34 @@ class LifecycleJobs:
         """Drop what this process knows of a source: its next read starts from the stored state."""
         self._sources.pop(name, None)
 
+    async def observe_listed(self, source: DiscoverConfig, listed: ListedStatuses) -> None:
+        """Replicas: the statuses another replica's read of `source` listed, taken as this one's status reads (at
+        that read's time) for the fine-tunes it owns whose status is older; the sweep then GETs only when those
+        reads are late, as when this replica reads the list itself."""
+        keys = {f"{source.namespace}/{source.repo}/{fine_tune.id}": fine_tune for fine_tune in listed.fine_tunes}
+        if source.interval_s <= self.config.lifecycle.status_interval_s:
+            self._listed |= set(keys)
+        stale = [
+            (watched, fine_tune)
+            for key, fine_tune in keys.items()
+            if (watched := self.watcher.fine_tunes.get(key)) is not None
+            and watched.watched
+            and (watched.lifecycle is None or (watched.lifecycle.status_at or 0.0) < listed.read_at)
+        ]
+        if not stale:
+            return
+        nested = self._batching  # inside a list read's batch: that one reschedules at its end
+        if not nested:
+            self._batching, self._pending = True, False
+        try:
+            for watched, fine_tune in stale:
+                await self.observe_status(watched, fine_tune, at=listed.read_at)
+        finally:
+            if not nested:
+                self._batching = False
+                if self._pending:
+                    self._changed()
+
     def unlist(self, source: DiscoverConfig) -> None:
         """This process no longer reads the source: its list keeps no status fresh here any more."""
         prefix = f"{source.namespace}/{source.repo}/"
@@ -458,6 +492,7 @@ class LifecycleJobs:
         now_mine.update({key: watcher.discovered[key] for key in mine if key not in listed})
         # replicas: under the source's lease, with what it watches now (the other replicas claim from that)
         watching = None if fence is None else [ref for ref, _ in now_mine.values()]
+        statuses = None if fence is None else ListedStatuses(read_at=now, fine_tunes=read.fine_tunes)
         events = await watcher.in_store(
             watcher.store.apply_discovery,
             source.name,
@@ -469,6 +504,7 @@ class LifecycleJobs:
             route=watcher.route,
             fence=fence,
             watching=watching,
+            listed=statuses,
         )
         entry.state = result.state
         for event in events:

@@ -23,7 +23,7 @@ from watcher.core.models import (
     PollResult,
     SourceState,
 )
-from watcher.store.replicas import Fence, SourceFence
+from watcher.store.replicas import Fence, ListedStatuses, SourceFence
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,9 +264,11 @@ class LifecycleStore(Protocol):
         route: Router | None = None,
         fence: SourceFence | None = None,
         watching: Sequence[FineTuneRef] | None = None,
+        listed: ListedStatuses | None = None,
     ) -> tuple[Event, ...]:
         """Commit a source's new state and its discovered events (with outbox rows) in one transaction;
-        `sources` names fine-tunes this source now watches (True: announce their checkpoints, they are new)."""
+        `sources` names fine-tunes this source now watches (True: announce their checkpoints, they are new);
+        replicas: `watching` and `listed` (the statuses this read listed) are for the replicas that do not read it."""
         ...
 
 

@@ -7,10 +7,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from watcher.core.models import FineTuneRef
+from watcher.core.models import FineTuneRef, HubFineTune
 
 Fence = tuple[str, int]  # (replica, epoch): a commit goes through only while this replica holds the lease at it
 SourceFence = tuple[str, str, int]  # (source lease key, replica, epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class ListedStatuses:
+    """A source's list as its reader last read it: every fine-tune's status from that read, and when (Unix
+    seconds). Replicas that own some of them but do not read the source take these as their status reads."""
+
+    read_at: float
+    fine_tunes: tuple[HubFineTune, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +128,10 @@ class ReplicaStore(Protocol):
 
     def load_watching(self, names: Sequence[str]) -> dict[str, list[FineTuneRef]]:
         """What these sources watch now, as their readers (other replicas) last committed it."""
+        ...
+
+    def load_listed(self, names: Sequence[str]) -> dict[str, ListedStatuses]:
+        """The statuses these sources' readers (other replicas) last listed, with their read time."""
         ...
 
     def pool_stats(self) -> dict[str, int]:

@@ -20,7 +20,7 @@ from watcher.daemon.lifecycle_jobs import LifecycleJobs
 from watcher.daemon.poller import Watcher
 from watcher.daemon.replicas.keeper import LeaseKeeper
 from watcher.errors import StoreError
-from watcher.store.replicas import ReplicaStore, source_lease_key
+from watcher.store.replicas import ListedStatuses, ReplicaStore, source_lease_key
 
 log = structlog.get_logger("watcher.replicas")
 Discovered = dict[str, tuple[FineTuneRef, str]]
@@ -81,6 +81,8 @@ class SourceShare:
         self.store = store
         self.reschedule = reschedule
         self._failing = False
+        self._listed_at: dict[str, float] = {}  # per source read by another replica: the read last taken in
+        self._applying: asyncio.Task[None] | None = None
 
     def lease_keys(self) -> list[str]:
         """The leases of the configured sources (the keeper claims its share of them)."""
@@ -97,7 +99,7 @@ class SourceShare:
         others = [source.name for source in watcher.config.discover if not self.reads(source)]
         try:
             # not on the store's thread: a queue of poll commits there must not hold the lease rounds up
-            stored = await asyncio.to_thread(self.store.load_watching, others) if others else {}
+            stored, listed = await asyncio.to_thread(self._load, others) if others else ({}, {})
         except StoreError as err:
             if not self._failing:
                 log.warning("replica.sources_unread", error=str(err))
@@ -109,6 +111,25 @@ class SourceShare:
         merged = merge(watcher.config.discover, watcher.discovered, self.reads, stored)
         if merged != watcher.discovered and watcher.set_discovered(merged):
             self.reschedule()
+        # the statuses their readers listed stand for this replica's status reads of what it owns among them; beside
+        # the lease rounds (a status change commits, maybe after a final poll: the renewals must not wait for it)
+        if listed and (self._applying is None or self._applying.done()):
+            self._applying = asyncio.create_task(self._apply(listed), name="listed-statuses")
+
+    async def _apply(self, listed: dict[str, ListedStatuses]) -> None:
+        for source in self.watcher.config.discover:
+            found = listed.get(source.name)
+            if found is None or found.read_at <= self._listed_at.get(source.name, 0.0) or self.reads(source):
+                continue
+            try:
+                await self.lifecycle.observe_listed(source, found)
+            except Exception as err:  # the top of a task: the next round takes the read in again
+                log.warning("replica.listed_statuses_failed", source=source.name, error=str(err), exc_info=err)
+                continue
+            self._listed_at[source.name] = found.read_at
+
+    def _load(self, names: Sequence[str]) -> tuple[dict[str, list[FineTuneRef]], dict[str, ListedStatuses]]:
+        return self.store.load_watching(names), self.store.load_listed(names)
 
     def changed(self, acquired: Collection[str], lost: Collection[str]) -> None:
         """The keeper's round moved source leases: read the new ones afresh, stop reading the lost ones."""

@@ -21,6 +21,7 @@ from watcher.errors import StoreError
 from watcher.store.lifecycle_rows import COLUMNS, lifecycle_step, record_of, row_of, upsert_sql
 from watcher.store.postgres.base import check_fence
 from watcher.store.protocols import LifecycleCommitted, LifecycleRecord, Router
+from watcher.store.replicas import ListedStatuses
 
 Conn = psycopg.Connection[Any]
 
@@ -109,11 +110,13 @@ class PgLifecycle:
         route: Router | None = None,
         fence: tuple[str, str, int] | None = None,
         watching: Sequence[FineTuneRef] | None = None,
+        listed: ListedStatuses | None = None,
     ) -> tuple[Event, ...]:
         """Commit a source's new state, its discovered events and outbox rows, in one transaction.
 
         Replicas: `fence=(lease key, replica, epoch)` requires that this replica still holds the source's lease at
-        that epoch (else nothing is written and LeaseLost is raised); `watching` is what the source watches now.
+        that epoch (else nothing is written and LeaseLost is raised); `watching` is what the source watches now,
+        `listed` the statuses this read listed (kept when None).
         """
         stamped = tuple(self._stamp(draft, ref.key, now) for ref, draft in events)
         if not commit:
@@ -124,15 +127,17 @@ class PgLifecycle:
         watched = None
         if watching is not None:
             watched = orjson.dumps([[ref.namespace, ref.repo, ref.id, ref.name] for ref in watching]).decode()
+        statuses = None if listed is None else _listed_json(listed)
 
         def work(conn: Conn) -> None:
             if fence is not None:
                 check_fence(conn, fence[0], (fence[1], fence[2]), what="source read")
             conn.execute(
-                "INSERT INTO sources (name, baselined, watching) VALUES (%s, %s, %s) "
+                "INSERT INTO sources (name, baselined, watching, listed) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (name) DO UPDATE SET baselined = excluded.baselined, "
-                "watching = COALESCE(excluded.watching, sources.watching)",
-                (name, int(state.baselined), watched),
+                "watching = COALESCE(excluded.watching, sources.watching), "
+                "listed = COALESCE(excluded.listed, sources.listed)",
+                (name, int(state.baselined), watched, statuses),
             )
             conn.cursor().executemany(
                 "INSERT INTO source_ids (source, fine_tune_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
@@ -162,6 +167,43 @@ class PgLifecycle:
             what="read source state",
         )
         return {name: [FineTuneRef(*entry) for entry in orjson.loads(watching)] for name, watching in rows}
+
+    def load_listed(self, names: Sequence[str]) -> dict[str, ListedStatuses]:
+        """The statuses these sources' readers (other replicas) last listed, with their read time; a source never
+        read on replicas (or only by an earlier release) is absent."""
+        rows = self._read(
+            "SELECT name, listed FROM sources WHERE name = ANY(%s) AND listed IS NOT NULL",
+            (list(names),),
+            what="read listed statuses",
+        )
+        found = {}
+        for name, listed in rows:
+            data = orjson.loads(listed)
+            fine_tunes = tuple(
+                HubFineTune(**dict(zip(_LISTED_FIELDS, entry, strict=True))) for entry in data["fine_tunes"]
+            )
+            found[name] = ListedStatuses(read_at=data["read_at"], fine_tunes=fine_tunes)
+        return found
+
+
+# a listed fine-tune as stored in sources.listed: these fields in this order (not `raw`, which nothing reads)
+_LISTED_FIELDS = (
+    "id",
+    "name",
+    "status",
+    "error",
+    "base_model",
+    "created_by",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+)
+
+
+def _listed_json(listed: ListedStatuses) -> str:
+    entries = [[getattr(fine_tune, field) for field in _LISTED_FIELDS] for fine_tune in listed.fine_tunes]
+    return orjson.dumps({"read_at": listed.read_at, "fine_tunes": entries}).decode()
 
 
 def _checkpoints(conn: Conn, key: str) -> Mapping[int, KnownCheckpoint]:

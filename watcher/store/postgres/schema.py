@@ -109,6 +109,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # [namespace, repo, id, name]), so the replicas that do not read the source claim its fine-tunes too
         "ALTER TABLE sources ADD COLUMN watching TEXT",
     ),
+    (
+        # replicas (issue 15): the statuses the source's last read listed, with its time (JSON: read_at and
+        # fine_tunes), so the owners of those fine-tunes that do not read the source take them as status reads
+        "ALTER TABLE sources ADD COLUMN listed TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

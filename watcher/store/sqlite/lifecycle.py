@@ -16,7 +16,7 @@ from watcher.core.models import Event, EventDraft, FineTuneRef, HubFineTune, Kno
 from watcher.errors import StoreError
 from watcher.store.lifecycle_rows import COLUMNS, lifecycle_step, record_of, row_of, upsert_sql
 from watcher.store.protocols import LifecycleCommitted, LifecycleRecord, Router
-from watcher.store.replicas import Fence, SourceFence
+from watcher.store.replicas import Fence, ListedStatuses, SourceFence
 from watcher.store.sqlite.base import SqliteBase
 
 
@@ -112,9 +112,10 @@ class SqliteLifecycle(SqliteBase):
         route: Router | None = None,
         fence: SourceFence | None = None,
         watching: Sequence[FineTuneRef] | None = None,
+        listed: ListedStatuses | None = None,
     ) -> tuple[Event, ...]:
-        """Commit a source's new state, its discovered events and outbox rows, in one transaction (`fence` and
-        `watching` are for replicas on a shared store: one process owns a SQLite database whole)."""
+        """Commit a source's new state, its discovered events and outbox rows, in one transaction (`fence`,
+        `watching` and `listed` are for replicas on a shared store: one process owns a SQLite database whole)."""
         stamped = tuple(self._stamp(draft, ref.key, now) for ref, draft in events)
         if not commit:
             return stamped
