@@ -123,8 +123,9 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
             (key,),
         ).fetchone()
 
-    def _committed_checkpoints(self, key: str) -> Mapping[int, KnownCheckpoint]:
-        return self._load_state(key, self._state_row(key))[1].checkpoints
+    def _committed_checkpoints(self, key: str) -> Mapping[int, KnownCheckpoint] | None:
+        state = self._load_state(key, self._state_row(key))[1]
+        return state.checkpoints if state.baselined else None  # None: no 200 committed yet
 
     def load_state(self, key: str) -> FineTuneState:
         """The committed state of one fine-tune (an empty state when never seen)."""
