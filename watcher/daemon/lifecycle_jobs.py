@@ -346,8 +346,16 @@ class LifecycleJobs:
                 and not record.state.stalled
             ):
                 stalls.append(watched)
+        # at most half the Hub's request slots: the client's queue is first come first served, and at start-up
+        # every fine-tune's status is due at once; queued in one burst, those reads held back every checkpoint poll
+        slots = asyncio.Semaphore(max(1, config.hub.max_concurrency // 2))
+
+        async def refresh(watched: WatchedFineTune) -> None:
+            async with slots:
+                await self.refresh_status(watched)
+
         with self._batch():  # e.g. at start-up every fine-tune's first status: one reschedule
-            await asyncio.gather(*(self.refresh_status(watched) for watched in due))
+            await asyncio.gather(*(refresh(watched) for watched in due))
             for watched in stalls:
                 if watched.watched:
                     await self.advance(watched, None)
