@@ -249,6 +249,9 @@ class LifecycleJobs:
             # statuses read without a change are fresh in memory only (no write per list read)
             record = replace(record, status_at=old.status_at)
         watched.lifecycle = record
+        metrics = watcher.metrics
+        if metrics is not None and watcher.commit and watched.watched:
+            metrics.state.set_first_seen(watched.ref.key, record.state.newest_step, record.state.newest_seen_at)
         for event in committed.events:
             self.watcher.publish(event)
         if watched.watched and (old is None or old.state.status != record.state.status):
