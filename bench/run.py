@@ -1,4 +1,5 @@
-"""oxen-watcher benchmark: scale, the bare-client yardsticks, big responses, end-to-end latency, and replicas.
+"""oxen-watcher benchmark: scale, the bare-client yardsticks, big responses, end-to-end latency, replicas, the
+start-up window and SQLite durability.
 
 Run with `make bench` (not part of CI). Everything runs on 127.0.0.1: the simulated Hub in its own process,
 the watcher in its own process, each yardstick loop in its own process. Prints each figure and the ratios.
@@ -166,6 +167,87 @@ def jitter_rate(args: argparse.Namespace) -> dict:
     print(
         f"achieved {result['polls_per_s']:.1f} polls/s against the {result['target_per_s']:.0f}/s target: "
         f"ratio {result['ratio']:.3f} ({result['ratio'] * 100:.1f} %): {'met' if result['ratio'] >= 0.99 else 'MISSED'}"
+    )
+    return result
+
+
+# --- 10. the start-up window (issue 15) --------------------------------------------------------------------
+
+
+def startup(args: argparse.Namespace) -> dict:
+    """The first minute after a start against steady state: checkpoint polls per second and watcher CPU per poll
+    in each interval from the start (goal: the configured rate from the second interval on, at the steady-state
+    CPU per poll within 1.5x). The first status sweep (every fine-tune's status GET) falls in the first minute;
+    the steady window spans one status_interval_s (60 s), so it holds one sweep too."""
+    windows = int(os.environ.get("STARTUP_WINDOWS", "6"))
+    steady_s = float(os.environ.get("STARTUP_STEADY_S", "60"))
+    print(
+        f"\n== 10. Start-up window: {args.fine_tunes} listed fine-tunes x 10 checkpoints, {args.interval}s interval, "
+        f"the first {windows} intervals against {steady_s:g}s of steady state (goal: the configured rate from the "
+        "second interval on, CPU per poll within 1.5x of steady state) =="
+    )
+    hub = Hub(fine_tunes=args.fine_tunes, checkpoints=10)
+
+    def sample(pid: int) -> tuple[float, int, float]:
+        polls = hub.stats()["endpoints"].get("checkpoints", 0)
+        return time.monotonic(), polls, proc_cpu_s(pid)
+
+    samples: list[tuple[float, int, float]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        port = free_port()
+        config = write_config(
+            Path(folder), hub, fine_tunes=args.fine_tunes, interval_s=args.interval, jitter_s=0, listen_port=port
+        )
+        watcher = start_watcher(config)
+        try:
+            # from the first poll on (the imports and the store's opening are not the window)
+            wait_until(lambda: hub.stats()["endpoints"].get("checkpoints", 0) > 0, timeout=120, what="the first poll")
+            samples.append(sample(watcher.pid))
+            for index in range(1, windows + 1):
+                time.sleep(max(0.0, samples[0][0] + index * args.interval - time.monotonic()))
+                samples.append(sample(watcher.pid))
+            time.sleep(args.interval)  # settle
+            steady_from = sample(watcher.pid)
+            time.sleep(steady_s)
+            steady_to = sample(watcher.pid)
+        finally:
+            watcher.send_signal(signal.SIGTERM)
+            watcher.wait(60)
+            hub.stop()
+
+    def window(a: tuple[float, int, float], b: tuple[float, int, float]) -> dict:
+        polls = b[1] - a[1]
+        return {"polls_per_s": polls / (b[0] - a[0]), "cpu_ms_per_poll": (b[2] - a[2]) * 1000 / max(1, polls)}
+
+    target = args.fine_tunes / args.interval
+    steady = window(steady_from, steady_to)
+    intervals = [window(a, b) for a, b in zip(samples, samples[1:], strict=False)]
+    later = intervals[1:]
+    result = {
+        "target_per_s": target,
+        "steady": steady,
+        "intervals": intervals,
+        "worst_rate_ratio_from_second": min(w["polls_per_s"] for w in later) / target if later else float("nan"),
+        "worst_rate_vs_steady_from_second": min(w["polls_per_s"] for w in later) / steady["polls_per_s"]
+        if later
+        else float("nan"),
+        "worst_cpu_ratio_from_second": max(w["cpu_ms_per_poll"] for w in later) / steady["cpu_ms_per_poll"]
+        if later
+        else float("nan"),
+    }
+    for index, figures in enumerate(intervals, start=1):
+        print(
+            f"interval {index} ({(index - 1) * args.interval:g}-{index * args.interval:g} s): "
+            f"{figures['polls_per_s']:.1f} polls/s, {figures['cpu_ms_per_poll']:.3f} ms CPU per poll"
+        )
+    print(f"steady state: {steady['polls_per_s']:.1f} polls/s, {steady['cpu_ms_per_poll']:.3f} ms CPU per poll")
+    rate_ok = result["worst_rate_ratio_from_second"] >= 0.99
+    cpu_ok = result["worst_cpu_ratio_from_second"] <= 1.5
+    print(
+        f"from the second interval on: worst rate {result['worst_rate_ratio_from_second']:.3f} of {target:.0f}/s "
+        f"({'met' if rate_ok else 'MISSED'}; {result['worst_rate_vs_steady_from_second']:.3f} of the steady-state "
+        f"rate), worst CPU per poll {result['worst_cpu_ratio_from_second']:.2f}x "
+        f"steady state ({'met' if cpu_ok else 'MISSED'})"
     )
     return result
 
@@ -350,7 +432,20 @@ def latency(args: argparse.Namespace) -> dict:
     return result
 
 
-SECTIONS = ("scale", "yardsticks", "transports", "big", "latency", "pages", "jitter", "aged", "lifecycle", "replicas")
+SECTIONS = (
+    "scale",
+    "yardsticks",
+    "transports",
+    "big",
+    "latency",
+    "pages",
+    "jitter",
+    "aged",
+    "lifecycle",
+    "replicas",
+    "startup",
+    "durability",
+)
 
 
 def main() -> None:
@@ -408,6 +503,12 @@ def main() -> None:
         import replicas
 
         figures["replicas"] = replicas.run()
+    if "startup" in only:
+        figures["startup"] = startup(args)
+    if "durability" in only:  # SQLite's synchronous = FULL against NORMAL for commits that carry events
+        import durability
+
+        figures["durability"] = durability.run()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

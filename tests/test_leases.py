@@ -150,7 +150,7 @@ def test_a_stale_epoch_commits_nothing(
             db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("fine_tunes", "events", "checkpoints")
         ]
     # the paused replica resumes and commits the poll it made under its old epoch: fenced, nothing written
-    with pytest.raises(LeaseLost):
+    with pytest.raises(LeaseLost, match=r"; poll not committed$"):
         store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1, fence=("paused", lease.epoch))
     with pytest.raises(LeaseLost):  # nor under a name that never held it
         store.apply_poll(REF, success(cp(1), cp(2)), options=OPTIONS, now=T0 + 1, fence=("other", lease.epoch))

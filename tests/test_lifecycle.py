@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from watcher.core.diff import fingerprint
+from watcher.core.events import rfc3339
 from watcher.core.lifecycle import (
     LifecycleOptions,
     advance,
@@ -238,8 +239,29 @@ def test_without_created_at_the_clock_runs_from_when_the_checkpoint_was_first_se
     assert seen.newest_seen_at == T0 + 1000
     assert advance(REF, seen, None, checkpoints=known, now=T0 + 1599, options=STALL).events == ()
     (event,) = advance(REF, seen, None, checkpoints=known, now=T0 + 1600, options=STALL).events
-    assert event.data["last_checkpoint_at"] is None
+    assert event.data["last_checkpoint_at"] == rfc3339(T0 + 1000)  # when the watcher first saw it stands in
     assert event.data["stalled_for_s"] == 600.0
+
+
+def test_a_running_fine_tune_is_not_judged_stalled_before_its_checkpoints_are_read_so_it_stalls_once() -> None:
+    # discovered running for long (an old started_at), its checkpoints carry no created_at and are not read yet
+    state = running(started_at=iso(T0))
+    early = advance(REF, state, hub("running", started_at=iso(T0)), checkpoints=None, now=T0 + 5000, options=STALL)
+    assert early.events == ()  # not "running without checkpoints": they are unknown, not absent
+    known = checkpoints((100, 1.0), (200, 0.9))  # the first poll: checkpoints the Hub had all along
+    seen = advance(REF, early.state, None, checkpoints=known, now=T0 + 5010, options=STALL)
+    assert seen.events == () and seen.state.newest_seen_at == T0 + 5010
+    fired = []
+    state = seen.state
+    for now in range(5020, 8000, 20):  # the sweep and the polls keep evaluating it; no new checkpoint comes
+        step = advance(
+            REF, state, hub("running") if now % 100 == 0 else None, checkpoints=known, now=T0 + now, options=STALL
+        )
+        fired += step.events
+        state = step.state
+    (event,) = fired
+    assert event.data["last_checkpoint_at"] == rfc3339(T0 + 5010)
+    assert event.data["stalled_for_s"] == 610.0  # the first evaluation past stall_after_s
 
 
 def test_an_unparsable_created_at_falls_back_to_first_seen() -> None:

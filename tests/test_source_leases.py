@@ -77,7 +77,7 @@ def test_a_source_read_commits_only_under_its_lease_at_its_epoch(store: Postgres
     with psycopg.connect(pg_url, autocommit=True) as db:
         db.execute("UPDATE leases SET owner = 'b', epoch = epoch + 1 WHERE fine_tune_key = %s", (lease.key,))
     newer = SourceState(baselined=True, known_ids=frozenset({"ft_0", "ft_1"}))
-    with pytest.raises(LeaseLost):
+    with pytest.raises(LeaseLost, match=r"; source read not committed$"):  # says what was refused: not a poll
         store.apply_discovery(
             "lab",
             newer,
@@ -150,7 +150,8 @@ def test_a_status_commit_is_fenced_by_the_fine_tunes_lease_like_a_poll(store: Po
     store.apply_lifecycle(REF, _hub("running"), options=options, now=T0, fence=fence)
     with psycopg.connect(pg_url, autocommit=True) as db:
         db.execute("UPDATE leases SET owner = 'b', epoch = epoch + 1 WHERE fine_tune_key = %s", (REF.key,))
-    with pytest.raises(LeaseLost):  # the stale owner announces no `completed` the new owner will announce too
+    # the stale owner announces no `completed` the new owner will announce too, and says what was refused
+    with pytest.raises(LeaseLost, match=r"; status change not committed$"):
         store.apply_lifecycle(REF, _hub("completed"), options=options, now=T0 + 1, fence=fence)
     assert store.load_lifecycle([REF.key])[REF.key].state.status == "running"
     assert store.recent_events(limit=10) == []

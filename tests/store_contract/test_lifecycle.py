@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from watcher.core.events import rfc3339
 from watcher.core.lifecycle import LifecycleOptions
 from watcher.core.models import EventDraft, HubFineTune, SourceState
 from watcher.store import Store
@@ -59,6 +60,7 @@ def test_a_dry_run_writes_nothing(store: Store) -> None:
 
 
 def test_stall_is_persisted_once(store: Store) -> None:
+    apply(store, success(), now=T0)  # polled: no checkpoint (a stall is judged only once they were read)
     store.apply_lifecycle(REF, ft("running"), options=OPTIONS, now=T0)  # no started_at: the clock runs from now
     stalled = store.apply_lifecycle(REF, None, options=OPTIONS, now=T0 + 200)
     assert [e.type for e in stalled.events] == ["fine_tune.stalled"]
@@ -91,3 +93,22 @@ def test_a_listed_fine_tune_keeps_config_as_its_source(store: Store) -> None:
     store.apply_lifecycle(REF, ft("running"), options=OPTIONS, now=T0, source="config")
     store.apply_discovery("support", SourceState(baselined=True), [], now=T0, sources=[(REF, False)])
     assert store.load_lifecycle()[REF.key].source == "config"
+
+
+def test_a_running_fine_tune_read_before_its_first_poll_stalls_once_from_when_its_checkpoint_was_first_seen(
+    store: Store,
+) -> None:
+    # discovered running since long ago; its checkpoints carry no created_at and have not been polled yet
+    started = "2025-06-01T12:00:00Z"
+    early = store.apply_lifecycle(REF, ft("running", started_at=started), options=OPTIONS, now=T0, route=ROUTE)
+    assert early.events == ()  # its checkpoints are unknown, not absent: no stall judged yet
+    no_created_at = [{k: v for k, v in cp(step).items() if k != "created_at"} for step in (100, 200)]
+    apply(store, success(*no_created_at), now=T0 + 10)  # the first poll: what the Hub had all along
+    fired = []
+    for offset in range(20, 1000, 20):  # the sweep keeps evaluating it; no new checkpoint comes
+        fine_tune = ft("running", started_at=started) if offset % 100 == 0 else None
+        fired += store.apply_lifecycle(REF, fine_tune, options=OPTIONS, now=T0 + offset, route=ROUTE).events
+    (event,) = fired
+    assert event.type == "fine_tune.stalled"
+    assert event.data["last_checkpoint_at"] == rfc3339(T0 + 20)  # first seen by the lifecycle after that poll
+    assert len(store.recent_events(type_glob="fine_tune.stalled")) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
+from watcher.core.events import rfc3339
 from watcher.core.models import (
     FINE_TUNE_STALLED,
     FINE_TUNE_STATUS_CHANGED,
@@ -130,7 +131,7 @@ def advance(
     old: LifecycleState,
     fine_tune: HubFineTune | None,
     *,
-    checkpoints: Mapping[int, KnownCheckpoint],
+    checkpoints: Mapping[int, KnownCheckpoint] | None,
     now: float,
     options: LifecycleOptions = LifecycleOptions(),
 ) -> LifecycleTransition:
@@ -139,8 +140,11 @@ def advance(
     The first status is recorded silently; a change of status (letter case alone is none) is a
     fine_tune.status_changed, with the run summary for a terminal status computed from `checkpoints` (the
     committed checkpoints, so poll them first when wants_final_poll() says so); a running fine-tune without a
-    new checkpoint for stall_after_s is a fine_tune.stalled, once per stall.
+    new checkpoint for stall_after_s is a fine_tune.stalled, once per stall. `checkpoints` None: not read yet
+    (no 200 committed), so no stall is judged: checkpoints the Hub had all along, first seen by the first poll,
+    would end a stall judged without them and start a second one.
     """
+    known: Mapping[int, KnownCheckpoint] = checkpoints if checkpoints is not None else {}
     events: list[EventDraft] = []
     state = old
     poll_now = False
@@ -156,13 +160,14 @@ def advance(
         elif _norm(old.status) != _norm(fine_tune.status):
             poll_now = wants_final_poll(old, fine_tune)
             state = replace(state, status=fine_tune.status)
-            events.append(_status_changed(ref, old.status, fine_tune, checkpoints))
+            events.append(_status_changed(ref, old.status, fine_tune, known))
         else:
             state = replace(state, status=fine_tune.status)
     elif state.first_seen_at is None:
         state = replace(state, first_seen_at=now)
-    state, stall = _stall(ref, state, checkpoints, now=now, options=options)
-    events.extend(stall)
+    if checkpoints is not None:
+        state, stall = _stall(ref, state, checkpoints, now=now, options=options)
+        events.extend(stall)
     return LifecycleTransition(tuple(events), state, poll_now)
 
 
@@ -207,10 +212,11 @@ def _stall(
     last_checkpoint_at: str | None = None
     if newest is not None:
         created = checkpoints[newest].data.get("created_at")
-        last_checkpoint_at = created if isinstance(created, str) else None
-        since = parse_time(last_checkpoint_at)
+        since = parse_time(created if isinstance(created, str) else None)
         if since is None:
             since = state.newest_seen_at
+        # no created_at from the Hub: when the watcher first saw the checkpoint stands in for it
+        last_checkpoint_at = created if isinstance(created, str) else _time_or_none(state.newest_seen_at)
     else:
         since = parse_time(state.started_at)
         if since is None:
@@ -227,3 +233,7 @@ def _stall(
         },
     )
     return replace(state, stalled=True), [event]
+
+
+def _time_or_none(epoch_s: float | None) -> str | None:
+    return None if epoch_s is None else rfc3339(epoch_s)

@@ -10,8 +10,9 @@ for stalls. The rules themselves are pure (discovery.py, lifecycle.py); the stat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -40,6 +41,8 @@ log = structlog.get_logger("watcher.lifecycle")
 T = TypeVar("T")
 SOURCE_PREFIX = "\x00source:"
 SWEEP_KEY = "\x00lifecycle"
+# changes outside a batch (e.g. the first polls after a start, finishing one by one) reschedule at most this often
+RESCHEDULE_AFTER_S = 1.0
 
 
 def sweep_interval(config: Config) -> float:
@@ -74,8 +77,9 @@ class LifecycleJobs:
         self.reader = SourceReader(self)
         self._sources: dict[str, _Source] = {}
         self._listed: set[str] = set()  # keys whose status a source's list keeps fresh
-        self._batching = False
-        self._pending = False
+        self._batching = 0  # batches under way (list reads, sweeps): their changes make one reschedule at the end
+        self._pending = False  # a change not rescheduled yet
+        self._flush: asyncio.TimerHandle | None = None
         self._store_failing = False
 
     @property
@@ -131,13 +135,48 @@ class LifecycleJobs:
         metrics.lifecycle.set_watched(counts)
         metrics.lifecycle.retain(self.watcher.fine_tunes)
 
-    def _changed(self) -> None:
-        if self._batching:  # one reschedule at the end of a list read, not one per fine-tune in it
-            self._pending = True
+    def _changed(self, watched: WatchedFineTune | None = None) -> None:
+        """Intervals (or the watched set) changed: reschedule, once per batch of changes.
+
+        Rescheduling and rewriting every gauge cost time in the number of fine-tunes, so one per change made a
+        start-up quadratic (every fine-tune's first status is a change): a fine-tune's own status gauge is set at
+        once, and the changes of a batch (a list read, a sweep) or of the next RESCHEDULE_AFTER_S reschedule once.
+        """
+        metrics = self.watcher.metrics
+        if watched is not None and metrics is not None and self.watcher.commit and watched.watched:
+            status = watched.lifecycle.state.status if watched.lifecycle is not None else None
+            metrics.lifecycle.set_status(watched.ref, status)
+        self._pending = True
+        if self._batching or self._flush is not None:
             return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a caller outside the daemon): at once
+            self._reschedule()
+            return
+        self._flush = loop.call_later(RESCHEDULE_AFTER_S, self._reschedule)
+
+    def _reschedule(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if not self._pending or self._batching:
+            return
+        self._pending = False
         self.update_metrics()
         if self.on_change is not None:
             self.on_change()
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Changes inside make one reschedule when the last batch under way ends."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching and self._pending:
+                self._reschedule()
 
     # --- jobs -------------------------------------------------------------------------------------------
 
@@ -213,12 +252,15 @@ class LifecycleJobs:
             # statuses read without a change are fresh in memory only (no write per list read)
             record = replace(record, status_at=old.status_at)
         watched.lifecycle = record
+        metrics = watcher.metrics
+        if metrics is not None and watcher.commit and watched.watched:
+            metrics.state.set_first_seen(watched.ref.key, record.state.newest_step, record.state.newest_seen_at)
         for event in committed.events:
             self.watcher.publish(event)
         if watched.watched and (old is None or old.state.status != record.state.status):
             if old is not None and old.state.status is not None:
                 log.info("lifecycle.status", fine_tune=watched.ref.key, status=record.state.status)
-            self._changed()
+            self._changed(watched)
 
     async def _commit(self, key: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         """A store write of one fine-tune; replicas: under its lease, as polls commit (None: another replica owns
@@ -313,10 +355,19 @@ class LifecycleJobs:
                 and not record.state.stalled
             ):
                 stalls.append(watched)
-        await asyncio.gather(*(self.refresh_status(watched) for watched in due))
-        for watched in stalls:
-            if watched.watched:
-                await self.advance(watched, None)
+        # at most half the Hub's request slots: the client's queue is first come first served, and at start-up
+        # every fine-tune's status is due at once; queued in one burst, those reads held back every checkpoint poll
+        slots = asyncio.Semaphore(max(1, config.hub.max_concurrency // 2))
+
+        async def refresh(watched: WatchedFineTune) -> None:
+            async with slots:
+                await self.refresh_status(watched)
+
+        with self._batch():  # e.g. at start-up every fine-tune's first status: one reschedule
+            await asyncio.gather(*(refresh(watched) for watched in due))
+            for watched in stalls:
+                if watched.watched:
+                    await self.advance(watched, None)
 
     async def once(self) -> None:
         """`once`: read every source, then the status of each fine-tune no list refreshed."""
@@ -443,8 +494,7 @@ class LifecycleJobs:
                     await self.not_found(self.watcher.discovered[key][0])
             return None
         entry.missing = False
-        self._batching, self._pending = True, False
-        try:
+        with self._batch():  # one reschedule at the end of a list read, not one per fine-tune in it
             try:
                 await self._adopt(source, entry, read, mine, fence)
             except LeaseLost as err:  # another replica took the source over meanwhile: nothing was committed
@@ -459,10 +509,6 @@ class LifecycleJobs:
                 watched = self.watcher.fine_tunes.get(f"{source.namespace}/{source.repo}/{fine_tune.id}")
                 if watched is not None and watched.watched:
                     await self.observe_status(watched, fine_tune)
-        finally:
-            self._batching = False
-            if self._pending:
-                self._changed()
         return read
 
     async def _resume(self, name: str) -> None:

@@ -43,6 +43,8 @@ class StateCollector(Collector):
         self._lock = threading.Lock()
         self._fine_tunes: dict[str, tuple[FineTuneRef, FineTuneStatus]] = {}
         self._last_success: dict[str, float] = {}
+        # key -> (step, when the watcher first saw it): stands in for a newest checkpoint without created_at
+        self._first_seen: dict[str, tuple[int, float]] = {}
         self._outbox: dict[str, OutboxStats] = {}
         self._notifiers: tuple[str, ...] = ()
 
@@ -55,11 +57,21 @@ class StateCollector(Collector):
         """Record a 200 poll (cheaper than a whole new status, once per poll)."""
         self._last_success[key] = at  # a single dict store is atomic under the GIL
 
+    def set_first_seen(self, key: str, step: int | None, at: float | None) -> None:
+        """When the watcher first saw a fine-tune's newest checkpoint: its timestamp when the Hub gives no
+        created_at (the lifecycle's stall clock, so the metric and fine_tune.stalled agree)."""
+        with self._lock:
+            if step is None or at is None:
+                self._first_seen.pop(key, None)
+            else:
+                self._first_seen[key] = (step, at)
+
     def forget_fine_tune(self, key: str) -> None:
         """Forget one fine-tune (no longer watched)."""
         with self._lock:
             self._fine_tunes.pop(key, None)
             self._last_success.pop(key, None)
+            self._first_seen.pop(key, None)
 
     def pending_total(self) -> int:
         """Deliveries pending across notifiers, as last reported."""
@@ -81,6 +93,7 @@ class StateCollector(Collector):
         with self._lock:
             fine_tunes = list(self._fine_tunes.values())
             last_success = dict(self._last_success)
+            first_seen = dict(self._first_seen)
             outbox = dict(self._outbox)
             notifiers = self._notifiers
         now = self._clock()
@@ -129,6 +142,9 @@ class StateCollector(Collector):
                 if value is not None:
                     family.add_metric(labels, value)
             created = parse_time(status.latest_created_at)
+            seen = first_seen.get(ref.key)
+            if created is None and status.latest_created_at is None and seen and seen[0] == status.latest_step:
+                created = seen[1]  # no created_at from the Hub: when the watcher first saw it stands in
             if created is not None:
                 latest_at.add_metric(labels, created)
             for step, deployment_status in sorted(status.deployments.items()):

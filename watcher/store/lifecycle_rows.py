@@ -69,14 +69,15 @@ def lifecycle_step(
     row: Sequence[Any] | None,
     fine_tune: HubFineTune | None,
     *,
-    checkpoints: Mapping[int, KnownCheckpoint],
+    checkpoints: Mapping[int, KnownCheckpoint] | None,
     now: float,
     options: LifecycleOptions,
     source: str | None,
     stamp: Callable[[EventDraft], Event],
 ) -> tuple[LifecycleCommitted, bool]:
     """advance() a fine-tune's stored lifecycle row (None: never seen) with a status read; returns what to commit
-    and whether anything is to be written (an unchanged record of an existing row is not)."""
+    and whether anything is to be written (an unchanged record of an existing row is not). `checkpoints`: the
+    committed ones, None while no 200 was committed (see advance())."""
     old = record_of(row) if row else LifecycleRecord(LifecycleState())
     transition = advance(ref, old.state, fine_tune, checkpoints=checkpoints, now=now, options=options)
     status_at = now if fine_tune is not None else old.status_at

@@ -15,6 +15,7 @@ from watcher.daemon.lifecycle_jobs import LifecycleJobs
 from watcher.daemon.poller import Watcher
 from watcher.daemon.replicas.keeper import LeaseKeeper
 from watcher.daemon.replicas.sources import SourceShare, lease_key, watched_keys
+from watcher.errors import StoreError
 from watcher.observe.metrics import Metrics
 from watcher.store import Store
 from watcher.store.replicas import Fence, Leases, ReplicaStore
@@ -59,6 +60,7 @@ class ReplicaRole:
         self.reschedule = reschedule
         self.wake = wake
         self.sources = SourceShare(watcher, lifecycle, keeper, store=store, reschedule=reschedule)
+        self._unloaded: set[str] = set()  # acquired, their state not read yet: not scheduled until it is
 
     def wanted(self) -> Collection[str]:
         """The listed fine-tunes and what the sources watch now."""
@@ -81,8 +83,24 @@ class ReplicaRole:
         for key in keys:
             watcher.store.forget(key)  # another replica moved the state on meanwhile: read it afresh
         watcher.set_fine_tunes(watcher.config)
-        await watcher.load(keys)  # hold-backs and the gauges of the newly owned fine-tunes
-        await self.lifecycle.load_records(list(keys))  # a new run's checkpoints are announced, not baselined
+        self._unloaded.update(keys)
+        await self._load()
+
+    async def _load(self) -> None:
+        # a read that fails (the database just back from an outage) is retried after every round until it
+        # succeeds: left alone, the fine-tune stayed leased and renewed, yet never scheduled, and a change the Hub
+        # made meanwhile was never announced
+        keys = sorted(key for key in self._unloaded if self.watcher.owns(key))
+        self._unloaded = set(keys)
+        if not keys:
+            return
+        try:
+            await self.watcher.load(keys)  # hold-backs and the gauges of the newly owned fine-tunes
+            await self.lifecycle.load_records(keys)  # a new run's checkpoints are announced, not baselined
+        except StoreError as err:
+            log.warning("replica.takeover_unread", fine_tunes=len(keys), error=str(err), hint="retried next round")
+            return
+        self._unloaded.difference_update(keys)
         self.reschedule()
         self.wake()
 
@@ -91,7 +109,9 @@ class ReplicaRole:
         self.sources.changed(acquired, lost)
 
     async def after_round(self) -> None:
-        """Learn what the sources other replicas read watch now."""
+        """Read the state of fine-tunes whose takeover read failed; learn what the sources other replicas read
+        watch now."""
+        await self._load()
         await self.sources.refresh()
 
 

@@ -206,7 +206,11 @@ def _listed_json(listed: ListedStatuses) -> str:
     return orjson.dumps({"read_at": listed.read_at, "fine_tunes": entries}).decode()
 
 
-def _checkpoints(conn: Conn, key: str) -> Mapping[int, KnownCheckpoint]:
+def _checkpoints(conn: Conn, key: str) -> Mapping[int, KnownCheckpoint] | None:
+    """The committed checkpoints; None while no 200 was committed (not read yet: no stall is judged)."""
+    baselined = conn.execute("SELECT baselined FROM fine_tunes WHERE fine_tune_key = %s", (key,)).fetchone()
+    if baselined is None or not baselined[0]:
+        return None
     rows = conn.execute(
         "SELECT step, fingerprint, data FROM checkpoints WHERE fine_tune_key = %s ORDER BY step", (key,)
     ).fetchall()

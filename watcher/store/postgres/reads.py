@@ -21,7 +21,13 @@ class PgReports(PgBase):
         """Per fine-tune status (those in `keys`, in that order, or all), for `status` and metrics."""
 
         def read(conn: psycopg.Connection[Any]) -> list[FineTuneStatus]:
-            rows = {row[0]: row for row in conn.execute(f"SELECT {STATUS_COLUMNS} FROM fine_tunes")}
+            if keys is None:
+                rows = {row[0]: row for row in conn.execute(f"SELECT {STATUS_COLUMNS} FROM fine_tunes")}
+            else:  # only theirs: a poll refreshing one fine-tune's gauges must not read every row
+                found = conn.execute(
+                    f"SELECT {STATUS_COLUMNS} FROM fine_tunes WHERE fine_tune_key = ANY(%s)", (list(keys),)
+                )
+                rows = {row[0]: row for row in found}
             wanted = list(keys) if keys is not None else sorted(rows)
             checkpoints: dict[str, list[tuple[int, Any]]] = {key: [] for key in wanted}
             for key, step, data in conn.execute(

@@ -25,7 +25,7 @@ class SqliteLifecycle(SqliteBase):
 
     _new_id: Any
 
-    def _committed_checkpoints(self, key: str) -> Mapping[int, KnownCheckpoint]:
+    def _committed_checkpoints(self, key: str) -> Mapping[int, KnownCheckpoint] | None:
         raise NotImplementedError  # SqliteStore: the committed checkpoints, read inside the open transaction
 
     def _insert_events(self, events: Sequence[Event], *, now: float, route: Router | None) -> None:

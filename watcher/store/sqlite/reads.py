@@ -15,6 +15,8 @@ from watcher.errors import StoreError
 from watcher.store.rows import STATUS_COLUMNS, event_from_row, status_of
 from watcher.store.sqlite.base import SqliteBase
 
+STATUS_BATCH = 500  # keys per IN (...): well under SQLite's bound on parameters
+
 
 class SqliteReads(SqliteBase):
     """Status rows and event reads; none of them writes."""
@@ -22,7 +24,21 @@ class SqliteReads(SqliteBase):
     def statuses(self, keys: Sequence[str] | None = None) -> list[FineTuneStatus]:
         """Per fine-tune status (those in `keys`, in that order, or all), for `status` and metrics."""
         try:
-            rows = {row[0]: row for row in self._db.execute(f"SELECT {STATUS_COLUMNS} FROM fine_tunes")}
+            if keys is None:
+                rows = {row[0]: row for row in self._db.execute(f"SELECT {STATUS_COLUMNS} FROM fine_tunes")}
+            else:  # only theirs: a poll refreshing one fine-tune's gauges must not read every row (start-up was
+                # quadratic in the number of fine-tunes)
+                rows = {}
+                unique = list(dict.fromkeys(keys))
+                for start in range(0, len(unique), STATUS_BATCH):
+                    batch = unique[start : start + STATUS_BATCH]
+                    marks = ", ".join("?" for _ in batch)
+                    rows.update(
+                        (row[0], row)
+                        for row in self._db.execute(
+                            f"SELECT {STATUS_COLUMNS} FROM fine_tunes WHERE fine_tune_key IN ({marks})", batch
+                        )
+                    )
             wanted = list(keys) if keys is not None else sorted(rows)
             return [self._status(key, rows.get(key)) for key in wanted]
         except sqlite3.Error as err:

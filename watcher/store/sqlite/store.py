@@ -79,7 +79,8 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
                 self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
-                # NORMAL in WAL mode survives process crashes (kill -9); only power loss may drop the last commits.
+                # NORMAL in WAL mode survives process crashes (kill -9); a power loss may drop the last commits,
+                # so a commit that carries events is synced to disk as well (SqliteBase._commit)
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._migrate()
                 self._convert_to_incremental_vacuum(max_bytes=convert_max_bytes)
@@ -123,8 +124,9 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
             (key,),
         ).fetchone()
 
-    def _committed_checkpoints(self, key: str) -> Mapping[int, KnownCheckpoint]:
-        return self._load_state(key, self._state_row(key))[1].checkpoints
+    def _committed_checkpoints(self, key: str) -> Mapping[int, KnownCheckpoint] | None:
+        state = self._load_state(key, self._state_row(key))[1]
+        return state.checkpoints if state.baselined else None  # None: no 200 committed yet
 
     def load_state(self, key: str) -> FineTuneState:
         """The committed state of one fine-tune (an empty state when never seen)."""
@@ -169,6 +171,7 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
             # IMMEDIATE takes the write lock before reading, so two processes polling the same fine-tune
             # (`once` beside `run`) serialize and never announce one change twice.
             self._db.execute("BEGIN IMMEDIATE" if commit else "BEGIN")
+            self._events_written = False
             try:
                 row = self._state_row(key)
                 revision, old = self._load_state(key, row)
@@ -202,7 +205,7 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
                         [(key, step) for step in transition.deletes],
                     )
                 self._insert_events(events, now=now, route=route)
-                self._db.execute("COMMIT")
+                self._commit()
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -214,6 +217,7 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
         return Committed(events, transition.state, bool(transition.upserts or transition.deletes))
 
     def _insert_events(self, events: Sequence[Event], *, now: float, route: Router | None) -> None:
+        self._events_written = self._events_written or bool(events)
         batch_id = events[0].id if events else ""
         for event in events:
             cursor = self._db.execute(
@@ -264,6 +268,7 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
 
     def close(self) -> None:
         """Release the database."""
+        self._close_wal()
         self._db.close()
 
 
