@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import PY, ROOT, Hub, free_port, proc_cpu_split, proc_peak_rss_mb, wait_until
+from common import PY, ROOT, Hub, free_port, proc_cpu_s, proc_cpu_split, proc_peak_rss_mb, wait_until
 
 
 def write_config(
