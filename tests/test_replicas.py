@@ -13,9 +13,11 @@ from typing import Any
 import httpx
 import orjson
 from conftest import Daemon, base_config, cli, wait_for, write_config
+from reliability._replicas import owners
 from test_operations import listen_port, scrape, value
 
 from watcher.testing.receiver import Receiver
+from watcher.testing.simhub import Fault
 
 LEASE_S = 3.0
 RENEW_S = 1.0
@@ -161,6 +163,16 @@ def test_a_replica_paused_past_its_lease_is_fenced_and_commits_nothing_stale(hub
         wanted = _add_round(hub, 2)
         wait_for(lambda: set(_announced(a.daemon.config)) >= wanted, timeout=30, what="step 2 announced")
         assert a.daemon.proc is not None
+        # stopped while one of its polls waits for the Hub: on resuming, that poll's commit (under the lease it
+        # no longer holds) is fenced whatever else the resumed replica does first
+        held = wait_for(lambda: sorted(k for k, owner in (owners(pg_url) or {}).items() if owner == "a"), what="a's")
+        before = len(hub.requests(held[0]))
+        hub.inject(held[0], Fault(status=404, delay_s=2 * LEASE_S, endpoint="checkpoints"))
+        wait_for(
+            lambda: any(record.status == 404 for record in hub.requests(held[0])[before:]),
+            interval=0.02,
+            what="a's poll in flight",
+        )
         os.kill(a.daemon.proc.pid, signal.SIGSTOP)
         paused_until = time.monotonic() + 2 * LEASE_S
         try:
