@@ -27,6 +27,7 @@ __all__ = ["Dispatcher", "RetryPolicy", "policy_of"]
 log = structlog.get_logger("watcher.dispatch")
 T = TypeVar("T")
 InStore = Callable[..., Awaitable[Any]]
+EVENT_MISSING = "event_missing"  # the last error of a delivery row whose event is gone
 IDLE_RECHECK_S = 1.0  # rows queued by another process (`redeliver`, `once`) are seen within this
 
 
@@ -310,7 +311,18 @@ class Dispatcher:
                     if len(batch) > notifier.digest_over and batch[0].event_id == head.event_id:
                         rows = batch
                 events = await self._in_store(self._store.events_by_id, [row.event_id for row in rows])
-                ordered = [events[row.event_id] for row in rows if row.event_id in events]
+                missing = [row.event_id for row in rows if row.event_id not in events]
+                if missing:  # pruned under a redeliver (or by hand): such a row can never be sent, so it must not
+                    # hold its lane; dead, the next row of the lane is its head
+                    await self._in_store(
+                        self._store.record_delivery, name, missing, state="dead", now=self._clock(), error=EVENT_MISSING
+                    )
+                    log.warning("delivery.event_missing", notifier=name, event_ids=missing)
+                    if self._on_outcome is not None:
+                        for _ in missing:
+                            self._on_outcome(name, "dead")
+                rows = [row for row in rows if row.event_id in events]
+                ordered = [events[row.event_id] for row in rows]
                 if not ordered:
                     return
                 timeout = self.configs[name].timeout_s + 5 if name in self.configs else 20

@@ -123,16 +123,21 @@ class PgOutbox(PgBase):
 
         def write(conn: psycopg.Connection[Any]) -> int:
             count = 0
+            # each event is locked (FOR SHARE) before its rows turn pending: a prune batch skips locked events, and
+            # one that locked the event first is waited for, so no row is left pending without its event
             if dead:
                 count += conn.execute(
-                    "UPDATE deliveries SET state = 'pending', next_attempt_at = %s, queued_at = %s, attempts = 0 "
+                    "WITH held AS (SELECT e.id FROM events e WHERE e.id IN (SELECT event_id FROM deliveries "
                     "WHERE state = 'dead' AND (%s::text IS NULL OR notifier = %s::text) "
-                    "AND (%s::float8 IS NULL OR queued_at >= %s::float8)",
-                    (now, now, notifier, notifier, since, since),
+                    "AND (%s::float8 IS NULL OR queued_at >= %s::float8)) FOR SHARE) "
+                    "UPDATE deliveries SET state = 'pending', next_attempt_at = %s, queued_at = %s, attempts = 0 "
+                    "WHERE state = 'dead' AND event_id IN (SELECT id FROM held) "
+                    "AND (%s::text IS NULL OR notifier = %s::text) AND (%s::float8 IS NULL OR queued_at >= %s::float8)",
+                    (notifier, notifier, since, since, now, now, notifier, notifier, since, since),
                 ).rowcount
             for event_id in event_ids:
                 row = conn.execute(
-                    "SELECT seq, envelope, fine_tune_key FROM events WHERE id = %s", (event_id,)
+                    "SELECT seq, envelope, fine_tune_key FROM events WHERE id = %s FOR SHARE", (event_id,)
                 ).fetchone()
                 if row is None:
                     raise StoreError(f"no event with id {event_id}")
