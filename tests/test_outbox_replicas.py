@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 import pytest
 from conftest import wait_for
 from store_contract.support import apply, cp, success
 
+from watcher.config.load import parse_config
 from watcher.errors import StoreError
 from watcher.store.postgres.store import PostgresStore
 
@@ -63,5 +66,37 @@ def test_redeliver_locks_the_event_so_a_concurrent_prune_never_leaves_a_row_with
         assert orphans == (0,)
         if not dead:  # the named event is gone by the time redeliver reads it
             assert failures and "no event with id" in str(failures[0])
+    finally:
+        store.close()
+
+
+KEYS = [f"acme/bot/ft_{n}" for n in range(4)]
+
+
+def replica_config(pg_url: str, *, keys: Sequence[str] = KEYS, **state: Any) -> Any:
+    ids = [key.split("/")[2] for key in keys]
+    data = {
+        "hub": {"url": "http://127.0.0.1:9", "token": "t"},
+        "state": {"url": pg_url, "lease_s": 15, **state},
+        "fine_tunes": [{"namespace": "acme", "repo": "bot", "id": ft_id} for ft_id in ids],
+        "notifiers": [{"name": "hook", "type": "log", "retry_schedule_s": [0, 0.2]}],
+    }
+    return parse_config(data, source="t.toml")
+
+
+def test_once_claims_only_free_leases_and_never_counts_toward_the_fair_share(pg_url: str) -> None:
+    from watcher.daemon.replicas.wiring import claim_for_once
+
+    store = PostgresStore(pg_url)
+    try:
+        daemon = store.leases(replica="a", lease_s=15)
+        assert len(daemon.claim(KEYS[:3]).acquired) == 3  # a lone daemon: its fair share is all of them
+        claim = claim_for_once(store, replica_config(pg_url))
+        assert claim is not None and claim.lanes() == [KEYS[3]]  # the free one only
+        assert daemon.live() == 1  # `once` is not a replica among which leases are shared
+        assert daemon.release_excess(KEYS) == []  # so the daemon gives nothing up while it runs
+        assert daemon.claim(KEYS).share == 4
+        claim.leave()
+        assert daemon.live() == 1
     finally:
         store.close()

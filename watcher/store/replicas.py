@@ -109,8 +109,8 @@ class Gate(Protocol):
 class ReplicaStore(Protocol):
     """A store that several daemons share: the parts of it the replica wiring uses (PostgresStore)."""
 
-    def leases(self, *, replica: str, lease_s: float) -> Leases:
-        """The lease table, as this replica sees it."""
+    def leases(self, *, replica: str, lease_s: float, counted: bool = True) -> Leases:
+        """The lease table, as this replica sees it; `counted=False` (`once`): it never counts as a live replica."""
         ...
 
     def retention_gate(self) -> Gate:

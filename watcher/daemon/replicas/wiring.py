@@ -150,8 +150,9 @@ def claim_for_once(store: Store, config: Config) -> OnceClaim | None:
     if not isinstance(store, ReplicaStore):
         return None
     state = config.state
-    # a name of its own: `once` beside a daemon configured with the same replica name must not take its leases
-    leases = store.leases(replica=f"{state.replica_name()}.once-{os.getpid()}", lease_s=state.lease_s)
+    # a name of its own: `once` beside a daemon configured with the same replica name must not take its leases;
+    # not counted: the daemons' fair share (and what they hold) must not change because `once` runs for a while
+    leases = store.leases(replica=f"{state.replica_name()}.once-{os.getpid()}", lease_s=state.lease_s, counted=False)
     keys = [ft.key for ft in config.fine_tunes]
     owned = {lease.key: lease.epoch for lease in leases.claim(keys, up_to=len(keys)).acquired}
     sources = sorted({lease_key(source) for source in config.discover})  # one a running replica reads stays its

@@ -78,9 +78,9 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
         """The connection pool (shared with the leases)."""
         return self._pool
 
-    def leases(self, *, replica: str, lease_s: float) -> PostgresLeases:
-        """The lease table as this replica sees it, over this store's pool."""
-        return PostgresLeases(self._pool, replica=replica, lease_s=lease_s)
+    def leases(self, *, replica: str, lease_s: float, counted: bool = True) -> PostgresLeases:
+        """The lease table as this replica sees it, over this store's pool (`counted=False`: never a live replica)."""
+        return PostgresLeases(self._pool, replica=replica, lease_s=lease_s, counted=counted)
 
     def retention_gate(self) -> AdvisoryGate:
         """The advisory lock one replica at a time holds while it prunes."""
