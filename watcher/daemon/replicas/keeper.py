@@ -248,8 +248,30 @@ class LeaseKeeper:
         if changed_sources.acquired or lost_sources:
             listener.sources_changed(changed_sources.acquired, lost_sources)
         if acquired:
-            await listener.acquired(acquired)
+            await self._take_over(listener, acquired)
         await listener.after_round()  # e.g. learn what other replicas' sources found: claimed next round
+
+    async def _take_over(self, listener: LeaseListener, keys: Sequence[str]) -> None:
+        try:
+            await listener.acquired(keys)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # e.g. the state of a taken-over fine-tune could not be read
+            # a lease renewed while nothing polls its fine-tune strands it: give the leases back, for another
+            # replica (or this one, next round) to take over and load afresh
+            for key in keys:
+                self.owned.pop(key, None)
+            if self._metrics is not None:
+                self._metrics.leases_owned.set(len(self.owned) + len(self.sources_owned))
+            listener.lost(keys)
+            log.exception("replica.takeover_failed", replica=self.replica, fine_tunes=len(keys))
+            try:
+                released = await self._call(self.leases.release, list(keys))
+            except StoreError as release_err:
+                # still ours in the database: the next round renews them, finds them not held here and loads them
+                log.warning("replica.release_failed", replica=self.replica, error=str(release_err))
+            else:
+                self._count("released", len(released))
 
     def _sources_round(self, found: Round) -> _Changes:
         renewed = [lease for lease in found.renewed if is_source_lease(lease.key)]
