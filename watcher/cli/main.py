@@ -112,7 +112,8 @@ def once(config_path: str, dry_run: bool) -> None:
             await watcher.aclose()
             if leases is not None:
                 try:
-                    leases.leave()  # release what it claimed: the replicas take them over at once
+                    # release what it claimed (the replicas take them over at once), off the loop's thread
+                    await asyncio.to_thread(leases.leave)
                 except StoreError as err:
                     click.echo(f"oxen-watcher: {err} (the leases expire by themselves)", err=True)
 
