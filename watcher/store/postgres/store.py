@@ -68,7 +68,10 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
         self._init_touches()
         self._pool = open_pool(url, min_size=pool_min, max_size=pool_max, timeout_s=connect_timeout_s)
         try:
-            self._tx(self._migrate if not readonly else self._check_version, what="open the state database")
+            # not under a lease: a large database's start-up work is not bounded by the idle limit
+            self._tx(
+                self._migrate if not readonly else self._check_version, what="open the state database", bounded=False
+            )
         except BaseException:
             self._pool.close()
             raise
@@ -123,7 +126,7 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
     @property
     def schema_version(self) -> int:
         """The schema version of the database."""
-        return self._tx(self._version, what="read the schema version")
+        return self._tx(self._version, what="read the schema version", bounded=False)
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -156,7 +159,7 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
             row = conn.execute(f"SELECT {_STATE_COLUMNS} FROM fine_tunes WHERE fine_tune_key = %s", (key,)).fetchone()
             return self._load_state(conn, key, row)[1]
 
-        return self._tx(read, what="read state")
+        return self._tx(read, what="read state", bounded=False)
 
     def not_before(self, key: str) -> float | None:
         """The Unix time before which the Hub asked not to be polled for this fine-tune."""
