@@ -3,9 +3,10 @@ fair share, fenced delivery."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import psycopg
@@ -14,6 +15,10 @@ from conftest import wait_for
 from store_contract.support import apply, cp, success
 
 from watcher.config.load import parse_config
+from watcher.core.models import Event, FineTuneRef
+from watcher.daemon.replicas.keeper import LeaseKeeper
+from watcher.delivery.dispatch import Dispatcher
+from watcher.delivery.notifiers.base import DeliveryResult
 from watcher.errors import StoreError
 from watcher.store.postgres.store import PostgresStore
 
@@ -84,6 +89,10 @@ def replica_config(pg_url: str, *, keys: Sequence[str] = KEYS, **state: Any) -> 
     return parse_config(data, source="t.toml")
 
 
+def configs() -> Any:
+    return replica_config("postgresql://unused").notifiers
+
+
 def test_once_claims_only_free_leases_and_never_counts_toward_the_fair_share(pg_url: str) -> None:
     from watcher.daemon.replicas.wiring import claim_for_once
 
@@ -98,5 +107,118 @@ def test_once_claims_only_free_leases_and_never_counts_toward_the_fair_share(pg_
         assert daemon.claim(KEYS).share == 4
         claim.leave()
         assert daemon.live() == 1
+    finally:
+        store.close()
+
+
+class Collecting:
+    """A notifier that records what it is sent and says delivered; a Paced one waits for `turn` first (the test
+    holds a sender there: a process frozen between reading a lane's head and sending it)."""
+
+    digest_over: int | None = None
+
+    def __init__(self, name: str = "hook") -> None:
+        self.name = name
+        self.sent: list[str] = []
+        self.turn: asyncio.Event | None = None
+        self.waiting = asyncio.Event()
+
+    async def send(self, events: Sequence[Event]) -> DeliveryResult:
+        self.sent += [event.id for event in events]
+        return DeliveryResult("delivered", http_status=200)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Held(Collecting):
+    """Paced: `wait_turn` blocks until the test sets `turn`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turn = asyncio.Event()
+
+    async def wait_turn(self) -> None:
+        self.waiting.set()
+        assert self.turn is not None
+        await self.turn.wait()
+
+    async def send_now(self, events: Sequence[Event]) -> DeliveryResult:
+        return await self.send(events)
+
+
+class Wants:
+    """A LeaseListener wanting these fine-tunes, and nothing else."""
+
+    def __init__(self, *keys: str) -> None:
+        self.keys = keys
+
+    def wanted(self) -> Collection[str]:
+        return self.keys
+
+    def source_keys(self) -> Collection[str]:
+        return ()
+
+    def lost(self, keys: Collection[str]) -> None:
+        pass
+
+    def sources_changed(self, acquired: Collection[str], lost: Collection[str]) -> None:
+        pass
+
+    async def acquired(self, keys: Collection[str]) -> None:
+        pass
+
+    async def after_round(self) -> None:
+        pass
+
+
+def keeper_of(store: PostgresStore, name: str, *keys: str) -> LeaseKeeper:
+    keeper = LeaseKeeper(store.leases(replica=name, lease_s=15), lease_s=15, renew_s=5)
+    keeper.attach(Wants(*keys))
+    return keeper
+
+
+def ref(n: int) -> FineTuneRef:
+    return FineTuneRef("acme", "bot", f"ft_{n}", f"ft_{n}")
+
+
+def announce(store: PostgresStore, target: FineTuneRef, *, polls: int, now: float) -> list[str]:
+    """A baseline, then one event per poll for the fine-tune, each routed to `hook`."""
+    apply(store, success(cp(1)), ref=target, now=now)
+    ids = []
+    for n in range(2, polls + 2):
+        committed = apply(store, success(*(cp(s) for s in range(1, n + 1))), ref=target, now=now + n, route=hook)
+        ids += [event.id for event in committed.events]
+    return ids
+
+
+def hook(_event: Event) -> list[str]:
+    return ["hook"]
+
+
+async def test_lanes_of_fine_tunes_nobody_leases_are_delivered_by_exactly_one_replica(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    try:
+        now = time.time() - 60
+        listed, gone = ref(0), ref(9)  # `gone`: removed from every config, its rows still pending
+        listed_ids = announce(store, listed, polls=1, now=now)
+        gone_ids = announce(store, gone, polls=2, now=now)
+        keepers = [keeper_of(store, name, listed.key) for name in ("b", "a")]
+        for _ in range(2):  # the second round sees both replicas live
+            for keeper in keepers:
+                await keeper.step()
+        notifiers = {keeper.replica: Collecting() for keeper in keepers}
+        for keeper in keepers:
+            dispatcher = Dispatcher(
+                store=store, notifiers={"hook": notifiers[keeper.replica]}, configs=configs(), lanes=keeper
+            )
+            await dispatcher.deliver_due(deadline_s=10)
+        owner = next(keeper.replica for keeper in keepers if keeper.owns(listed.key))
+        assert set(listed_ids) <= set(notifiers[owner].sent)
+        sent = [event_id for notifier in notifiers.values() for event_id in notifier.sent]
+        assert sorted(sent) == sorted([*listed_ids, *gone_ids])  # each once
+        assert notifiers["a"].sent[-len(gone_ids) :] == gone_ids  # by the first live replica by name, in order
+        rows = store.deliveries_of(gone_ids)
+        assert {d.state for found in rows.values() for d in found} == {"delivered"}
     finally:
         store.close()

@@ -22,6 +22,7 @@ from watcher.delivery.retry import FALLBACK_POLICY, RetryPolicy, clip, policy_of
 from watcher.delivery.tasks import finish_or_cancel
 from watcher.errors import StoreError
 from watcher.store import Store
+from watcher.store.replicas import LaneScope
 
 __all__ = ["Dispatcher", "RetryPolicy", "policy_of"]
 log = structlog.get_logger("watcher.dispatch")
@@ -50,9 +51,10 @@ class Dispatcher:
         on_outcome: Callable[[str, str], None] | None = None,
         on_outbox: Callable[[list[OutboxStats], list[str]], None] | None = None,
         redact: Callable[[str], str] = str,
-        lanes: Callable[[], Sequence[str]] | None = None,
+        lanes: LaneScope | None = None,
     ) -> None:
-        """`lanes`: replicas, the fine-tunes whose lanes this process delivers (those it owns); None: every lane."""
+        """`lanes`: replicas, which lanes this process delivers (those it owns, and those nobody leases when it is
+        the replica that delivers them); None: every lane (one process)."""
         self._store = store
         self._in_store = in_store or _direct
         self._clock = clock
@@ -179,8 +181,10 @@ class Dispatcher:
                     waiter.cancel()
 
     def _scope(self) -> dict[str, Any]:
-        # only the PostgreSQL store takes `fine_tunes`; a replica owning nothing delivers nothing
-        return {} if self.lanes is None else {"fine_tunes": list(self.lanes())}
+        # only the PostgreSQL store takes `fine_tunes`; a replica owning nothing delivers nothing (but the replica
+        # that delivers the lanes nobody leases)
+        scope = self.lanes
+        return {} if scope is None else {"fine_tunes": list(scope.lanes()), "unowned": scope.unowned_lanes()}
 
     async def _retire_removed(self) -> None:
         self._retire_due = False

@@ -35,6 +35,7 @@ class Claim:
     live: int
     share: int
     owned: int
+    leader: str | None = None  # the first live replica by name: it delivers the lanes of fine-tunes nobody leases
 
 
 class Leases(Protocol):
@@ -91,6 +92,27 @@ def source_lease_key(namespace: str, repo: str) -> str:
 def is_source_lease(key: str) -> bool:
     """Whether a lease key is a source's (else a fine-tune's)."""
     return key.startswith(SOURCE_LEASE_PREFIX) and key.count("/") == 1
+
+
+class LaneScope(Protocol):
+    """The outbox lanes a replica delivers and the leases it sends them under (what the dispatcher asks)."""
+
+    @property
+    def replica(self) -> str:
+        """This replica's name."""
+        ...
+
+    def lanes(self) -> list[str]:
+        """The fine-tunes whose lanes this process delivers under their lease (the owned ones)."""
+        ...
+
+    def unowned_lanes(self) -> bool:
+        """Whether this process also delivers the lanes of fine-tunes no replica holds a live lease on."""
+        ...
+
+    def fence(self, key: str) -> Fence | None:
+        """(replica, epoch) of the fine-tune's lease held here; None when not (or no longer) held."""
+        ...
 
 
 class Gate(Protocol):

@@ -141,6 +141,7 @@ class LeaseKeeper:
         self.failing_since: float | None = None  # a round failed (database unreachable) since then
         self._attempt: float | None = None  # a round in progress since then
         self.live = 0
+        self.leads = False  # the first live replica by name: it delivers the lanes of fine-tunes nobody leases
         self._executor = ThreadPoolExecutor(1, "leases")
 
     def attach(self, listener: LeaseListener) -> None:
@@ -168,6 +169,11 @@ class LeaseKeeper:
     def lanes(self) -> list[str]:
         """The fine-tunes whose outbox lanes this replica delivers: the owned ones, while the leases are fresh."""
         return [] if self._clock() - self.last_ok > self.lease_s else sorted(self.owned)
+
+    def unowned_lanes(self) -> bool:
+        """Whether this replica delivers the lanes of fine-tunes nobody leases (removed from every config, aged
+        out of their source, released): the first live replica by name does, while its leases are fresh."""
+        return self.leads and self._clock() - self.last_ok <= self.lease_s
 
     def stale(self) -> bool:
         """Renewing has been failing past the lease deadline: the replica polls and delivers nothing."""
@@ -224,6 +230,7 @@ class LeaseKeeper:
         held, expired, released, acquired = changed.held, changed.expired, changed.released, changed.acquired
         self.owned = held
         self.live = found.claim.live
+        self.leads = found.claim.leader == self.replica
         changed_sources = self._sources_round(found)
         for change in ("expired", "released", "acquired"):
             self._count(change, len(getattr(changed, change)) + len(getattr(changed_sources, change)))

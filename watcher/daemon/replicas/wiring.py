@@ -135,9 +135,18 @@ class OnceClaim:
     def fenced(self, key: str, epoch: int | None = None) -> None:
         """A refused commit: `once` polls each fine-tune once, so there is nothing to drop."""
 
+    @property
+    def replica(self) -> str:
+        """The name `once` claimed under."""
+        return self.leases.replica
+
     def lanes(self) -> list[str]:
         """The claimed fine-tunes' lanes."""
         return sorted(self._owned)
+
+    def unowned_lanes(self) -> bool:
+        """Never: the daemons' first live replica delivers the lanes nobody leases."""
+        return False
 
     def leave(self) -> None:
         """Release every claimed lease: the running replicas take them over at once."""

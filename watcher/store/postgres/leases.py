@@ -139,7 +139,8 @@ class PostgresLeases:
                     (wanted, share - owned, self.replica, self.lease_s),
                 ).fetchall()
                 acquired = sorted((Lease(*row) for row in rows), key=lambda lease: lease.key)
-            return Claim(tuple(acquired), live, share, owned + len(acquired))
+            row = conn.execute("SELECT min(name) FROM replicas WHERE expires_at > now()").fetchone()
+            return Claim(tuple(acquired), live, share, owned + len(acquired), row[0] if row else None)
 
         return self._tx(work, what="claim leases")
 

@@ -17,40 +17,57 @@ _DELIVERY_COLUMNS = (
     "last_error, last_status"
 )
 
+# the lanes a replica delivers: every lane (NULL), those of the fine-tunes given, and with the flag those of
+# fine-tunes no replica holds a live lease on (removed from every config, aged out of their source, released)
+_SCOPE = (
+    "(%s::text[] IS NULL OR {d}.fine_tune_key = ANY(%s::text[]) OR (%s::boolean AND NOT EXISTS (SELECT 1 FROM "
+    "leases l WHERE l.fine_tune_key = {d}.fine_tune_key AND l.owner IS NOT NULL AND l.expires_at > now())))"
+)
+
 
 class PgOutbox(PgBase):
     """The outbox half of PostgresStore (same semantics as SqliteStore's)."""
 
     def due_deliveries(
-        self, notifiers: Sequence[str], *, now: float, limit: int = 500, fine_tunes: Sequence[str] | None = None
+        self,
+        notifiers: Sequence[str],
+        *,
+        now: float,
+        limit: int = 500,
+        fine_tunes: Sequence[str] | None = None,
+        unowned: bool = False,
     ) -> list[Delivery]:
         """The head of each (notifier, fine-tune) lane, when it is due; `limit` applies per notifier.
 
-        `fine_tunes` limits the lanes to those fine-tunes (a replica delivers only the lanes it owns).
+        `fine_tunes` limits the lanes to those fine-tunes (a replica delivers only the lanes it owns); with
+        `unowned`, the lanes of fine-tunes no replica holds a live lease on come too (one replica delivers them).
         """
         found: list[Delivery] = []
         only = None if fine_tunes is None else list(fine_tunes)
         for notifier in notifiers:
             rows = self._read(
                 f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.state = 'pending' AND d.notifier = %s "
-                "AND (%s::text[] IS NULL OR d.fine_tune_key = ANY(%s::text[])) "
+                f"AND {_SCOPE.format(d='d')} "
                 "AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
                 "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key) "
                 "AND d.next_attempt_at <= %s ORDER BY d.next_attempt_at, d.event_seq LIMIT %s",
-                (notifier, only, only, now, limit),
+                (notifier, only, only, unowned, now, limit),
             )
             found += [Delivery(*row) for row in rows]
         return found
 
-    def next_due_at(self, notifiers: Sequence[str], *, fine_tunes: Sequence[str] | None = None) -> float | None:
-        """The earliest next attempt among pending rows of these notifiers (and of these fine-tunes, if given)."""
+    def next_due_at(
+        self, notifiers: Sequence[str], *, fine_tunes: Sequence[str] | None = None, unowned: bool = False
+    ) -> float | None:
+        """The earliest next attempt among pending rows of these notifiers (and of these fine-tunes, if given;
+        with `unowned`, also of fine-tunes no replica holds a live lease on)."""
         if not notifiers:
             return None
         only = None if fine_tunes is None else list(fine_tunes)
         rows = self._read(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND notifier = ANY(%s) "
-            "AND (%s::text[] IS NULL OR fine_tune_key = ANY(%s::text[]))",
-            (list(notifiers), only, only),
+            "SELECT MIN(next_attempt_at) FROM deliveries d WHERE d.state = 'pending' AND d.notifier = ANY(%s) "
+            f"AND {_SCOPE.format(d='d')}",
+            (list(notifiers), only, only, unowned),
         )
         return rows[0][0] if rows else None
 
