@@ -222,3 +222,89 @@ async def test_lanes_of_fine_tunes_nobody_leases_are_delivered_by_exactly_one_re
         assert {d.state for found in rows.values() for d in found} == {"delivered"}
     finally:
         store.close()
+
+
+async def test_a_sender_frozen_past_its_lease_never_sends_after_the_new_owner_moved_the_lane_on(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    try:
+        target = ref(1)
+        first, second = announce(store, target, polls=2, now=time.time() - 60)
+        frozen = keeper_of(store, "a", target.key)
+        await frozen.step()
+        assert frozen.fence(target.key) == ("a", 1)
+        clock = [1000.0]
+        held = Held()
+        dispatcher = Dispatcher(
+            store=store, notifiers={"hook": held}, configs=configs(), lanes=frozen, monotonic=lambda: clock[0]
+        )
+        assert await dispatcher.pass_once() == 1  # the head (`first`) read and checked; then the process stops
+        await held.waiting.wait()
+        # frozen past its lease: it expires, and another replica takes the fine-tune over and delivers its lane
+        with store.pool.connection() as conn:
+            conn.execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE owner = 'a'")
+        other = keeper_of(store, "b", target.key)
+        await other.step()
+        assert other.fence(target.key) == ("b", 2)
+        moved_on = Collecting()
+        await Dispatcher(store=store, notifiers={"hook": moved_on}, configs=configs(), lanes=other).deliver_due(
+            deadline_s=10
+        )
+        assert moved_on.sent == [first, second]
+        clock[0] += 40  # the frozen process resumes, 40 s later by its own clock
+        assert held.turn is not None
+        held.turn.set()
+        await dispatcher.drain(10)
+        assert held.sent == []  # never `first` again after `second`
+    finally:
+        store.close()
+
+
+async def test_a_sender_that_waited_long_for_its_turn_asks_again_and_sends_while_its_lease_holds(
+    pg_url: str,
+) -> None:
+    store = PostgresStore(pg_url)
+    try:
+        target = ref(1)
+        (first,) = announce(store, target, polls=1, now=time.time() - 60)
+        keeper = keeper_of(store, "a", target.key)
+        await keeper.step()
+        clock = [1000.0]
+        held = Held()
+        dispatcher = Dispatcher(
+            store=store, notifiers={"hook": held}, configs=configs(), lanes=keeper, monotonic=lambda: clock[0]
+        )
+        assert await dispatcher.pass_once() == 1
+        await held.waiting.wait()
+        clock[0] += 40  # a long wait for a rate-limit slot; the lease was renewed meanwhile: still this lane's owner
+        await keeper.step()
+        assert held.turn is not None
+        held.turn.set()
+        await dispatcher.drain(10)
+        assert held.sent == [first]
+    finally:
+        store.close()
+
+
+def test_deliverable_holds_only_under_the_lease_at_the_lanes_current_position(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    try:
+        target = ref(1)
+        announce(store, target, polls=2, now=time.time() - 60)
+        a, b = store.leases(replica="a", lease_s=15), store.leases(replica="b", lease_s=15)
+        (head,) = store.due_deliveries(["hook"], now=time.time())
+        # nobody leases it: the first live replica by name may send it, and only that one
+        a.heartbeat()
+        b.heartbeat()
+        assert 14 < (store.deliverable(head, replica="a", epoch=None) or 0) <= 15
+        assert store.deliverable(head, replica="b", epoch=None) is None
+        (lease,) = b.claim([target.key], up_to=1).acquired
+        assert store.deliverable(head, replica="a", epoch=None) is None  # leased now: its owner's alone
+        assert store.deliverable(head, replica="b", epoch=lease.epoch) is not None
+        assert store.deliverable(head, replica="b", epoch=lease.epoch - 1) is None
+        assert store.deliverable(head, replica="a", epoch=lease.epoch) is None
+        store.record_delivery("hook", [head.event_id], state="pending", now=time.time(), next_attempt_at=0.0)
+        assert store.deliverable(head, replica="b", epoch=lease.epoch) is None  # attempted since it was read
+        store.record_delivery("hook", [head.event_id], state="delivered", now=time.time())
+        assert store.deliverable(head, replica="b", epoch=lease.epoch) is None  # the lane moved on
+    finally:
+        store.close()

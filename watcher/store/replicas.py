@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from watcher.core.models import FineTuneRef
+from watcher.core.models import Delivery, FineTuneRef
 
 Fence = tuple[str, int]  # (replica, epoch): a commit goes through only while this replica holds the lease at it
 SourceFence = tuple[str, str, int]  # (source lease key, replica, epoch)
@@ -145,4 +145,9 @@ class ReplicaStore(Protocol):
 
     def pool_stats(self) -> dict[str, int]:
         """The connection pool's size and waiting clients, for metrics."""
+        ...
+
+    def deliverable(self, head: Delivery, *, replica: str, epoch: int | None) -> float | None:
+        """For how many more seconds (at least) `replica` may send this lane head: under its lease at `epoch`, or
+        (None) as the replica delivering the lanes nobody leases; None when it may not (the lane moved on)."""
         ...

@@ -23,6 +23,12 @@ _SCOPE = (
     "(%s::text[] IS NULL OR {d}.fine_tune_key = ANY(%s::text[]) OR (%s::boolean AND NOT EXISTS (SELECT 1 FROM "
     "leases l WHERE l.fine_tune_key = {d}.fine_tune_key AND l.owner IS NOT NULL AND l.expires_at > now())))"
 )
+# a row still at its lane's head, as the dispatcher read it
+_HEAD = (
+    "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = %s AND d.notifier = %s AND d.state = 'pending' "
+    "AND d.attempts = %s AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
+    "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key))"
+)
 
 
 class PgOutbox(PgBase):
@@ -69,6 +75,31 @@ class PgOutbox(PgBase):
             f"AND {_SCOPE.format(d='d')}",
             (list(notifiers), only, only, unowned),
         )
+        return rows[0][0] if rows else None
+
+    def deliverable(self, head: Delivery, *, replica: str, epoch: int | None) -> float | None:
+        """Whether `replica` may send this lane head now: the head is still its lane's head (pending, first, not
+        attempted since it was read) and the replica holds the fine-tune's lease at `epoch`, or (`epoch` None) no
+        replica holds a live lease on it and this one is the first live replica by name, which delivers such
+        lanes. Returns for how many more seconds that holds at least (the lease's or heartbeat's expiry), or None.
+        """
+        # the database's clock decides, as for the leases themselves
+        if epoch is not None:
+            sql = (
+                "SELECT extract(epoch FROM l.expires_at - now())::float8 FROM leases l WHERE l.fine_tune_key = %s "
+                "AND l.owner = %s AND l.epoch = %s AND l.expires_at > now() AND " + _HEAD
+            )
+            args: tuple[Any, ...] = (head.fine_tune_key, replica, epoch)
+        else:
+            sql = (
+                "SELECT extract(epoch FROM r.expires_at - now())::float8 FROM replicas r WHERE r.name = %s "
+                "AND r.expires_at > now() "
+                "AND NOT EXISTS (SELECT 1 FROM replicas o WHERE o.expires_at > now() AND o.name < r.name) "
+                "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.fine_tune_key = %s AND l.owner IS NOT NULL "
+                "AND l.expires_at > now()) AND " + _HEAD
+            )
+            args = (replica, head.fine_tune_key)
+        rows = self._read(sql, (*args, head.event_id, head.notifier, head.attempts), what="check a delivery's lease")
         return rows[0][0] if rows else None
 
     def lane_batch(self, head: Delivery, *, limit: int = 1000) -> list[Delivery]:
