@@ -308,3 +308,28 @@ def test_deliverable_holds_only_under_the_lease_at_the_lanes_current_position(pg
         assert store.deliverable(head, replica="b", epoch=lease.epoch) is None  # the lane moved on
     finally:
         store.close()
+
+
+async def test_once_renews_its_claim_before_it_delivers_under_it(pg_url: str) -> None:
+    from watcher.daemon.replicas.wiring import claim_for_once
+
+    store = PostgresStore(pg_url)
+    try:
+        target = ref(1)
+        (first,) = announce(store, target, polls=1, now=time.time() - 60)
+        claim = claim_for_once(store, replica_config(pg_url, keys=[target.key], lease_s=1, renew_s=0.4))
+        assert claim is not None and claim.lanes() == [target.key]
+        (head,) = store.due_deliveries(["hook"], now=time.time())
+        fence = claim.fence(target.key)
+        assert fence is not None
+        # polling outlasted the claim's lease
+        wait_for(lambda: store.deliverable(head, replica=claim.replica, epoch=fence[1]) is None, what="expiry")
+        await asyncio.to_thread(claim.renew)  # what `once` does before delivering
+        notifier = Collecting()
+        await Dispatcher(store=store, notifiers={"hook": notifier}, configs=configs(), lanes=claim).deliver_due(
+            deadline_s=10
+        )
+        assert notifier.sent == [first]
+        assert store.leases(replica="a", lease_s=15).live() == 0  # renewing did not make it a live replica
+    finally:
+        store.close()

@@ -148,6 +148,13 @@ class OnceClaim:
         """Never: the daemons' first live replica delivers the lanes nobody leases."""
         return False
 
+    def renew(self) -> None:
+        """Extend the claimed leases (before delivering: polling may have outlasted them); one taken over meanwhile
+        is dropped, its lane left to its new owner."""
+        held = {lease.key: lease.epoch for lease in self.leases.renew()}
+        self._owned = {key: epoch for key, epoch in self._owned.items() if held.get(key) == epoch}
+        self._sources = {key: epoch for key, epoch in self._sources.items() if held.get(key) == epoch}
+
     def leave(self) -> None:
         """Release every claimed lease: the running replicas take them over at once."""
         self.leases.leave()

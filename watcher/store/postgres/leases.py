@@ -149,7 +149,8 @@ class PostgresLeases:
         unchanged, so nobody polled it meanwhile); returns them. A lease not returned was lost."""
 
         def work(conn: Conn) -> list[Lease]:
-            self._heartbeat(conn)
+            if self.counted:
+                self._heartbeat(conn)
             rows = conn.execute(
                 f"UPDATE leases SET expires_at = now() + make_interval(secs => %s) WHERE owner = %s RETURNING {_LEASE}",
                 (self.lease_s, self.replica),
