@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,3 +113,73 @@ def test_a_cancelled_retention_pass_gives_its_gate_back_off_the_loop(watched: tu
     gate = AdvisoryGate(watch._pool)
     wait_for(gate.acquire, what="the gate given back")
     gate.release()
+
+
+class PoolWatch:
+    """Every psycopg pool of this process watched: a connection taken on a thread that runs an event loop."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.on_loop: list[str] = []
+        for name in ("getconn", "putconn"):  # every use of a pooled connection starts and ends with these
+            monkeypatch.setattr(ConnectionPool, name, self._watched(getattr(ConnectionPool, name)))
+
+    def _watched(self, method: Any) -> Any:
+        def watched(pool: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                self.on_loop.append("".join(traceback.format_stack(limit=12)))
+            return method(pool, *args, **kwargs)
+
+        return watched
+
+
+def test_a_replica_daemon_makes_no_store_call_on_its_loop(
+    hub: Any, tmp_path: Any, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import base_config, write_config
+    from prometheus_client import CollectorRegistry
+
+    from watcher.config.load import load_config
+    from watcher.daemon.app import App
+    from watcher.daemon.runtime import resolve_all
+
+    watch = PoolWatch(monkeypatch)
+    ft = hub.add_fine_tune("acme", "bot", "ft_1", name="run")
+    hub.add_checkpoint(ft, 100, loss=1.0)
+    data = base_config(
+        hub,
+        tmp_path,
+        fine_tunes=[{"namespace": "acme", "repo": "bot", "id": "ft_1"}],
+        notifiers=[{"name": "log", "type": "log"}],
+    )
+    data["state"] = {"url": pg_url, "lease_s": 3, "renew_s": 1, "replica": "a", "retain_days": 1}
+    config = load_config(str(write_config(tmp_path / "a.toml", data)))
+    events: list[Any] = []
+    app = App(config, resolve_all(config), registry=CollectorRegistry(), sinks=[events.append])  # as `run` does
+    asyncio.run(_drive(app, ft, hub, events))
+    assert watch.on_loop == [], watch.on_loop[0]
+
+
+async def _drive(app: Any, ft: Any, hub: Any, events: list[Any]) -> None:
+    task = asyncio.create_task(app.run())
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not (app.started and app.retention.runs and app.watcher.store.load_cached("acme/bot/ft_1").baselined):
+            assert not task.done() and loop.time() < deadline, "not started in time"
+            await asyncio.sleep(0.05)
+        hub.add_checkpoint(ft, 200, loss=0.5)  # a change: committed, then delivered (fenced) by this replica
+        deadline = loop.time() + 30
+        while not any(event.type == "checkpoint.created" for event in events):
+            assert loop.time() < deadline, "no change announced in time"
+            await asyncio.sleep(0.05)
+        assert app.keeper is not None
+        await app.keeper.step()  # a lease round too
+    finally:
+        app.stop.set()
+        await asyncio.wait_for(task, 30)
