@@ -358,7 +358,7 @@ class Dispatcher:
                             self._on_outcome(name, "dead")
                 rows = [row for row in rows if row.event_id in events]
                 ordered = [events[row.event_id] for row in rows]
-                if not ordered:
+                if not ordered or head.event_id in missing:  # the lane's next row is its head now: a pass of its own
                     return
                 timeout = self.configs[name].timeout_s + 5 if name in self.configs else 20
                 # replicas: sent only under a lease still held at the lane's current position, checked last
