@@ -216,6 +216,54 @@ def test_a_paused_process_keeps_its_fences_so_the_database_fences_its_commits_bu
     assert keeper.lanes() == []  # but no delivery of a lane that may be someone else's now
 
 
+class FailingOnce(Recorder):
+    """A listener whose first takeover fails to load (the database answered the claim, then not the read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def acquired(self, keys: Collection[str]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("cannot read state: the PostgreSQL database is unreachable (OperationalError)")
+        await super().acquired(keys)
+
+
+def test_a_failed_takeover_releases_its_leases_and_a_later_round_takes_them_again(metrics):
+    table: dict[str, tuple[str | None, int]] = {}
+    keeper = LeaseKeeper(FakeLeases("a", table, ["a"]), lease_s=15, renew_s=5, metrics=metrics, clock=Clock())
+    listener = FailingOnce()
+    keeper.attach(listener)
+    asyncio.run(keeper.step())  # never raises out of a round
+    # nothing is leased but not scheduled: the leases are given back for anyone to take
+    assert keeper.owned == {} and all(owner is None for owner, _ in table.values())
+    assert listener.gained == [] and listener.lost_keys == [KEYS]
+    assert metrics.registry.get_sample_value("oxen_watcher_leases_owned") == 0
+    asyncio.run(keeper.step())
+    assert sorted(keeper.owned) == KEYS and listener.gained == [KEYS]
+    assert keeper.fence(KEYS[0]) == ("a", 2)
+
+
+def test_a_failed_takeover_whose_release_fails_too_is_taken_again_by_the_next_round(metrics):
+    table: dict[str, tuple[str | None, int]] = {}
+    leases = FakeLeases("a", table, ["a"])
+    keeper = LeaseKeeper(leases, lease_s=15, renew_s=5, metrics=metrics, clock=Clock())
+    listener = FailingOnce()
+
+    async def down_then_fail(keys: Collection[str]) -> None:
+        leases.down = True  # the database went away: the release fails as well
+        await FailingOnce.acquired(listener, keys)
+
+    listener.acquired = down_then_fail  # type: ignore[method-assign]
+    keeper.attach(listener)
+    asyncio.run(keeper.step())
+    assert keeper.owned == {} and all(owner == "a" for owner, _ in table.values())  # still leased in the database
+    leases.down = False
+    asyncio.run(keeper.step())  # renewed and not scheduled here: adopted again, and loaded this time
+    assert sorted(keeper.owned) == KEYS and listener.gained == [KEYS]
+
+
 def test_leave_releases_everything(metrics):
     table: dict[str, tuple[str | None, int]] = {}
     live = ["a"]

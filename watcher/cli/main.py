@@ -105,14 +105,15 @@ def once(config_path: str, dry_run: bool) -> None:
             await lifecycle.once()  # sources and statuses first: what they find is polled too
             reports = await watcher.poll_all()
             if not dry_run and dispatcher.notifiers:
-                await _deliver_once(config, dispatcher)
+                await _deliver_once(config, dispatcher, leases)
             return reports
         finally:
             await dispatcher.aclose()
             await watcher.aclose()
             if leases is not None:
                 try:
-                    leases.leave()  # release what it claimed: the replicas take them over at once
+                    # release what it claimed (the replicas take them over at once), off the loop's thread
+                    await asyncio.to_thread(leases.leave)
                 except StoreError as err:
                     click.echo(f"oxen-watcher: {err} (the leases expire by themselves)", err=True)
 
@@ -128,10 +129,16 @@ def once(config_path: str, dry_run: bool) -> None:
     sys.exit(0 if all(report.answered_200 for report in reports) else 1)
 
 
-async def _deliver_once(config: Config, dispatcher: Any) -> None:
+async def _deliver_once(config: Config, dispatcher: Any, claim: Any) -> None:
     from watcher.store import DispatchLock
 
     if config.state.postgresql:  # the lanes of the fine-tunes it claimed, and only those
+        if claim is not None:  # each send is fenced by its lease: extended first, polling may have outlasted it
+            try:
+                await asyncio.to_thread(claim.renew)
+            except StoreError as err:
+                click.echo(f"oxen-watcher: {err} (deliveries left to the replicas)", err=True)
+                return
         longest = max((entry.timeout_s for entry in config.notifiers), default=15.0)
         await dispatcher.deliver_due(deadline_s=longest + 5)
         return

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from watcher.store.replicas import Fence
+from watcher.store.replicas import Fence, LaneScope
 
 
-class Ownership(Protocol):
+class Ownership(LaneScope, Protocol):
     """What this process owns among replicas, as of its last lease round."""
 
     def owns(self, key: str) -> bool:
@@ -27,8 +27,4 @@ class Ownership(Protocol):
 
     def fenced(self, key: str, epoch: int | None = None) -> None:
         """A commit under the lease of `key` was refused: the lease moved on."""
-        ...
-
-    def lanes(self) -> list[str]:
-        """The fine-tunes whose outbox lanes this process delivers."""
         ...

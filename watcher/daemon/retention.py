@@ -7,6 +7,7 @@ so polls and deliveries interleave with a long prune instead of waiting for it.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -73,14 +74,15 @@ class RetentionJob:
                 if report.done:
                     break
         except asyncio.CancelledError:
+            if gate is not None:  # shutting down: given back on a thread of its own, never awaited
+                threading.Thread(target=_release, args=(gate,), name="retention-gate", daemon=True).start()
             raise
         except Exception:  # the top of a job: retention must never take the daemon down
             self.failures += 1
             log.exception("retention.failed", retain_days=self.retain_days)
+            await self._release(gate)
             return None
-        finally:
-            if gate is not None:  # one quick statement; also when cancelled, so never awaited
-                gate.release()
+        await self._release(gate)
         self.runs += 1
         self.last = total
         if total.events or total.deliveries or total.bytes_freed:
@@ -92,6 +94,11 @@ class RetentionJob:
                 retain_days=self.retain_days,
             )
         return total
+
+    async def _release(self, gate: Gate | None) -> None:
+        # never on the loop's thread: a database that stops answering at this moment would freeze every poll
+        if gate is not None:
+            await self.in_store(_release, gate)
 
     def set_retain_days(self, retain_days: int) -> None:
         """A reload's new window, from the next pass on."""
@@ -124,6 +131,13 @@ class RetentionJob:
         """Cancel a pass in progress (shutdown: no new prune batches while in-flight work drains)."""
         for task in list(self._passes):
             task.cancel()
+
+
+def _release(gate: Gate) -> None:
+    try:
+        gate.release()
+    except Exception:  # the lock goes with its connection anyway; retention must never take the daemon down
+        log.exception("retention.gate_release_failed")
 
 
 _UNITS_S = {"d": DAY_S, "h": 3600.0, "m": 60.0, "s": 1.0}

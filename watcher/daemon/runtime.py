@@ -116,7 +116,7 @@ def build_runtime(
         on_outcome=metrics.observe_delivery if metrics is not None else None,
         redact=REDACTOR.redact,
         on_outbox=metrics.state.set_outbox if metrics is not None else None,
-        lanes=ownership.lanes if ownership is not None else None,
+        lanes=ownership,
     )
     if not readonly:
         dispatcher.reconfigure(config, secrets, transport=notifier_transport)

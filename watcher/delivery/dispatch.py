@@ -22,12 +22,15 @@ from watcher.delivery.retry import FALLBACK_POLICY, RetryPolicy, clip, policy_of
 from watcher.delivery.tasks import finish_or_cancel
 from watcher.errors import StoreError
 from watcher.store import Store
+from watcher.store.replicas import LaneScope, ReplicaStore
 
 __all__ = ["Dispatcher", "RetryPolicy", "policy_of"]
 log = structlog.get_logger("watcher.dispatch")
 T = TypeVar("T")
 InStore = Callable[..., Awaitable[Any]]
+EVENT_MISSING = "event_missing"  # the last error of a delivery row whose event is gone
 IDLE_RECHECK_S = 1.0  # rows queued by another process (`redeliver`, `once`) are seen within this
+STALE_PAUSE_S = 1.0  # a lane this replica found it no longer holds is not tried again before this
 
 
 async def _direct(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -49,9 +52,12 @@ class Dispatcher:
         on_outcome: Callable[[str, str], None] | None = None,
         on_outbox: Callable[[list[OutboxStats], list[str]], None] | None = None,
         redact: Callable[[str], str] = str,
-        lanes: Callable[[], Sequence[str]] | None = None,
+        lanes: LaneScope | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`lanes`: replicas, the fine-tunes whose lanes this process delivers (those it owns); None: every lane."""
+        """`lanes`: replicas, which lanes this process delivers (those it owns, and those nobody leases when it is
+        the replica that delivers them) and under which lease (each send is fenced by it); None: every lane,
+        unfenced (one process). `monotonic` times a lease's validity (a test's fake clock)."""
         self._store = store
         self._in_store = in_store or _direct
         self._clock = clock
@@ -74,6 +80,7 @@ class Dispatcher:
         self._retire_due = True  # rows of notifiers no longer configured: retired by the loop at start, reload
         self._deferred_until: float | None = None  # the earliest first attempt held back by retry_schedule_s[0]
         self.lanes = lanes
+        self._monotonic = monotonic
         self.configure(notifiers, configs)
 
     def configure(self, notifiers: Mapping[str, Notifier], configs: Sequence[NotifierConfig]) -> None:
@@ -178,8 +185,37 @@ class Dispatcher:
                     waiter.cancel()
 
     def _scope(self) -> dict[str, Any]:
-        # only the PostgreSQL store takes `fine_tunes`; a replica owning nothing delivers nothing
-        return {} if self.lanes is None else {"fine_tunes": list(self.lanes())}
+        # only the PostgreSQL store takes `fine_tunes`; a replica owning nothing delivers nothing (but the replica
+        # that delivers the lanes nobody leases)
+        scope = self.lanes
+        return {} if scope is None else {"fine_tunes": list(scope.lanes()), "unowned": scope.unowned_lanes()}
+
+    async def _valid_until(self, head: Delivery) -> float | None:
+        """Replicas: the monotonic time until which this process may send the head (its lease at the lane's
+        current position), or None: the lane is not (or no longer) this process's to send."""
+        scope = self.lanes
+        if scope is None:
+            return float("inf")
+        fence = scope.fence(head.fine_tune_key)
+        if fence is None and not scope.unowned_lanes():
+            return None
+        assert isinstance(self._store, ReplicaStore), "replicas share a PostgreSQL store"
+        asked_at = self._monotonic()  # before the question: the answer's validity counts from no later
+        left = await self._in_store(
+            self._store.deliverable, head, replica=scope.replica, epoch=None if fence is None else fence[1]
+        )
+        return None if left is None else asked_at + left
+
+    def _stale(self, head: Delivery) -> None:
+        # held back until the lease keeper's next round has likely told who holds the lane now
+        self._held[(head.notifier, head.fine_tune_key)] = time.monotonic() + STALE_PAUSE_S
+        log.warning(
+            "delivery.fenced",
+            notifier=head.notifier,
+            fine_tune=head.fine_tune_key,
+            event_id=head.event_id,
+            hint="this replica no longer holds the lane at this event (its lease moved on): not sent",
+        )
 
     async def _retire_removed(self) -> None:
         self._retire_due = False
@@ -310,17 +346,38 @@ class Dispatcher:
                     if len(batch) > notifier.digest_over and batch[0].event_id == head.event_id:
                         rows = batch
                 events = await self._in_store(self._store.events_by_id, [row.event_id for row in rows])
-                ordered = [events[row.event_id] for row in rows if row.event_id in events]
-                if not ordered:
+                missing = [row.event_id for row in rows if row.event_id not in events]
+                if missing:  # pruned under a redeliver (or by hand): such a row can never be sent, so it must not
+                    # hold its lane; dead, the next row of the lane is its head
+                    await self._in_store(
+                        self._store.record_delivery, name, missing, state="dead", now=self._clock(), error=EVENT_MISSING
+                    )
+                    log.warning("delivery.event_missing", notifier=name, event_ids=missing)
+                    if self._on_outcome is not None:
+                        for _ in missing:
+                            self._on_outcome(name, "dead")
+                rows = [row for row in rows if row.event_id in events]
+                ordered = [events[row.event_id] for row in rows]
+                if not ordered or head.event_id in missing:  # the lane's next row is its head now: a pass of its own
                     return
                 timeout = self.configs[name].timeout_s + 5 if name in self.configs else 20
+                # replicas: sent only under a lease still held at the lane's current position, checked last
+                # thing before the send; a process frozen past that (SIGSTOP, a paused VM) asks again, and a
+                # stale one stops here: the new owner may have moved the lane on
+                valid_until = await self._valid_until(head)
+                if valid_until is None:
+                    self._stale(head)
+                    return
                 if isinstance(notifier, Paced):
                     await notifier.wait_turn()  # a wait for a rate-limit slot is not a slow receiver: not timed
                     if name in self.disabled:  # a 410 arrived while this lane waited for its slot
                         return
-                    attempt = notifier.send_now(ordered)
-                else:
-                    attempt = notifier.send(ordered)
+                    if self._monotonic() >= valid_until:
+                        valid_until = await self._valid_until(head)
+                if valid_until is None or self._monotonic() >= valid_until:
+                    self._stale(head)
+                    return
+                attempt = notifier.send_now(ordered) if isinstance(notifier, Paced) else notifier.send(ordered)
                 try:
                     result = await asyncio.wait_for(attempt, timeout=timeout)
                 except TimeoutError:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from watcher.core.models import FineTuneRef, HubFineTune
+from watcher.core.models import Delivery, FineTuneRef, HubFineTune
 
 Fence = tuple[str, int]  # (replica, epoch): a commit goes through only while this replica holds the lease at it
 SourceFence = tuple[str, str, int]  # (source lease key, replica, epoch)
@@ -44,6 +44,7 @@ class Claim:
     live: int
     share: int
     owned: int
+    leader: str | None = None  # the first live replica by name: it delivers the lanes of fine-tunes nobody leases
 
 
 class Leases(Protocol):
@@ -102,6 +103,27 @@ def is_source_lease(key: str) -> bool:
     return key.startswith(SOURCE_LEASE_PREFIX) and key.count("/") == 1
 
 
+class LaneScope(Protocol):
+    """The outbox lanes a replica delivers and the leases it sends them under (what the dispatcher asks)."""
+
+    @property
+    def replica(self) -> str:
+        """This replica's name."""
+        ...
+
+    def lanes(self) -> list[str]:
+        """The fine-tunes whose lanes this process delivers under their lease (the owned ones)."""
+        ...
+
+    def unowned_lanes(self) -> bool:
+        """Whether this process also delivers the lanes of fine-tunes no replica holds a live lease on."""
+        ...
+
+    def fence(self, key: str) -> Fence | None:
+        """(replica, epoch) of the fine-tune's lease held here; None when not (or no longer) held."""
+        ...
+
+
 class Gate(Protocol):
     """A lock across replicas: one of them at a time runs what it guards (retention)."""
 
@@ -118,8 +140,8 @@ class Gate(Protocol):
 class ReplicaStore(Protocol):
     """A store that several daemons share: the parts of it the replica wiring uses (PostgresStore)."""
 
-    def leases(self, *, replica: str, lease_s: float) -> Leases:
-        """The lease table, as this replica sees it."""
+    def leases(self, *, replica: str, lease_s: float, counted: bool = True) -> Leases:
+        """The lease table, as this replica sees it; `counted=False` (`once`): it never counts as a live replica."""
         ...
 
     def retention_gate(self) -> Gate:
@@ -136,4 +158,9 @@ class ReplicaStore(Protocol):
 
     def pool_stats(self) -> dict[str, int]:
         """The connection pool's size and waiting clients, for metrics."""
+        ...
+
+    def deliverable(self, head: Delivery, *, replica: str, epoch: int | None) -> float | None:
+        """For how many more seconds (at least) `replica` may send this lane head: under its lease at `epoch`, or
+        (None) as the replica delivering the lanes nobody leases; None when it may not (the lane moved on)."""
         ...

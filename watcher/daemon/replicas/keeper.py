@@ -141,6 +141,7 @@ class LeaseKeeper:
         self.failing_since: float | None = None  # a round failed (database unreachable) since then
         self._attempt: float | None = None  # a round in progress since then
         self.live = 0
+        self.leads = False  # the first live replica by name: it delivers the lanes of fine-tunes nobody leases
         self._executor = ThreadPoolExecutor(1, "leases")
 
     def attach(self, listener: LeaseListener) -> None:
@@ -168,6 +169,11 @@ class LeaseKeeper:
     def lanes(self) -> list[str]:
         """The fine-tunes whose outbox lanes this replica delivers: the owned ones, while the leases are fresh."""
         return [] if self._clock() - self.last_ok > self.lease_s else sorted(self.owned)
+
+    def unowned_lanes(self) -> bool:
+        """Whether this replica delivers the lanes of fine-tunes nobody leases (removed from every config, aged
+        out of their source, released): the first live replica by name does, while its leases are fresh."""
+        return self.leads and self._clock() - self.last_ok <= self.lease_s
 
     def stale(self) -> bool:
         """Renewing has been failing past the lease deadline: the replica polls and delivers nothing."""
@@ -224,6 +230,7 @@ class LeaseKeeper:
         held, expired, released, acquired = changed.held, changed.expired, changed.released, changed.acquired
         self.owned = held
         self.live = found.claim.live
+        self.leads = found.claim.leader == self.replica
         changed_sources = self._sources_round(found)
         for change in ("expired", "released", "acquired"):
             self._count(change, len(getattr(changed, change)) + len(getattr(changed_sources, change)))
@@ -248,8 +255,30 @@ class LeaseKeeper:
         if changed_sources.acquired or lost_sources:
             listener.sources_changed(changed_sources.acquired, lost_sources)
         if acquired:
-            await listener.acquired(acquired)
+            await self._take_over(listener, acquired)
         await listener.after_round()  # e.g. learn what other replicas' sources found: claimed next round
+
+    async def _take_over(self, listener: LeaseListener, keys: Sequence[str]) -> None:
+        try:
+            await listener.acquired(keys)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # e.g. the state of a taken-over fine-tune could not be read
+            # a lease renewed while nothing polls its fine-tune strands it: give the leases back, for another
+            # replica (or this one, next round) to take over and load afresh
+            for key in keys:
+                self.owned.pop(key, None)
+            if self._metrics is not None:
+                self._metrics.leases_owned.set(len(self.owned) + len(self.sources_owned))
+            listener.lost(keys)
+            log.exception("replica.takeover_failed", replica=self.replica, fine_tunes=len(keys))
+            try:
+                released = await self._call(self.leases.release, list(keys))
+            except StoreError as release_err:
+                # still ours in the database: the next round renews them, finds them not held here and loads them
+                log.warning("replica.release_failed", replica=self.replica, error=str(release_err))
+            else:
+                self._count("released", len(released))
 
     def _sources_round(self, found: Round) -> _Changes:
         renewed = [lease for lease in found.renewed if is_source_lease(lease.key)]

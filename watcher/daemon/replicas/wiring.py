@@ -155,9 +155,25 @@ class OnceClaim:
     def fenced(self, key: str, epoch: int | None = None) -> None:
         """A refused commit: `once` polls each fine-tune once, so there is nothing to drop."""
 
+    @property
+    def replica(self) -> str:
+        """The name `once` claimed under."""
+        return self.leases.replica
+
     def lanes(self) -> list[str]:
         """The claimed fine-tunes' lanes."""
         return sorted(self._owned)
+
+    def unowned_lanes(self) -> bool:
+        """Never: the daemons' first live replica delivers the lanes nobody leases."""
+        return False
+
+    def renew(self) -> None:
+        """Extend the claimed leases (before delivering: polling may have outlasted them); one taken over meanwhile
+        is dropped, its lane left to its new owner."""
+        held = {lease.key: lease.epoch for lease in self.leases.renew()}
+        self._owned = {key: epoch for key, epoch in self._owned.items() if held.get(key) == epoch}
+        self._sources = {key: epoch for key, epoch in self._sources.items() if held.get(key) == epoch}
 
     def leave(self) -> None:
         """Release every claimed lease: the running replicas take them over at once."""
@@ -170,8 +186,9 @@ def claim_for_once(store: Store, config: Config) -> OnceClaim | None:
     if not isinstance(store, ReplicaStore):
         return None
     state = config.state
-    # a name of its own: `once` beside a daemon configured with the same replica name must not take its leases
-    leases = store.leases(replica=f"{state.replica_name()}.once-{os.getpid()}", lease_s=state.lease_s)
+    # a name of its own: `once` beside a daemon configured with the same replica name must not take its leases;
+    # not counted: the daemons' fair share (and what they hold) must not change because `once` runs for a while
+    leases = store.leases(replica=f"{state.replica_name()}.once-{os.getpid()}", lease_s=state.lease_s, counted=False)
     keys = [ft.key for ft in config.fine_tunes]
     owned = {lease.key: lease.epoch for lease in leases.claim(keys, up_to=len(keys)).acquired}
     sources = sorted({lease_key(source) for source in config.discover})  # one a running replica reads stays its

@@ -77,10 +77,14 @@ class PgBase:
     _pool: ConnectionPool
     _idle_limit_s: float | None = None  # see _tx
 
-    def _tx(self, fn: Callable[[psycopg.Connection[Any]], T], *, what: str = "write the outbox") -> T:
+    def _tx(
+        self, fn: Callable[[psycopg.Connection[Any]], T], *, what: str = "write the outbox", bounded: bool = True
+    ) -> T:
+        """Run `fn` in one transaction; `bounded=False` for work that takes no lease's row locks (reads, the
+        start-up schema check): the idle limit must not end a long read of a large database."""
         try:
             with self._pool.connection() as conn, conn.transaction():
-                if self._idle_limit_s is not None:
+                if bounded and self._idle_limit_s is not None:
                     # a process stalled inside a transaction (SIGSTOP, swapped out, a VM pause) holds the row and
                     # advisory locks of its fine-tunes, which keeps every other replica from taking them over for
                     # as long as it stalls: the server ends such a transaction once it has been idle this long

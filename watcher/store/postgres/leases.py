@@ -58,10 +58,13 @@ _LEASE = "fine_tune_key, owner, epoch, extract(epoch FROM expires_at)::float8"
 class PostgresLeases:
     """Leases and replica heartbeats in the PostgreSQL state database."""
 
-    def __init__(self, pool: ConnectionPool, *, replica: str, lease_s: float) -> None:
+    def __init__(self, pool: ConnectionPool, *, replica: str, lease_s: float, counted: bool = True) -> None:
+        """`counted=False` (`once`): claim and release without a heartbeat, so this process is never a live
+        replica: the daemons' fair share stays as it is and none of them releases leases because of it."""
         self._pool = pool
         self.replica = replica
         self.lease_s = lease_s
+        self.counted = counted
         self._lock_timeout_ms = max(100, min(5000, int(lease_s * 250)))
 
     def _tx(self, fn: Callable[[Conn], T], *, what: str) -> T:
@@ -116,7 +119,7 @@ class PostgresLeases:
             )
 
         def work(conn: Conn) -> Claim:
-            live = self._heartbeat(conn)
+            live = self._heartbeat(conn) if self.counted else self._live(conn)
             share = fair_share(len(wanted), live) if up_to is None else up_to
             row = conn.execute(
                 "SELECT count(*) FROM leases WHERE owner = %s AND fine_tune_key = ANY(%s) AND expires_at > now()",
@@ -136,7 +139,8 @@ class PostgresLeases:
                     (wanted, share - owned, self.replica, self.lease_s),
                 ).fetchall()
                 acquired = sorted((Lease(*row) for row in rows), key=lambda lease: lease.key)
-            return Claim(tuple(acquired), live, share, owned + len(acquired))
+            row = conn.execute("SELECT min(name) FROM replicas WHERE expires_at > now()").fetchone()
+            return Claim(tuple(acquired), live, share, owned + len(acquired), row[0] if row else None)
 
         return self._tx(work, what="claim leases")
 
@@ -145,7 +149,8 @@ class PostgresLeases:
         unchanged, so nobody polled it meanwhile); returns them. A lease not returned was lost."""
 
         def work(conn: Conn) -> list[Lease]:
-            self._heartbeat(conn)
+            if self.counted:
+                self._heartbeat(conn)
             rows = conn.execute(
                 f"UPDATE leases SET expires_at = now() + make_interval(secs => %s) WHERE owner = %s RETURNING {_LEASE}",
                 (self.lease_s, self.replica),

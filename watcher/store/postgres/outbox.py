@@ -17,41 +17,89 @@ _DELIVERY_COLUMNS = (
     "last_error, last_status"
 )
 
+# the lanes a replica delivers: every lane (NULL), those of the fine-tunes given, and with the flag those of
+# fine-tunes no replica holds a live lease on (removed from every config, aged out of their source, released)
+_SCOPE = (
+    "(%s::text[] IS NULL OR {d}.fine_tune_key = ANY(%s::text[]) OR (%s::boolean AND NOT EXISTS (SELECT 1 FROM "
+    "leases l WHERE l.fine_tune_key = {d}.fine_tune_key AND l.owner IS NOT NULL AND l.expires_at > now())))"
+)
+# a row still at its lane's head, as the dispatcher read it
+_HEAD = (
+    "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = %s AND d.notifier = %s AND d.state = 'pending' "
+    "AND d.attempts = %s AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
+    "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key))"
+)
+
 
 class PgOutbox(PgBase):
     """The outbox half of PostgresStore (same semantics as SqliteStore's)."""
 
     def due_deliveries(
-        self, notifiers: Sequence[str], *, now: float, limit: int = 500, fine_tunes: Sequence[str] | None = None
+        self,
+        notifiers: Sequence[str],
+        *,
+        now: float,
+        limit: int = 500,
+        fine_tunes: Sequence[str] | None = None,
+        unowned: bool = False,
     ) -> list[Delivery]:
         """The head of each (notifier, fine-tune) lane, when it is due; `limit` applies per notifier.
 
-        `fine_tunes` limits the lanes to those fine-tunes (a replica delivers only the lanes it owns).
+        `fine_tunes` limits the lanes to those fine-tunes (a replica delivers only the lanes it owns); with
+        `unowned`, the lanes of fine-tunes no replica holds a live lease on come too (one replica delivers them).
         """
         found: list[Delivery] = []
         only = None if fine_tunes is None else list(fine_tunes)
         for notifier in notifiers:
             rows = self._read(
                 f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.state = 'pending' AND d.notifier = %s "
-                "AND (%s::text[] IS NULL OR d.fine_tune_key = ANY(%s::text[])) "
+                f"AND {_SCOPE.format(d='d')} "
                 "AND d.event_seq = (SELECT MIN(h.event_seq) FROM deliveries h WHERE h.notifier = d.notifier "
                 "AND h.state = 'pending' AND h.fine_tune_key = d.fine_tune_key) "
                 "AND d.next_attempt_at <= %s ORDER BY d.next_attempt_at, d.event_seq LIMIT %s",
-                (notifier, only, only, now, limit),
+                (notifier, only, only, unowned, now, limit),
             )
             found += [Delivery(*row) for row in rows]
         return found
 
-    def next_due_at(self, notifiers: Sequence[str], *, fine_tunes: Sequence[str] | None = None) -> float | None:
-        """The earliest next attempt among pending rows of these notifiers (and of these fine-tunes, if given)."""
+    def next_due_at(
+        self, notifiers: Sequence[str], *, fine_tunes: Sequence[str] | None = None, unowned: bool = False
+    ) -> float | None:
+        """The earliest next attempt among pending rows of these notifiers (and of these fine-tunes, if given;
+        with `unowned`, also of fine-tunes no replica holds a live lease on)."""
         if not notifiers:
             return None
         only = None if fine_tunes is None else list(fine_tunes)
         rows = self._read(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND notifier = ANY(%s) "
-            "AND (%s::text[] IS NULL OR fine_tune_key = ANY(%s::text[]))",
-            (list(notifiers), only, only),
+            "SELECT MIN(next_attempt_at) FROM deliveries d WHERE d.state = 'pending' AND d.notifier = ANY(%s) "
+            f"AND {_SCOPE.format(d='d')}",
+            (list(notifiers), only, only, unowned),
         )
+        return rows[0][0] if rows else None
+
+    def deliverable(self, head: Delivery, *, replica: str, epoch: int | None) -> float | None:
+        """Whether `replica` may send this lane head now: the head is still its lane's head (pending, first, not
+        attempted since it was read) and the replica holds the fine-tune's lease at `epoch`, or (`epoch` None) no
+        replica holds a live lease on it and this one is the first live replica by name, which delivers such
+        lanes. Returns for how many more seconds that holds at least (the lease's or heartbeat's expiry), or None.
+        """
+        # the database's clock decides, as for the leases themselves
+        if epoch is not None:
+            sql = (
+                "SELECT extract(epoch FROM l.expires_at - now())::float8 FROM leases l WHERE l.fine_tune_key = %s "
+                "AND l.owner = %s AND l.epoch = %s AND l.expires_at > now() AND " + _HEAD
+            )
+            args: tuple[Any, ...] = (head.fine_tune_key, replica, epoch)
+        else:
+            sql = (
+                "SELECT extract(epoch FROM r.expires_at - now())::float8 FROM replicas r WHERE r.name = %s "
+                "AND r.expires_at > now() "
+                "AND NOT EXISTS (SELECT 1 FROM replicas o WHERE o.expires_at > now() AND o.name < r.name) "
+                "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.fine_tune_key = %s AND l.owner IS NOT NULL "
+                "AND l.expires_at > now()) AND " + _HEAD
+            )
+            args = (replica, head.fine_tune_key)
+        rows = self._read(sql, (*args, head.event_id, head.notifier, head.attempts), what="check a delivery's lease")
         return rows[0][0] if rows else None
 
     def lane_batch(self, head: Delivery, *, limit: int = 1000) -> list[Delivery]:
@@ -123,16 +171,21 @@ class PgOutbox(PgBase):
 
         def write(conn: psycopg.Connection[Any]) -> int:
             count = 0
+            # each event is locked (FOR SHARE) before its rows turn pending: a prune batch skips locked events, and
+            # one that locked the event first is waited for, so no row is left pending without its event
             if dead:
                 count += conn.execute(
-                    "UPDATE deliveries SET state = 'pending', next_attempt_at = %s, queued_at = %s, attempts = 0 "
+                    "WITH held AS (SELECT e.id FROM events e WHERE e.id IN (SELECT event_id FROM deliveries "
                     "WHERE state = 'dead' AND (%s::text IS NULL OR notifier = %s::text) "
-                    "AND (%s::float8 IS NULL OR queued_at >= %s::float8)",
-                    (now, now, notifier, notifier, since, since),
+                    "AND (%s::float8 IS NULL OR queued_at >= %s::float8)) FOR SHARE) "
+                    "UPDATE deliveries SET state = 'pending', next_attempt_at = %s, queued_at = %s, attempts = 0 "
+                    "WHERE state = 'dead' AND event_id IN (SELECT id FROM held) "
+                    "AND (%s::text IS NULL OR notifier = %s::text) AND (%s::float8 IS NULL OR queued_at >= %s::float8)",
+                    (notifier, notifier, since, since, now, now, notifier, notifier, since, since),
                 ).rowcount
             for event_id in event_ids:
                 row = conn.execute(
-                    "SELECT seq, envelope, fine_tune_key FROM events WHERE id = %s", (event_id,)
+                    "SELECT seq, envelope, fine_tune_key FROM events WHERE id = %s FOR SHARE", (event_id,)
                 ).fetchone()
                 if row is None:
                     raise StoreError(f"no event with id {event_id}")

@@ -38,7 +38,7 @@ class PgReports(PgBase):
                 checkpoints[key].append((step, orjson.loads(data)))
             return [status_of(key, rows.get(key), checkpoints[key]) for key in wanted]
 
-        return self._tx(read, what="read state")
+        return self._tx(read, what="read state", bounded=False)  # not under a lease: parsing may take long
 
     def recent_events(self, *, limit: int = 50, type_glob: str | None = None) -> list[Event]:
         """Committed events, newest first, optionally only those whose type matches a glob."""

@@ -68,7 +68,10 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
         self._init_touches()
         self._pool = open_pool(url, min_size=pool_min, max_size=pool_max, timeout_s=connect_timeout_s)
         try:
-            self._tx(self._migrate if not readonly else self._check_version, what="open the state database")
+            # not under a lease: a large database's start-up work is not bounded by the idle limit
+            self._tx(
+                self._migrate if not readonly else self._check_version, what="open the state database", bounded=False
+            )
         except BaseException:
             self._pool.close()
             raise
@@ -78,9 +81,9 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
         """The connection pool (shared with the leases)."""
         return self._pool
 
-    def leases(self, *, replica: str, lease_s: float) -> PostgresLeases:
-        """The lease table as this replica sees it, over this store's pool."""
-        return PostgresLeases(self._pool, replica=replica, lease_s=lease_s)
+    def leases(self, *, replica: str, lease_s: float, counted: bool = True) -> PostgresLeases:
+        """The lease table as this replica sees it, over this store's pool (`counted=False`: never a live replica)."""
+        return PostgresLeases(self._pool, replica=replica, lease_s=lease_s, counted=counted)
 
     def retention_gate(self) -> AdvisoryGate:
         """The advisory lock one replica at a time holds while it prunes."""
@@ -123,7 +126,7 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
     @property
     def schema_version(self) -> int:
         """The schema version of the database."""
-        return self._tx(self._version, what="read the schema version")
+        return self._tx(self._version, what="read the schema version", bounded=False)
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -156,7 +159,7 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
             row = conn.execute(f"SELECT {_STATE_COLUMNS} FROM fine_tunes WHERE fine_tune_key = %s", (key,)).fetchone()
             return self._load_state(conn, key, row)[1]
 
-        return self._tx(read, what="read state")
+        return self._tx(read, what="read state", bounded=False)
 
     def not_before(self, key: str) -> float | None:
         """The Unix time before which the Hub asked not to be polled for this fine-tune."""
