@@ -65,10 +65,7 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
         self._init_touches()
         try:
             if readonly:
-                uri = f"file:{Path(self.path).resolve()}?mode=ro"
-                self._db = sqlite3.connect(
-                    uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-                )
+                self._db = connect_readonly(self.path, timeout_s=busy_timeout_s)
             else:
                 if self.path != ":memory:":
                     Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +262,28 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
     def close(self) -> None:
         """Release the database."""
         self._db.close()
+
+
+def connect_readonly(path: str | Path, *, timeout_s: float) -> sqlite3.Connection:
+    """A read-only connection to a state database, also on a read-only mount or in a folder this user cannot
+    write (a backup, a container volume, an operator without write rights)."""
+    resolved = Path(path).resolve()
+    db = sqlite3.connect(
+        f"file:{resolved}?mode=ro", uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False
+    )
+    try:
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError as err:
+        db.close()
+        if err.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN:  # busy, corrupt, ...: not a matter of the -shm file
+            raise
+    # A reader of a WAL database needs its -shm file, and cannot create it where nothing can be written ("unable
+    # to open database file"). Nothing writes the file there either (a writer would have made the -shm file), so
+    # it is read as immutable: no locks, no -shm, no WAL.
+    return sqlite3.connect(
+        f"file:{resolved}?immutable=1", uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False
+    )
 
 
 def open_store(path: str | Path, *, readonly: bool = False) -> SqliteStore:
