@@ -109,6 +109,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # [namespace, repo, id, name]), so the replicas that do not read the source claim its fine-tunes too
         "ALTER TABLE sources ADD COLUMN watching TEXT",
     ),
+    (
+        # SQLite's retention indexes (its third migration), which PostgreSQL never got: retention finds old events
+        # by time, `events --type` and `/events?type=` read one type's rows newest first, and the outbox queries
+        # read pending (or dead) rows only: partial indexes hold nothing of the delivered rows, which are almost
+        # all of them. tests/store_contract/test_schema_parity.py holds the two schemas' indexes together.
+        "CREATE INDEX events_created ON events (created_at)",
+        "CREATE INDEX events_type ON events (type, seq)",
+        "CREATE INDEX deliveries_pending_lane ON deliveries (notifier, fine_tune_key, event_seq) "
+        "WHERE state = 'pending'",
+        # state is a column too (always 'pending') so the statistics and next_due_at read this index alone
+        "CREATE INDEX deliveries_pending_due ON deliveries (notifier, next_attempt_at, queued_at, state) "
+        "WHERE state = 'pending'",
+        "CREATE INDEX deliveries_dead ON deliveries (queued_at) WHERE state = 'dead'",
+        "DROP INDEX deliveries_lane",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
