@@ -2,8 +2,9 @@
 
 Builds a state database (the daemon's schema) holding 2,000 watched fine-tunes, each with a year of checkpoints,
 events and deliveries, then measures on the real listener (HttpServer + the status page, as the daemon serves it):
-- the overview (`/`, default sort, and `?sort=loss`) cold (the first request reads every fine-tune's checkpoints)
-  and warm (steady state: only fine-tunes whose revision moved are re-read), goal < 300 ms;
+- the overview (`/`, default sort, and `?sort=loss`) cold (the first request after a start: reads every
+  fine-tune's summary, kept on write) and warm (steady state: only fine-tunes whose revision moved are re-read),
+  goal < 300 ms;
 - the same after 20 fine-tunes changed (a poll committed a checkpoint);
 - a run page with the longest history, `/events`, and the JSON API;
 - the event loop's lag (what a poll would wait for) while pages render back to back, against idle.
@@ -38,7 +39,7 @@ from watcher.core.health import PollHealth, Verdict
 from watcher.core.models import FineTuneRef
 from watcher.observe.server import HttpServer
 from watcher.store import SqliteReports, SqliteStore
-from watcher.store.reports import Reports
+from watcher.store.reports import Reports, backfill_summaries
 from watcher.web import views
 from watcher.web.site import StatusPages
 
@@ -145,6 +146,9 @@ def build(path: Path, refs: list[FineTuneRef], *, checkpoints: int, long_run: in
         counts["checkpoints"] += len(rows)
         counts["events"] += len(events)
         counts["deliveries"] += len(deliveries)
+    # the per-fine-tune summaries the store writes with each poll's checkpoints, filled as the migration does
+    db.execute("BEGIN")
+    backfill_summaries(db, mark="?", fields=SqliteReports.checkpoint_fields, source=SqliteReports.checkpoint_from)
     db.execute("COMMIT")
     db.close()
     return counts
@@ -217,6 +221,10 @@ def touch(path: Path, refs: list[FineTuneRef], count: int) -> None:
             (ref.key, step + 100, orjson.dumps(data).decode()),
         )
         db.execute("UPDATE fine_tunes SET revision = revision + 1 WHERE fine_tune_key = ?", (ref.key,))
+    keys = [ref.key for ref in refs[:count]]  # and their summaries, as the store writes them in the same commit
+    backfill_summaries(
+        db, mark="?", fields=SqliteReports.checkpoint_fields, source=SqliteReports.checkpoint_from, keys=keys
+    )
     db.execute("COMMIT")
     db.close()
 
@@ -348,7 +356,11 @@ def run(
 def report(store: str, result: dict[str, Any]) -> dict[str, Any]:
     """Print one store's figures."""
     print(f"-- {store}")
-    print(f"overview, first request (reads every fine-tune's checkpoints): {result['overview_cold_ms']:.0f} ms")
+    cold = result["overview_cold_ms"]
+    print(
+        f"overview, first request after a start (every fine-tune's summary): {cold:.0f} ms "
+        f"(goal < 300 ms: {'met' if cold < 300 else 'NOT met'})"
+    )
     for name in (
         "overview",
         "overview_sort_loss",

@@ -146,7 +146,7 @@ def test_every_released_version_is_migrated_keeping_the_baseline(
         db.execute("INSERT INTO schema_version VALUES (?)", (version,))
         for statements in MIGRATIONS[:version]:
             for statement in statements:
-                db.execute(statement)
+                statement(db) if callable(statement) else db.execute(statement)
         db.execute(
             "INSERT INTO fine_tunes (fine_tune_key, baselined, body_hash, last_outcome) VALUES (?, 1, 'h1', 'ok')",
             (REF.key,),

@@ -31,6 +31,7 @@ from watcher.core.models import (
 from watcher.errors import StoreError
 from watcher.store.protocols import Committed, Router
 from watcher.store.replicas import Fence
+from watcher.store.reports import summary_of_checkpoints, summary_row, summary_upsert
 from watcher.store.shared_reads import SharedReads
 from watcher.store.sqlite.lifecycle import SqliteLifecycle
 from watcher.store.sqlite.migrate import CONVERT_AT_START_MAX_BYTES, SqliteMigrations
@@ -198,6 +199,8 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
                         "DELETE FROM checkpoints WHERE fine_tune_key = ? AND step = ?",
                         [(key, step) for step in transition.deletes],
                     )
+                if transition.upserts or transition.deletes:  # the status page's summary, in the same commit
+                    self._db.execute(summary_upsert("?"), summary_row(key, _summary(transition.state)))
                 self._insert_events(events, now=now, route=route)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -262,6 +265,10 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
     def close(self) -> None:
         """Release the database."""
         self._db.close()
+
+
+def _summary(state: FineTuneState) -> dict[str, Any]:
+    return summary_of_checkpoints({step: known.data for step, known in state.checkpoints.items()})
 
 
 def connect_readonly(path: str | Path, *, timeout_s: float) -> sqlite3.Connection:
