@@ -147,7 +147,6 @@ def build(path: Path, refs: list[FineTuneRef], *, checkpoints: int, long_run: in
         counts["events"] += len(events)
         counts["deliveries"] += len(deliveries)
     # the per-fine-tune summaries the store writes with each poll's checkpoints, filled as the migration does
-    db.execute("BEGIN")
     backfill_summaries(db, mark="?", fields=SqliteReports.checkpoint_fields, source=SqliteReports.checkpoint_from)
     db.execute("COMMIT")
     db.close()

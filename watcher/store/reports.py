@@ -195,7 +195,7 @@ def summary_of_row(row: Sequence[Any]) -> dict[str, Any]:
         "latest_deployment": deployment,
         "best_loss": best_loss,
         "best_step": best_step,
-        "spark": tuple((step, loss) for step, loss in orjson.loads(spark)),
+        "spark": tuple(map(tuple, orjson.loads(spark))),  # (step, loss) pairs; map: the first overview reads 2,000
     }
 
 
@@ -310,10 +310,16 @@ class SqlReports:
 
     def _checkpoint_summaries(self, db: Reader, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        for batch in _batches(keys):
-            where, args = self._in("fine_tune_key", batch)
-            for row in db.execute(f"SELECT {SUMMARY_COLUMNS} FROM run_summaries WHERE {where}", args):
-                found[row[0]] = summary_of_row(row)
+        if len(keys) > BATCH:  # the first overview after a start: every row, in one read of the table
+            wanted = set(keys)
+            for row in db.execute(f"SELECT {SUMMARY_COLUMNS} FROM run_summaries"):
+                if row[0] in wanted:
+                    found[row[0]] = summary_of_row(row)
+        else:
+            for batch in _batches(keys):
+                where, args = self._in("fine_tune_key", batch)
+                for row in db.execute(f"SELECT {SUMMARY_COLUMNS} FROM run_summaries WHERE {where}", args):
+                    found[row[0]] = summary_of_row(row)
         # none kept (a fine-tune with no checkpoint committed yet): from its checkpoint rows, if any
         missing = [key for key in keys if key not in found]
         return {**found, **self._scan_checkpoints(db, missing)} if missing else found
