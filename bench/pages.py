@@ -282,21 +282,33 @@ async def measure(
     return result
 
 
-def render_cpu(make: Callable[[], Reports], refs: list[FineTuneRef], times: int) -> dict[str, float]:
-    """CPU time (ms) of the overview's reads and render alone, warm (this thread's time: load elsewhere on the
-    machine does not count)."""
+def render_cpu(
+    make: Callable[[], Reports], refs: list[FineTuneRef], times: int, server_cpu: Callable[[], float] | None = None
+) -> dict[str, float]:
+    """CPU time (ms) of the overview's reads and render alone, the first one of a new Reports (as after a start)
+    and warm (this thread's time, plus the database server's for PostgreSQL (`server_cpu`: its processes' CPU
+    seconds): load elsewhere on the machine does not count)."""
     from watcher.web import pages
 
     reports = make()
     snapshot = snapshot_for(refs)
+    server_before = server_cpu() if server_cpu else 0.0
+    started = time.thread_time()  # the templates are compiled by now: the reads, and the render
     pages.overview_html(reports, snapshot(), column="failing", descending=False, page=1)
+    cold_ms = (time.thread_time() - started) * 1000
+    cold_server_ms = ((server_cpu() if server_cpu else 0.0) - server_before) * 1000
     found = []
     for _ in range(times):
         started = time.thread_time()
         pages.overview_html(reports, snapshot(), column="failing", descending=False, page=1)
         found.append((time.thread_time() - started) * 1000)
     reports.close()
-    return {"p50_ms": statistics.median(found), "max_ms": max(found)}
+    return {
+        "p50_ms": statistics.median(found),
+        "max_ms": max(found),
+        "cold_ms": cold_ms,
+        "cold_server_ms": cold_server_ms,
+    }
 
 
 def run(
@@ -347,7 +359,12 @@ def run(
                         times,
                     )
                 )
-                figures["overview_cpu"] = render_cpu(lambda: pages_postgres.reports_factory(url), refs, times)
+                figures["overview_cpu"] = render_cpu(
+                    lambda: pages_postgres.reports_factory(url),
+                    refs,
+                    times,
+                    server_cpu=lambda: pages_postgres.server_cpu_s(cluster.postmaster_pid()),
+                )
                 result["postgresql"] = report("PostgreSQL", figures)
     return result
 
@@ -374,7 +391,12 @@ def report(store: str, result: dict[str, Any]) -> dict[str, Any]:
         p50, p95, most = figures["p50_ms"], figures["p95_ms"], figures["max_ms"]
         print(f"{name:<22} p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  max {most:6.1f} ms")
     cpu = result["overview_cpu"]
-    print(f"overview CPU per render (reads + render, warm): p50 {cpu['p50_ms']:.1f} ms, max {cpu['max_ms']:.1f} ms")
+    first = cpu["cold_ms"] + cpu["cold_server_ms"]
+    print(
+        f"overview CPU per render (reads + render, this thread): first after a start {cpu['cold_ms']:.1f} ms "
+        f"+ {cpu['cold_server_ms']:.1f} ms of the database server's = {first:.0f} ms (goal < 300 ms: "
+        f"{'met' if first < 300 else 'NOT met'}), then p50 {cpu['p50_ms']:.1f} ms, max {cpu['max_ms']:.1f} ms"
+    )
     goal = result["overview"]["p95_ms"]
     print(f"overview p95 {goal:.0f} ms (goal < 300 ms): {'met' if goal < 300 else 'NOT met'}")
     print(f"overview after 20 fine-tunes changed: {result['overview_after_20_changed_ms']:.0f} ms")

@@ -7,6 +7,7 @@ installed).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -77,3 +78,23 @@ def touch(url: str, refs: list[FineTuneRef], count: int) -> None:
             source=PostgresReports.checkpoint_from,
             keys=[ref.key for ref in refs[:count]],
         )
+
+
+def server_cpu_s(postmaster: int | None) -> float:
+    """CPU seconds (user + system) used so far by the cluster's processes: the postmaster and its children (the
+    benchmark's throwaway cluster serves nothing else)."""
+    if postmaster is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        pid, ppid = int(entry.name), int(fields[1])
+        if pid == postmaster or ppid == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
