@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import heapq
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,19 +25,23 @@ _EVENT_TYPES = (
 def _recent_of_types(conn: psycopg.Connection[Any], limit: int, type_glob: str) -> list[Event]:
     """As on SQLite: the glob is matched against the few distinct types, each matching type's newest rows come
     from the (type, seq) index, then only the envelopes of the `limit` newest overall (a rare type costs as little
-    as a common one; reading newest first and filtering walked the whole table for a rare one). Two round trips
-    however many types match."""
+    as a common one; reading newest first and filtering walked the whole table for a rare one)."""
     if limit <= 0:
         return []
-    kinds = [kind for (kind,) in conn.execute(_EVENT_TYPES).fetchall() if fnmatch.fnmatchcase(kind, type_glob)]
-    if not kinds:
+    seqs: list[int] = []
+    for (kind,) in conn.execute(_EVENT_TYPES).fetchall():
+        if fnmatch.fnmatchcase(kind, type_glob):
+            seqs += [
+                seq
+                for (seq,) in conn.execute(
+                    "SELECT seq FROM events WHERE type = %s ORDER BY seq DESC LIMIT %s", (kind, limit)
+                )
+            ]
+    newest = heapq.nlargest(limit, seqs)
+    if not newest:
         return []
     rows = conn.execute(
-        "SELECT e.envelope, e.fine_tune_key FROM events e WHERE e.seq IN ("
-        "SELECT n.seq FROM unnest(%s::text[]) AS t(type) CROSS JOIN LATERAL "
-        "(SELECT x.seq FROM events x WHERE x.type = t.type ORDER BY x.seq DESC LIMIT %s) AS n "
-        "ORDER BY n.seq DESC LIMIT %s) ORDER BY e.seq DESC",
-        (kinds, limit, limit),
+        "SELECT envelope, fine_tune_key FROM events WHERE seq = ANY(%s) ORDER BY seq DESC", (newest,)
     ).fetchall()
     return [event_from_row(envelope, key) for envelope, key in rows]
 
