@@ -2,8 +2,9 @@
 
 Builds a state database (the daemon's schema) holding 2,000 watched fine-tunes, each with a year of checkpoints,
 events and deliveries, then measures on the real listener (HttpServer + the status page, as the daemon serves it):
-- the overview (`/`, default sort, and `?sort=loss`) cold (the first request reads every fine-tune's checkpoints)
-  and warm (steady state: only fine-tunes whose revision moved are re-read), goal < 300 ms;
+- the overview (`/`, default sort, and `?sort=loss`) cold (the first request after a start: reads every
+  fine-tune's summary, kept on write) and warm (steady state: only fine-tunes whose revision moved are re-read),
+  goal < 300 ms;
 - the same after 20 fine-tunes changed (a poll committed a checkpoint);
 - a run page with the longest history, `/events`, and the JSON API;
 - the event loop's lag (what a poll would wait for) while pages render back to back, against idle.
@@ -38,7 +39,7 @@ from watcher.core.health import PollHealth, Verdict
 from watcher.core.models import FineTuneRef
 from watcher.observe.server import HttpServer
 from watcher.store import SqliteReports, SqliteStore
-from watcher.store.reports import Reports
+from watcher.store.reports import Reports, backfill_summaries
 from watcher.web import views
 from watcher.web.site import StatusPages
 
@@ -145,6 +146,8 @@ def build(path: Path, refs: list[FineTuneRef], *, checkpoints: int, long_run: in
         counts["checkpoints"] += len(rows)
         counts["events"] += len(events)
         counts["deliveries"] += len(deliveries)
+    # the per-fine-tune summaries the store writes with each poll's checkpoints, filled as the migration does
+    backfill_summaries(db, mark="?", fields=SqliteReports.checkpoint_fields, source=SqliteReports.checkpoint_from)
     db.execute("COMMIT")
     db.close()
     return counts
@@ -217,6 +220,10 @@ def touch(path: Path, refs: list[FineTuneRef], count: int) -> None:
             (ref.key, step + 100, orjson.dumps(data).decode()),
         )
         db.execute("UPDATE fine_tunes SET revision = revision + 1 WHERE fine_tune_key = ?", (ref.key,))
+    keys = [ref.key for ref in refs[:count]]  # and their summaries, as the store writes them in the same commit
+    backfill_summaries(
+        db, mark="?", fields=SqliteReports.checkpoint_fields, source=SqliteReports.checkpoint_from, keys=keys
+    )
     db.execute("COMMIT")
     db.close()
 
@@ -275,21 +282,33 @@ async def measure(
     return result
 
 
-def render_cpu(make: Callable[[], Reports], refs: list[FineTuneRef], times: int) -> dict[str, float]:
-    """CPU time (ms) of the overview's reads and render alone, warm (this thread's time: load elsewhere on the
-    machine does not count)."""
+def render_cpu(
+    make: Callable[[], Reports], refs: list[FineTuneRef], times: int, server_cpu: Callable[[], float] | None = None
+) -> dict[str, float]:
+    """CPU time (ms) of the overview's reads and render alone, the first one of a new Reports (as after a start)
+    and warm (this thread's time, plus the database server's for PostgreSQL (`server_cpu`: its processes' CPU
+    seconds): load elsewhere on the machine does not count)."""
     from watcher.web import pages
 
     reports = make()
     snapshot = snapshot_for(refs)
+    server_before = server_cpu() if server_cpu else 0.0
+    started = time.thread_time()  # the templates are compiled by now: the reads, and the render
     pages.overview_html(reports, snapshot(), column="failing", descending=False, page=1)
+    cold_ms = (time.thread_time() - started) * 1000
+    cold_server_ms = ((server_cpu() if server_cpu else 0.0) - server_before) * 1000
     found = []
     for _ in range(times):
         started = time.thread_time()
         pages.overview_html(reports, snapshot(), column="failing", descending=False, page=1)
         found.append((time.thread_time() - started) * 1000)
     reports.close()
-    return {"p50_ms": statistics.median(found), "max_ms": max(found)}
+    return {
+        "p50_ms": statistics.median(found),
+        "max_ms": max(found),
+        "cold_ms": cold_ms,
+        "cold_server_ms": cold_server_ms,
+    }
 
 
 def run(
@@ -340,7 +359,12 @@ def run(
                         times,
                     )
                 )
-                figures["overview_cpu"] = render_cpu(lambda: pages_postgres.reports_factory(url), refs, times)
+                figures["overview_cpu"] = render_cpu(
+                    lambda: pages_postgres.reports_factory(url),
+                    refs,
+                    times,
+                    server_cpu=lambda: pages_postgres.server_cpu_s(cluster.postmaster_pid()),
+                )
                 result["postgresql"] = report("PostgreSQL", figures)
     return result
 
@@ -348,7 +372,11 @@ def run(
 def report(store: str, result: dict[str, Any]) -> dict[str, Any]:
     """Print one store's figures."""
     print(f"-- {store}")
-    print(f"overview, first request (reads every fine-tune's checkpoints): {result['overview_cold_ms']:.0f} ms")
+    cold = result["overview_cold_ms"]
+    print(
+        f"overview, first request after a start (every fine-tune's summary): {cold:.0f} ms "
+        f"(goal < 300 ms: {'met' if cold < 300 else 'NOT met'})"
+    )
     for name in (
         "overview",
         "overview_sort_loss",
@@ -363,7 +391,12 @@ def report(store: str, result: dict[str, Any]) -> dict[str, Any]:
         p50, p95, most = figures["p50_ms"], figures["p95_ms"], figures["max_ms"]
         print(f"{name:<22} p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  max {most:6.1f} ms")
     cpu = result["overview_cpu"]
-    print(f"overview CPU per render (reads + render, warm): p50 {cpu['p50_ms']:.1f} ms, max {cpu['max_ms']:.1f} ms")
+    first = cpu["cold_ms"] + cpu["cold_server_ms"]
+    print(
+        f"overview CPU per render (reads + render, this thread): first after a start {cpu['cold_ms']:.1f} ms "
+        f"+ {cpu['cold_server_ms']:.1f} ms of the database server's = {first:.0f} ms (goal < 300 ms: "
+        f"{'met' if first < 300 else 'NOT met'}), then p50 {cpu['p50_ms']:.1f} ms, max {cpu['max_ms']:.1f} ms"
+    )
     goal = result["overview"]["p95_ms"]
     print(f"overview p95 {goal:.0f} ms (goal < 300 ms): {'met' if goal < 300 else 'NOT met'}")
     print(f"overview after 20 fine-tunes changed: {result['overview_after_20_changed_ms']:.0f} ms")

@@ -7,6 +7,7 @@ installed).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from watcher.store.postgres.base import open_pool
 from watcher.store.postgres.reports import PostgresReports
 from watcher.store.postgres.schema import SEQ_SHIFT
 from watcher.store.postgres.store import PostgresStore
+from watcher.store.reports import SUMMARY_COLUMNS, backfill_summaries
 
 TABLES = {
     "fine_tunes": "fine_tune_key, baselined, not_found, consecutive_failures, failing, best_loss, body_hash, "
@@ -27,6 +29,7 @@ TABLES = {
     "checkpoints": "fine_tune_key, step, fingerprint, data",
     "events": "seq, id, type, fine_tune_key, created_at, envelope",
     "deliveries": "event_seq, event_id, notifier, fine_tune_key, batch_id, state, attempts, next_attempt_at, queued_at",
+    "run_summaries": SUMMARY_COLUMNS,
 }
 BOOLEANS = {"fine_tunes": (1, 2, 4)}  # INTEGER 0/1 in SQLite, BOOLEAN here
 
@@ -67,3 +70,31 @@ def touch(url: str, refs: list[FineTuneRef], count: int) -> None:
                 (ref.key, step + 100, orjson.dumps(data).decode()),
             )
             conn.execute("UPDATE fine_tunes SET revision = revision + 1 WHERE fine_tune_key = %s", (ref.key,))
+        # and their summaries, as the store writes them in the same commit
+        backfill_summaries(
+            conn,
+            mark="%s",
+            fields=PostgresReports.checkpoint_fields,
+            source=PostgresReports.checkpoint_from,
+            keys=[ref.key for ref in refs[:count]],
+        )
+
+
+def server_cpu_s(postmaster: int | None) -> float:
+    """CPU seconds (user + system) used so far by the cluster's processes: the postmaster and its children (the
+    benchmark's throwaway cluster serves nothing else)."""
+    if postmaster is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        pid, ppid = int(entry.name), int(fields[1])
+        if pid == postmaster or ppid == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total

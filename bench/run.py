@@ -495,6 +495,12 @@ def main() -> None:
         import aged
 
         figures["aged"] = aged.run()
+        from watcher.testing.pgcluster import find_server_bindir
+
+        if find_server_bindir() is not None:  # the same history on PostgreSQL (AGED_PG_SCALE, default 0.1)
+            import aged_postgres
+
+            figures["aged_postgres"] = aged_postgres.run()
     if "lifecycle" in only:  # discovery and adaptive polling, time sped up x20 (LIFECYCLE_SCALE)
         import lifecycle
 

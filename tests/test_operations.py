@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import shutil
+import signal
 import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 import structlog
-from conftest import Daemon, base_config, cli, wait_for, write_config
+from conftest import ROOT, Daemon, base_config, cli, wait_for, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from watcher.testing.receiver import Answer, Receiver
@@ -21,6 +25,7 @@ from watcher.testing.simhub import Fault
 FT = {"namespace": "acme", "repo": "bot", "id": "ft_1", "name": "bot-sft"}
 MISSING = {"namespace": "acme", "repo": "ghost", "id": "ft_gone"}
 KEY = "acme/bot/ft_1"
+SCRIPT = Path(sys.executable).parent / "oxen-watcher"  # the console script, beside the interpreter
 
 
 def listen_port(daemon: Daemon) -> int:
@@ -475,3 +480,54 @@ def test_hub_url_credentials_never_reach_a_log_line():
     assert "pa55word-s3cret" not in repr(line) and "alice:" not in repr(line)
     assert public_url(url + "/api") == "https://hub.example.com:8443/api"
     assert public_url("https://hub.oxen.ai") == "https://hub.oxen.ai"
+
+
+# --- SIGTERM at any moment of a start: exit 0, never killed by the default action ----------------------------
+
+
+def _takes_sigterm(pid: int) -> bool:
+    """The process has a handler for SIGTERM (bit 15 of SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def _mapped(pid: int, library: str) -> bool:
+    """A shared library whose path contains `library` is loaded (an import is under way)."""
+    return library in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize("entry", ["python -m watcher", "oxen-watcher"])
+def test_sigterm_right_after_a_start_exits_0(hub, tmp_path, entry):
+    hub.add_fine_tune("acme", "bot", "ft_1")
+    command = [sys.executable, "-m", "watcher"] if entry == "python -m watcher" else [str(SCRIPT)]
+    # the moments of a start, earliest first: the first one a program can take a signal at (its handler is in),
+    # the command line's imports under way (orjson is loaded half way through them), the first line of output,
+    # the state database created
+    moments = {
+        "handler installed": lambda proc, out, db: _takes_sigterm(proc.pid),
+        "importing": lambda proc, out, db: _mapped(proc.pid, "orjson"),
+        "first output": lambda proc, out, db: out.stat().st_size > 0,
+        "database created": lambda proc, out, db: db.exists(),
+    }
+    codes = {}
+    for name, reached in moments.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        data = base_config(hub, folder, fine_tunes=[FT])
+        db = Path(data["state"]["path"])
+        config = write_config(folder / "c.toml", data)
+        out = folder / "out.log"
+        with out.open("wb") as sink:
+            proc = subprocess.Popen([*command, "run", "-c", str(config)], stdout=sink, stderr=sink, cwd=ROOT)
+        try:
+            wait_for(lambda: proc.poll() is not None or reached(proc, out, db), interval=0.001, what=name)
+            proc.send_signal(signal.SIGTERM)
+            codes[name] = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        assert "Traceback" not in out.read_text(errors="replace"), (name, out.read_text(errors="replace"))
+    assert codes == dict.fromkeys(moments, 0), codes

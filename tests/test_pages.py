@@ -568,6 +568,21 @@ def test_stalled_and_failing_badges_from_state_and_live_health() -> None:
     assert row_of(RunSummary(GOOD.key, not_found=True, last_outcome="not_found")).not_found
 
 
+def test_the_stalled_badge_is_for_running_runs_only() -> None:
+    def stalled(hub_status: str | None) -> bool:
+        live = snapshot_of(refs=(GOOD,), health={})()
+        summary = RunSummary(
+            GOOD.key, last_outcome="ok", latest_created_at=rfc3339(NOW - 3 * 3600), hub_status=hub_status
+        )
+        (row,) = build_rows(live, {GOOD.key: summary})
+        return row.stalled
+
+    # the last known Hub status is running, or was never read (a configured fine-tune, a listed one not yet read)
+    assert stalled("running") and stalled("RUNNING") and stalled(None)
+    # finished runs with old checkpoints are not stalled, as OxenFineTuneTrainingStalled says
+    assert not any(stalled(status) for status in ("completed", "stopped", "errored", "queued"))
+
+
 def test_bad_sort_and_page_values_fall_back() -> None:
     assert parse_sort("'; DROP TABLE") == ("failing", False)
     assert parse_sort("-best") == ("best", True)

@@ -87,7 +87,7 @@ def test_every_released_version_is_migrated_keeping_the_baseline(
         db.execute("INSERT INTO schema_version VALUES (?)", (version,))
         for statements in MIGRATIONS[:version]:
             for statement in statements:
-                db.execute(statement)
+                statement(db) if callable(statement) else db.execute(statement)
         db.execute(
             "INSERT INTO fine_tunes (fine_tune_key, baselined, body_hash, last_outcome) VALUES (?, 1, 'h1', 'ok')",
             (REF.key,),
@@ -350,3 +350,84 @@ def test_a_large_prune_rewrites_the_file_once_and_the_daemon_defers_a_big_rewrit
     report = store.prune(now=T0 + 31 * DAY, retain_s=30 * DAY)  # what `oxen-watcher prune` does
     assert report.events == 0 and report.bytes_freed > full // 2 * 4096
     assert store._pragma("freelist_count") == 0 and store._pragma("page_count") < full // 2
+
+
+# --- `status` and `events` on a database nothing can write: a read-only mount, a folder without write rights ---
+
+
+@pytest.fixture(params=["read-only mount", "chmod"])
+def unwritable_folder(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """A folder, and how to make it unwritable (remount read-only as root, chmod otherwise: root writes through
+    chmod, and only root mounts)."""
+    import os
+    import subprocess
+
+    how = request.param
+    folder = tmp_path / "state"
+    folder.mkdir()
+    if how == "chmod" and os.geteuid() == 0:
+        pytest.skip("root writes through chmod; the read-only mount variant covers this as root")
+    if how == "read-only mount":
+        if os.geteuid() != 0:
+            pytest.skip("mounting needs root; the chmod variant covers this")
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True, check=False
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+
+    def lock() -> None:
+        if how == "chmod":
+            for path in folder.iterdir():
+                path.chmod(0o444)
+            folder.chmod(0o555)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+
+    try:
+        yield folder, lock
+    finally:
+        if how == "chmod":
+            folder.chmod(0o755)
+        else:
+            subprocess.run(["umount", str(folder)], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("leftovers", ["closed cleanly", "with its -wal and -shm files"])
+def test_status_and_events_read_a_database_nothing_can_write(
+    hub: Any, tmp_path: Path, unwritable_folder: tuple[Path, Callable[[], None]], leftovers: str
+) -> None:
+    import shutil
+
+    from conftest import base_config, cli, write_config
+
+    folder, lock = unwritable_folder
+    db = folder / "w.db"
+    source = tmp_path / "source.db"
+    writer = SqliteStore(source)
+    apply(writer, success(cp(1)))
+    created = apply(writer, success(cp(1), cp(2)), now=T0 + 1)
+    if leftovers == "closed cleanly":
+        writer.close()
+    # else: copied while open, as a backup of a running daemon's folder is (the last commit only in the -wal)
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{source}{suffix}").exists():
+            shutil.copyfile(f"{source}{suffix}", f"{db}{suffix}")
+    if leftovers != "closed cleanly":
+        writer.close()
+    assert Path(f"{db}-shm").exists() == (leftovers != "closed cleanly")
+    lock()
+    fine_tune = {"namespace": REF.namespace, "repo": REF.repo, "id": REF.id}
+    config = write_config(
+        tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[fine_tune], state={"path": str(db)})
+    )
+    status = cli("status", "-c", str(config), "--json")
+    assert status.returncode == 0, status.stderr
+    (row,) = [orjson.loads(line) for line in status.stdout.splitlines()]
+    assert (row["checkpoints"], row["latest_step"]) == (2, 2)
+    events = cli("events", "-c", str(config), "--json")
+    assert events.returncode == 0, events.stderr
+    assert [orjson.loads(line)["id"] for line in events.stdout.splitlines()] == [e.id for e in created.events]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["w.db"] + (["w.db-shm", "w.db-wal"] if leftovers != "closed cleanly" else [])
+    )

@@ -1,5 +1,5 @@
 """`python -m watcher` is the `oxen-watcher` command."""
 
-from watcher.cli.main import main
+from watcher.cli import main
 
 main()

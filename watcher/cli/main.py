@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from watcher import __version__
+from watcher.cli import HUP_PENDING, STOP_PENDING, take_early_signals
 from watcher.cli.common import (
     EX_CONFIG,
     config_option,
@@ -34,17 +34,6 @@ from watcher.observe.logs import REDACTOR
 __all__ = ["EX_CONFIG", "cli", "main"]
 
 
-def _exit_cleanly(signum: int, frame: Any) -> NoReturn:
-    sys.exit(0)
-
-
-_HUP_PENDING: list[bool] = []  # a SIGHUP that arrived before the daemon's event loop took the signals
-
-
-def _remember_hup(signum: int, frame: Any) -> None:
-    _HUP_PENDING.append(True)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="oxen-watcher")
 def cli() -> None:
@@ -55,10 +44,7 @@ def cli() -> None:
 @config_option
 def run(config_path: str) -> None:
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
-    # Until the event loop takes over the signals, a stop request during start-up is a clean exit and a
-    # reload request is remembered (SIGHUP's default action would kill the process), then applied once started.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    signal.signal(signal.SIGHUP, _remember_hup)
+    take_early_signals()  # the entry point took them already; here for `cli` called directly (tests)
     config = load(config_path)
     secrets = resolve_secrets(config)
     setup_logging(config)
@@ -69,12 +55,18 @@ def _serve(config: Config, secrets: Any, *, config_path: str | None = None, on_s
     from watcher.daemon.app import App
 
     async def main() -> None:
+        if STOP_PENDING:  # stopped during start-up: nothing to drain yet
+            return
         try:
-            app = App(config, secrets, config_path=config_path, reload_requested=lambda: bool(_HUP_PENDING))
+            app = App(config, secrets, config_path=config_path, reload_requested=lambda: bool(HUP_PENDING))
         except StoreError as err:
             fail(str(err), 1)
+        loop = asyncio.get_running_loop()
         if on_started is not None:
-            asyncio.get_running_loop().call_later(1.0, on_started, app)
+            loop.call_later(1.0, on_started, app)
+        # runs once app.run() has given the signals to the loop (its first lines): a stop request remembered
+        # until then stops it; one that arrives later goes to the loop's handler
+        loop.call_soon(lambda: app.stop.set() if STOP_PENDING else None)
         await app.run()
 
     try:

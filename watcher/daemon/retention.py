@@ -7,6 +7,7 @@ so polls and deliveries interleave with a long prune instead of waiting for it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,17 @@ from watcher.store import PruneReport, Retention
 from watcher.store.replicas import Gate
 
 log = structlog.get_logger("watcher.retention")
+
+
+class _CancelledAtShutdown(logging.Filter):
+    """Drops the scheduler's error record of a pass cancelled at shutdown (the scheduler logs a cancelled job, even
+    one it never started, as an error with a traceback; a stop right after a start meets the first pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+_QUIET_CANCEL = _CancelledAtShutdown()
 
 DAY_S = 86400.0
 RETENTION_EVERY_S = 3600.0
@@ -107,6 +119,7 @@ class RetentionJob:
     def schedule(self, scheduler: AsyncIOScheduler) -> None:
         """Add this job to the daemon's wall-clock scheduler: a pass now, then every `every_s` (one at a time; a
         pass missed while the host slept runs once, late)."""
+        logging.getLogger("apscheduler.executors.default").addFilter(_QUIET_CANCEL)  # once: a set of filters
         scheduler.add_job(
             self._scheduled_pass,
             IntervalTrigger(seconds=self.every_s, timezone=UTC),

@@ -3,9 +3,9 @@ SQLite and PostgreSQL: one set of queries (placeholders aside) and one way of co
 Each backend supplies a read snapshot, how to test membership in a list of keys, and how to pull three fields out
 of a checkpoint's JSON in the database.
 
-The checkpoint summaries (latest, best, sparkline) are cached per fine-tune by the row's `revision`, which every
-commit of a fine-tune's state moves on (whichever process or replica made it): a request re-reads only the
-fine-tunes whose revision moved since, in batches.
+The checkpoint summaries (latest, best, sparkline) are kept per fine-tune in `run_summaries`, written with the
+checkpoints, and cached here by the fine-tune row's `revision`, which every commit of a fine-tune's state moves on
+(whichever process or replica made it): a request re-reads only the summaries whose revision moved since.
 """
 
 from __future__ import annotations
@@ -149,6 +149,84 @@ def checkpoint_summary(rows: Sequence[tuple[int, Any, Any, Any]]) -> dict[str, A
     }
 
 
+# --- per-fine-tune summaries, kept on write -------------------------------------------------------------------
+# Each commit that changes a fine-tune's checkpoints rewrites its row of `run_summaries` in the same transaction
+# (the poll has every checkpoint in memory then), so the overview reads one small row per fine-tune instead of
+# every checkpoint's JSON (the first overview after a start took 3 s on PostgreSQL with a year of history).
+
+SUMMARY_COLUMNS = (
+    "fine_tune_key, checkpoints, latest_step, latest_loss, latest_created_at, latest_deployment, best_loss, "
+    "best_step, spark"
+)
+
+
+def summary_upsert(mark: str) -> str:
+    """The statement writing one summary row (either dialect: `mark` is the driver's placeholder)."""
+    updates = ", ".join(f"{column} = excluded.{column}" for column in SUMMARY_COLUMNS.split(", ")[1:])
+    return (
+        f"INSERT INTO run_summaries ({SUMMARY_COLUMNS}) VALUES ({', '.join(mark for _ in range(9))}) "
+        f"ON CONFLICT (fine_tune_key) DO UPDATE SET {updates}"
+    )
+
+
+def summary_row(key: str, summary: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A checkpoint_summary() as the values of summary_upsert()."""
+    return (
+        key,
+        summary["checkpoints"],
+        summary["latest_step"],
+        summary["latest_loss"],
+        summary["latest_created_at"],
+        summary["latest_deployment"],
+        summary["best_loss"],
+        summary["best_step"],
+        orjson.dumps(summary["spark"]).decode(),
+    )
+
+
+def summary_of_row(row: Sequence[Any]) -> dict[str, Any]:
+    """A run_summaries row (SUMMARY_COLUMNS, key first) as checkpoint_summary() gives it."""
+    _, count, latest_step, latest_loss, created_at, deployment, best_loss, best_step, spark = row
+    return {
+        "checkpoints": count,
+        "latest_step": latest_step,
+        "latest_loss": latest_loss,
+        "latest_created_at": created_at,
+        "latest_deployment": deployment,
+        "best_loss": best_loss,
+        "best_step": best_step,
+        "spark": tuple(map(tuple, orjson.loads(spark))),  # (step, loss) pairs; map: the first overview reads 2,000
+    }
+
+
+def summary_of_checkpoints(checkpoints: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """checkpoint_summary() of a fine-tune's checkpoints (step -> the Hub's dict), as the database's JSON
+    extraction gives it: the loss at metrics.loss, the deployment status and creation time when strings."""
+    rows = []
+    for step in sorted(checkpoints):
+        data = checkpoints[step]
+        metrics = data.get("metrics")
+        loss = metrics.get("loss") if isinstance(metrics, Mapping) else None
+        rows.append((step, loss, data.get("deployment_status"), data.get("created_at")))
+    return checkpoint_summary(rows)
+
+
+def backfill_summaries(db: Reader, *, mark: str, fields: str, source: str, keys: Sequence[str] = ()) -> int:
+    """Write the summary of every fine-tune with checkpoints (or of `keys`) from its checkpoint rows; `fields` and
+    `source` are a backend's SqlReports.checkpoint_fields and checkpoint_from. For the migration that adds the
+    table, and for bulk loads that bypass the store (the benchmarks)."""
+    where = f"WHERE fine_tune_key IN ({', '.join(mark for _ in keys)}) " if keys else ""
+    by_key: dict[str, list[tuple[int, Any, Any, Any]]] = {}
+    for key, *values in db.execute(
+        f"SELECT fine_tune_key, {fields} FROM {source} {where}ORDER BY fine_tune_key, step", tuple(keys)
+    ):
+        by_key.setdefault(key, []).append(tuple(values))
+    rows = [summary_row(key, checkpoint_summary(found)) for key, found in by_key.items()]
+    if rows:
+        db.cursor().executemany(summary_upsert(mark), rows)  # type: ignore[attr-defined]
+    return len(rows)
+
+
 def _batches(values: Sequence[T]) -> Iterable[Sequence[T]]:
     for start in range(0, len(values), BATCH):
         yield values[start : start + BATCH]
@@ -231,6 +309,22 @@ class SqlReports:
         return cached[1] if cached is not None and cached[0] == revision else None
 
     def _checkpoint_summaries(self, db: Reader, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        if len(keys) > BATCH:  # the first overview after a start: every row, in one read of the table
+            wanted = set(keys)
+            for row in db.execute(f"SELECT {SUMMARY_COLUMNS} FROM run_summaries"):
+                if row[0] in wanted:
+                    found[row[0]] = summary_of_row(row)
+        else:
+            for batch in _batches(keys):
+                where, args = self._in("fine_tune_key", batch)
+                for row in db.execute(f"SELECT {SUMMARY_COLUMNS} FROM run_summaries WHERE {where}", args):
+                    found[row[0]] = summary_of_row(row)
+        # none kept (a fine-tune with no checkpoint committed yet): from its checkpoint rows, if any
+        missing = [key for key in keys if key not in found]
+        return {**found, **self._scan_checkpoints(db, missing)} if missing else found
+
+    def _scan_checkpoints(self, db: Reader, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         by_key: dict[str, list[tuple[int, Any, Any, Any]]] = {key: [] for key in keys}
         for batch in _batches(keys):
             where, args = self._in("fine_tune_key", batch)

@@ -135,8 +135,11 @@ def build_rows(live: LiveSnapshot, summaries: Mapping[str, RunSummary]) -> list[
             or (poll is not None and (poll.failing_since is not None or poll.store_failing))
         )
         created = timestamp_of(summary.latest_created_at)
+        # only a run the Hub last said is running (or whose status was never read) can stall: a finished one cannot
+        could_run = summary.hub_status is None or summary.hub_status.casefold() == "running"
         stalled = (
-            not failing
+            could_run
+            and not failing
             and created is not None
             and STALL_AFTER_S < live.now - created < FINISHED_AFTER_S
             and last_outcome == "ok"

@@ -5,11 +5,28 @@ is derived from it, so a reader can stop below the oldest transaction still in p
 committed out of order; leases and replica heartbeats share the fine-tunes out among replicas.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from watcher.store.reports import backfill_summaries
+
 # the key of the advisory lock held while migrating (any constant; "oxenwtch" in ASCII)
 MIGRATION_LOCK = 0x6F78656E77746368
 
-# Each entry upgrades the schema by one version; never edit a released one, append a new one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+
+def _backfill_summaries(conn: Any) -> None:
+    from watcher.store.postgres.reports import PostgresReports
+
+    backfill_summaries(
+        conn, mark="%s", fields=PostgresReports.checkpoint_fields, source=PostgresReports.checkpoint_from
+    )
+
+
+# Each entry upgrades the schema by one version; never edit a released one, append a new one. A step is a
+# statement, or a function of the connection (a backfill that needs Python).
+MIGRATIONS: tuple[tuple[str | Callable[[Any], None], ...], ...] = (
     (
         """CREATE TABLE fine_tunes (
             fine_tune_key TEXT PRIMARY KEY,
@@ -113,6 +130,37 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # replicas (issue 15): the statuses the source's last read listed, with its time (JSON: read_at and
         # fine_tunes), so the owners of those fine-tunes that do not read the source take them as status reads
         "ALTER TABLE sources ADD COLUMN listed TEXT",
+    ),
+    (
+        # SQLite's retention indexes (its third migration), which PostgreSQL never got: retention finds old events
+        # by time, `events --type` and `/events?type=` read one type's rows newest first, and the outbox queries
+        # read pending (or dead) rows only: partial indexes hold nothing of the delivered rows, which are almost
+        # all of them. tests/store_contract/test_schema_parity.py holds the two schemas' indexes together.
+        "CREATE INDEX events_created ON events (created_at)",
+        "CREATE INDEX events_type ON events (type, seq)",
+        "CREATE INDEX deliveries_pending_lane ON deliveries (notifier, fine_tune_key, event_seq) "
+        "WHERE state = 'pending'",
+        # state is a column too (always 'pending') so the statistics and next_due_at read this index alone
+        "CREATE INDEX deliveries_pending_due ON deliveries (notifier, next_attempt_at, queued_at, state) "
+        "WHERE state = 'pending'",
+        "CREATE INDEX deliveries_dead ON deliveries (queued_at) WHERE state = 'dead'",
+        "DROP INDEX deliveries_lane",
+    ),
+    (
+        # Per-fine-tune summaries for the status page (issue 15), written with the checkpoints (reports.py);
+        # filled from the checkpoints already stored. The replicas' role needs SELECT, INSERT, UPDATE on it.
+        """CREATE TABLE run_summaries (
+            fine_tune_key TEXT PRIMARY KEY,
+            checkpoints INTEGER NOT NULL,
+            latest_step BIGINT,
+            latest_loss DOUBLE PRECISION,
+            latest_created_at TEXT,
+            latest_deployment TEXT,
+            best_loss DOUBLE PRECISION,
+            best_step BIGINT,
+            spark TEXT NOT NULL
+        )""",
+        _backfill_summaries,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

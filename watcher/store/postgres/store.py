@@ -37,6 +37,7 @@ from watcher.store.postgres.reads import PgReports
 from watcher.store.postgres.schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SEQ_SHIFT
 from watcher.store.protocols import Committed, Router, Store
 from watcher.store.replicas import ReplicaStore
+from watcher.store.reports import summary_of_checkpoints, summary_row, summary_upsert
 from watcher.store.shared_reads import SharedReads
 from watcher.store.touches import TouchCache
 
@@ -120,7 +121,7 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
             conn.execute("INSERT INTO schema_version (version) VALUES (0)")
         for statements in MIGRATIONS[version:]:
             for statement in statements:
-                conn.execute(statement)
+                statement(conn) if callable(statement) else conn.execute(statement)
         conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
 
     @property
@@ -227,6 +228,9 @@ class PostgresStore(PgLifecycle, PgOutbox, PgReports, PgPrune, SharedReads, Touc
                     "DELETE FROM checkpoints WHERE fine_tune_key = %s AND step = ANY(%s)",
                     (key, list(transition.deletes)),
                 )
+            if transition.upserts or transition.deletes:  # the status page's summary, in the same commit
+                checkpoints = {step: known.data for step, known in transition.state.checkpoints.items()}
+                conn.execute(summary_upsert("%s"), summary_row(key, summary_of_checkpoints(checkpoints)))
             self._insert_events(conn, events, now=now, route=route)
             outcome.append(True)
 

@@ -52,7 +52,7 @@ class SqliteMigrations(SqliteBase):
                 self._db.execute("INSERT INTO schema_version (version) VALUES (0)")
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
-                    self._db.execute(statement)
+                    statement(self._db) if callable(statement) else self._db.execute(statement)
             self._db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             self._db.execute("COMMIT")
         except BaseException:

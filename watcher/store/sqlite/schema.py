@@ -1,7 +1,22 @@
 """The SQLite schema: versioned migrations, applied in order."""
 
-# Each entry upgrades the schema by one version; never edit a released one, append a new one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from watcher.store.reports import backfill_summaries
+
+
+def _backfill_summaries(db: Any) -> None:
+    from watcher.store.sqlite.reports import SqliteReports
+
+    backfill_summaries(db, mark="?", fields=SqliteReports.checkpoint_fields, source=SqliteReports.checkpoint_from)
+
+
+# Each entry upgrades the schema by one version; never edit a released one, append a new one. A step is a
+# statement, or a function of the connection (a backfill that needs Python).
+MIGRATIONS: tuple[tuple[str | Callable[[Any], None], ...], ...] = (
     (
         """CREATE TABLE fine_tunes (
             fine_tune_key TEXT PRIMARY KEY,
@@ -96,6 +111,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             fine_tune_id TEXT NOT NULL,
             PRIMARY KEY (source, fine_tune_id)
         )""",
+    ),
+    (
+        # Per-fine-tune summaries for the status page (issue 15), written with the checkpoints (reports.py);
+        # filled from the checkpoints already stored
+        """CREATE TABLE run_summaries (
+            fine_tune_key TEXT PRIMARY KEY,
+            checkpoints INTEGER NOT NULL,
+            latest_step BIGINT,
+            latest_loss DOUBLE PRECISION,
+            latest_created_at TEXT,
+            latest_deployment TEXT,
+            best_loss DOUBLE PRECISION,
+            best_step BIGINT,
+            spark TEXT NOT NULL
+        )""",
+        _backfill_summaries,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -31,6 +31,7 @@ from watcher.core.models import (
 from watcher.errors import StoreError
 from watcher.store.protocols import Committed, Router
 from watcher.store.replicas import Fence
+from watcher.store.reports import summary_of_checkpoints, summary_row, summary_upsert
 from watcher.store.shared_reads import SharedReads
 from watcher.store.sqlite.lifecycle import SqliteLifecycle
 from watcher.store.sqlite.migrate import CONVERT_AT_START_MAX_BYTES, SqliteMigrations
@@ -65,10 +66,7 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
         self._init_touches()
         try:
             if readonly:
-                uri = f"file:{Path(self.path).resolve()}?mode=ro"
-                self._db = sqlite3.connect(
-                    uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-                )
+                self._db = connect_readonly(self.path, timeout_s=busy_timeout_s)
             else:
                 if self.path != ":memory:":
                     Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +202,8 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
                         "DELETE FROM checkpoints WHERE fine_tune_key = ? AND step = ?",
                         [(key, step) for step in transition.deletes],
                     )
+                if transition.upserts or transition.deletes:  # the status page's summary, in the same commit
+                    self._db.execute(summary_upsert("?"), summary_row(key, _summary(transition.state)))
                 self._insert_events(events, now=now, route=route)
                 self._commit()
             except BaseException:
@@ -270,6 +270,32 @@ class SqliteStore(SqliteMigrations, SqliteReads, SqliteOutbox, SqlitePrune, Sqli
         """Release the database."""
         self._close_wal()
         self._db.close()
+
+
+def _summary(state: FineTuneState) -> dict[str, Any]:
+    return summary_of_checkpoints({step: known.data for step, known in state.checkpoints.items()})
+
+
+def connect_readonly(path: str | Path, *, timeout_s: float) -> sqlite3.Connection:
+    """A read-only connection to a state database, also on a read-only mount or in a folder this user cannot
+    write (a backup, a container volume, an operator without write rights)."""
+    resolved = Path(path).resolve()
+    db = sqlite3.connect(
+        f"file:{resolved}?mode=ro", uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False
+    )
+    try:
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError as err:
+        db.close()
+        if err.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN:  # busy, corrupt, ...: not a matter of the -shm file
+            raise
+    # A reader of a WAL database needs its -shm file, and cannot create it where nothing can be written ("unable
+    # to open database file"). Nothing writes the file there either (a writer would have made the -shm file), so
+    # it is read as immutable: no locks, no -shm, no WAL.
+    return sqlite3.connect(
+        f"file:{resolved}?immutable=1", uri=True, timeout=timeout_s, isolation_level=None, check_same_thread=False
+    )
 
 
 def open_store(path: str | Path, *, readonly: bool = False) -> SqliteStore:
