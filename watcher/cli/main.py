@@ -251,8 +251,3 @@ cli.add_command(redeliver)
 cli.add_command(prune)
 cli.add_command(status)
 cli.add_command(events)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    cli()
