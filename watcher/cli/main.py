@@ -31,7 +31,7 @@ from watcher.core.models import Event
 from watcher.errors import StoreError
 from watcher.observe.logs import REDACTOR
 
-__all__ = ["EX_CONFIG", "cli", "main"]
+__all__ = ["EX_CONFIG", "cli"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
