@@ -39,7 +39,7 @@ from watcher.core.health import PollHealth, Verdict
 from watcher.core.models import FineTuneRef
 from watcher.observe.server import HttpServer
 from watcher.store import SqliteReports, SqliteStore
-from watcher.store.reports import Reports, backfill_summaries
+from watcher.store.pages import Reports, backfill_summaries
 from watcher.web import views
 from watcher.web.site import StatusPages
 

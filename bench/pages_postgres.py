@@ -17,11 +17,11 @@ import psycopg
 
 from watcher.core.events import rfc3339
 from watcher.core.models import FineTuneRef
+from watcher.store.pages import SUMMARY_COLUMNS, backfill_summaries
 from watcher.store.postgres.base import open_pool
-from watcher.store.postgres.reports import PostgresReports
+from watcher.store.postgres.pages import PostgresReports
 from watcher.store.postgres.schema import SEQ_SHIFT
 from watcher.store.postgres.store import PostgresStore
-from watcher.store.reports import SUMMARY_COLUMNS, backfill_summaries
 
 TABLES = {
     "fine_tunes": "fine_tune_key, baselined, not_found, consecutive_failures, failing, best_loss, body_hash, "

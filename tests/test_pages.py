@@ -32,11 +32,11 @@ from watcher.core.models import FineTuneRef, HubFineTune, PollFailed, PollSucces
 from watcher.daemon.app import App, resolve_all
 from watcher.observe.server import HttpServer
 from watcher.store import SqliteReports, SqliteStore, Store
+from watcher.store.pages import Reports, RunSummary
 from watcher.store.postgres.base import open_pool
 from watcher.store.postgres.leases import PostgresLeases
-from watcher.store.postgres.reports import PostgresReports
+from watcher.store.postgres.pages import PostgresReports
 from watcher.store.postgres.store import PostgresStore
-from watcher.store.reports import Reports, RunSummary
 from watcher.web.charts import ema, fmt, loss_chart, robust_range
 from watcher.web.security import CSP
 from watcher.web.site import StatusPages

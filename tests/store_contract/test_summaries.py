@@ -14,9 +14,9 @@ import pytest
 
 from store_contract.support import REF, T0, apply, cp, success
 from watcher.store import SqliteReports, SqliteStore, Store
-from watcher.store.postgres.reports import PostgresReports
+from watcher.store.pages import RunSummary, SqlReports
+from watcher.store.postgres.pages import PostgresReports
 from watcher.store.postgres.store import PostgresStore
-from watcher.store.reports import RunSummary, SqlReports
 
 
 @contextmanager

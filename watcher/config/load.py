@@ -1,4 +1,4 @@
-"""TOML configuration -> frozen, validated objects; their secrets are resolved in config_secrets."""
+"""TOML configuration -> frozen, validated objects; their secrets are resolved in secrets.py."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from watcher.config.sections import (
 )
 from watcher.errors import ConfigError
 
-# the section models and secret resolution live in config_sections and config_secrets; callers import them from here
+# the section models and secret resolution live in sections.py and secrets.py; callers import them from here
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_CONFIG_PATH",

@@ -26,7 +26,7 @@ from watcher.hub.client import HubClient
 from watcher.observe.logs import REDACTOR, database_url_secrets
 from watcher.observe.metrics import Metrics
 from watcher.store import SqliteReports, SqliteStore, Store, open_store
-from watcher.store.reports import Reports
+from watcher.store.pages import Reports
 from watcher.store.thread import StoreThread
 
 log = structlog.get_logger("watcher")
@@ -84,7 +84,7 @@ def open_reports(config: Config, store: Store) -> Reports:
     """The status page's reads of a config's state: SQLite: a read-only connection of its own; PostgreSQL: the
     store's pool, shared by every replica (each page shows every fine-tune, owned or not)."""
     if config.state.postgresql:
-        from watcher.store.postgres.reports import PostgresReports
+        from watcher.store.postgres.pages import PostgresReports
         from watcher.store.postgres.store import PostgresStore
 
         assert isinstance(store, PostgresStore), "open_state opens a PostgresStore for a PostgreSQL config"

@@ -14,7 +14,7 @@ from watcher.store.protocols import (
     StateStore,
     Store,
 )
-from watcher.store.sqlite.reports import SqliteReports
+from watcher.store.sqlite.pages import SqliteReports
 from watcher.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from watcher.store.sqlite.store import SqliteStore, open_store, wall_clock
 

@@ -10,7 +10,7 @@ import orjson
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from watcher.core.models import EVENT_TYPES, FineTuneRef, metric_of
-from watcher.store.reports import EventRow, Reports
+from watcher.store.pages import EventRow, Reports
 from watcher.web.charts import Chart, ema, fmt, fmt_step, loss_chart, metric_chart, sparkline
 from watcher.web.views import (
     SORTS,

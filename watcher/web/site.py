@@ -18,7 +18,7 @@ from aiohttp.typedefs import Middleware
 from watcher.core.health import PollHealth, Verdict
 from watcher.core.models import EVENT_TYPES, FineTuneRef
 from watcher.errors import StoreError
-from watcher.store.reports import Reports
+from watcher.store.pages import Reports
 from watcher.web import pages
 from watcher.web.security import guard
 from watcher.web.views import PAGE_SIZE, LiveSnapshot, parse_page, parse_sort

@@ -12,7 +12,7 @@ from urllib.parse import quote
 from watcher.core.events import rfc3339
 from watcher.core.health import PollHealth, Verdict
 from watcher.core.models import FineTuneRef
-from watcher.store.reports import NotifierHealth, RunSummary
+from watcher.store.pages import NotifierHealth, RunSummary
 
 PAGE_SIZE = 100
 STALL_AFTER_S = 2 * 3600  # as the OxenFineTuneTrainingStalled alert: no new checkpoint for 2 h ...

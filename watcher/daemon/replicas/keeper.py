@@ -5,8 +5,8 @@ those above its fair share (`released`) and claims free or expired ones up to it
 holds only the owned fine-tunes (so health, readiness and per-fine-tune gauges cover only them), the poll driver
 schedules only them, each poll commits under its lease's epoch (a `fenced` commit drops the fine-tune at once),
 and the dispatcher delivers only their lanes. The [[discover]] sources' leases go the same rounds, with a fair
-share of their own: only the owner of a source reads its list (source_leases.py). On SQLite there is one process
-and no keeper: it owns everything. The wiring into the daemon and `once` is in replica_setup.py.
+share of their own: only the owner of a source reads its list (sources.py). On SQLite there is one process
+and no keeper: it owns everything. The wiring into the daemon and `once` is in wiring.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The PostgreSQL store's reports: per fine-tune status and committed events (newest first, or after a cursor)."""
+"""The PostgreSQL store's reads: per fine-tune status and committed events (newest first, or after a cursor)."""
 
 from __future__ import annotations
 

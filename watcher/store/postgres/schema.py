@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from watcher.store.reports import backfill_summaries
+from watcher.store.pages import backfill_summaries
 
 # the key of the advisory lock held while migrating (any constant; "oxenwtch" in ASCII)
 MIGRATION_LOCK = 0x6F78656E77746368
 
 
 def _backfill_summaries(conn: Any) -> None:
-    from watcher.store.postgres.reports import PostgresReports
+    from watcher.store.postgres.pages import PostgresReports
 
     backfill_summaries(
         conn, mark="%s", fields=PostgresReports.checkpoint_fields, source=PostgresReports.checkpoint_from
@@ -147,7 +147,7 @@ MIGRATIONS: tuple[tuple[str | Callable[[Any], None], ...], ...] = (
         "DROP INDEX deliveries_lane",
     ),
     (
-        # Per-fine-tune summaries for the status page (issue 15), written with the checkpoints (reports.py);
+        # Per-fine-tune summaries for the status page (issue 15), written with the checkpoints (store/pages.py);
         # filled from the checkpoints already stored. The replicas' role needs SELECT, INSERT, UPDATE on it.
         """CREATE TABLE run_summaries (
             fine_tune_key TEXT PRIMARY KEY,

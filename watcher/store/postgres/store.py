@@ -28,6 +28,7 @@ from watcher.core.models import (
     outcome_of,
 )
 from watcher.errors import StoreError
+from watcher.store.pages import summary_of_checkpoints, summary_row, summary_upsert
 from watcher.store.postgres.base import check_fence, open_pool, store_error
 from watcher.store.postgres.leases import AdvisoryGate, PostgresLeases
 from watcher.store.postgres.lifecycle import PgLifecycle
@@ -36,9 +37,8 @@ from watcher.store.postgres.prune import PgPrune
 from watcher.store.postgres.reads import PgReports
 from watcher.store.postgres.schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION, SEQ_SHIFT
 from watcher.store.protocols import Committed, Router, Store
+from watcher.store.reads import SharedReads
 from watcher.store.replicas import ReplicaStore
-from watcher.store.reports import summary_of_checkpoints, summary_row, summary_upsert
-from watcher.store.shared_reads import SharedReads
 from watcher.store.touches import TouchCache
 
 Conn = psycopg.Connection[Any]

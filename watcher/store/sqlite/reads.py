@@ -1,4 +1,4 @@
-"""The SQLite store's reports: per fine-tune status and committed events, for `status`, `events` and metrics."""
+"""The SQLite store's reads: per fine-tune status and committed events, for `status`, `events` and metrics."""
 
 from __future__ import annotations
 

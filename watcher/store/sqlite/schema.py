@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from watcher.store.reports import backfill_summaries
+from watcher.store.pages import backfill_summaries
 
 
 def _backfill_summaries(db: Any) -> None:
-    from watcher.store.sqlite.reports import SqliteReports
+    from watcher.store.sqlite.pages import SqliteReports
 
     backfill_summaries(db, mark="?", fields=SqliteReports.checkpoint_fields, source=SqliteReports.checkpoint_from)
 
@@ -113,7 +113,7 @@ MIGRATIONS: tuple[tuple[str | Callable[[Any], None], ...], ...] = (
         )""",
     ),
     (
-        # Per-fine-tune summaries for the status page (issue 15), written with the checkpoints (reports.py);
+        # Per-fine-tune summaries for the status page (issue 15), written with the checkpoints (store/pages.py);
         # filled from the checkpoints already stored
         """CREATE TABLE run_summaries (
             fine_tune_key TEXT PRIMARY KEY,

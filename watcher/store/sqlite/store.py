@@ -29,10 +29,10 @@ from watcher.core.models import (
     outcome_of,
 )
 from watcher.errors import StoreError
+from watcher.store.pages import summary_of_checkpoints, summary_row, summary_upsert
 from watcher.store.protocols import Committed, Router
+from watcher.store.reads import SharedReads
 from watcher.store.replicas import Fence
-from watcher.store.reports import summary_of_checkpoints, summary_row, summary_upsert
-from watcher.store.shared_reads import SharedReads
 from watcher.store.sqlite.lifecycle import SqliteLifecycle
 from watcher.store.sqlite.migrate import CONVERT_AT_START_MAX_BYTES, SqliteMigrations
 from watcher.store.sqlite.outbox import SqliteOutbox

@@ -2,7 +2,7 @@
 
 In WAL mode a reader never blocks the writer (and the writer never blocks a reader), so rendering a page never
 holds up a poll's commit. Each report runs in one read transaction: a consistent snapshot. The queries are shared
-with PostgreSQL (reports_sql.py).
+with PostgreSQL (store/pages.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from watcher.errors import StoreError
-from watcher.store.reports import Reader, SqlReports
+from watcher.store.pages import Reader, SqlReports
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""The status page's reads from PostgreSQL: the same queries as SQLite (reports_sql.py), over the store's pool.
+"""The status page's reads from PostgreSQL: the same queries as SQLite (store/pages.py), over the store's pool.
 
 Every replica serves the page from the shared database, so it shows every fine-tune whichever replica polls it.
 Each report runs in one read-only REPEATABLE READ transaction: a consistent snapshot, as on SQLite. Statements are
@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from watcher.store.pages import Reader, SqlReports
 from watcher.store.postgres.base import store_error
-from watcher.store.reports import Reader, SqlReports
 
 T = TypeVar("T")
 
