@@ -15,9 +15,12 @@ from watcher.store.postgres.base import PgBase
 from watcher.store.rows import STATUS_COLUMNS, event_from_row, status_of
 
 # the distinct event types, one index seek each (a loose scan of the (type, seq) index)
+# the distinct types by a skip scan of the (type, seq) index from its top end: each step lands on a type's newest
+# row, which retention never deleted; from the bottom end each step landed on the oldest, walking past every index
+# entry of the rows retention deleted (dead until a vacuum) before it found a live one
 _EVENT_TYPES = (
-    "WITH RECURSIVE t(type) AS ((SELECT type FROM events ORDER BY type LIMIT 1) UNION ALL "
-    "SELECT (SELECT e.type FROM events e WHERE e.type > t.type ORDER BY e.type LIMIT 1) FROM t "
+    "WITH RECURSIVE t(type) AS ((SELECT type FROM events ORDER BY type DESC, seq DESC LIMIT 1) UNION ALL "
+    "SELECT (SELECT e.type FROM events e WHERE e.type < t.type ORDER BY e.type DESC, e.seq DESC LIMIT 1) FROM t "
     "WHERE t.type IS NOT NULL) SELECT type FROM t WHERE type IS NOT NULL"
 )
 
