@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
-from conftest import ROOT, base_config, cli, wait_for, write_config
+from conftest import ROOT, TOKEN, base_config, cli, wait_for, write_config
 
 from watcher.testing.receiver import Answer, Receiver
 
@@ -305,16 +306,35 @@ def _catches_sighup(pid: int) -> bool:
     return False
 
 
+def _open_for_writing(fifo: Path) -> int | None:
+    """The FIFO opened for writing once a reader has it open (None before)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # no reader yet
+            return None
+        raise
+
+
 def test_a_sighup_during_start_up_is_applied_once_started(hub, tmp_path, daemons):
     hub.add_fine_tune("acme", "bot", "ft_1")
     hub.add_fine_tune("acme", "bot", "ft_2")
     second = {"namespace": "acme", "repo": "bot", "id": "ft_2"}
-    config = write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT]))
+    # the start-up reads its token from a FIFO: it waits there, its config read, until the test writes the token
+    token_fifo = tmp_path / "token"
+    os.mkfifo(token_fifo)
+    first = base_config(hub, tmp_path, fine_tunes=[FT])
+    first["hub"] = {**{k: v for k, v in first["hub"].items() if k != "token"}, "token_file": str(token_fifo)}
+    config = write_config(tmp_path / "c.toml", first)
     daemon = daemons(config)
     assert daemon.proc is not None
     wait_for(lambda: _catches_sighup(daemon.proc.pid), interval=0.001, what="the SIGHUP handler")
-    write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT, second]))
     daemon.proc.send_signal(signal.SIGHUP)  # long before the daemon has started (its imports are still loading)
+    writer = wait_for(lambda: _open_for_writing(token_fifo), what="the start-up reading its token")
+    # the first config is read: the one the SIGHUP's reload reads (once started) adds a fine-tune
+    write_config(tmp_path / "c.toml", base_config(hub, tmp_path, fine_tunes=[FT, second]))
+    os.write(writer, TOKEN.encode())
+    os.close(writer)
     applied = wait_for(
         lambda: [e for e in daemon.logs() if e.get("event") == "reload.applied"], what="the deferred reload"
     )

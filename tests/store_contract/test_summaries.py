@@ -103,7 +103,7 @@ def test_the_overview_reads_the_summaries_written_with_the_checkpoints(store_fac
 def test_the_migration_fills_the_summaries_of_a_database_from_before_them(
     store_factory: Callable[..., Store], request: pytest.FixtureRequest
 ) -> None:
-    if request.node.callspec.params["store_factory"] == "postgresql-least-privilege":
+    if request.node.callspec.params["implementation"] == "postgresql-least-privilege":
         pytest.skip("the replicas' role cannot migrate (the owner does, as the README says)")
     store = store_factory()
     _history(store)
